@@ -1,0 +1,170 @@
+"""Shared fixtures: a fake gateway on loopback and a CLI runner around it.
+
+`cli.run(...)` calls `tokenroute.main(argv, ctx)` in process with captured
+streams, a private config dir, a fake clock (tests never sleep) and a
+recording browser; `cli.script(...)` runs the installed console script in a
+subprocess against the same gateway.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import tokenroute  # noqa: E402
+from fake_gateway import FakeGateway  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Result:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code = code
+        self.out = out
+        self.err = err
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+    def error(self) -> dict[str, Any]:
+        """The `--json` error object from stderr."""
+        return json.loads(self.err)["error"]
+
+    def __repr__(self) -> str:
+        return f"Result(code={self.code!r}, out={self.out!r}, err={self.err!r})"
+
+
+class Clock:
+    """A fake clock: `sleep` advances time at once and runs the test's hooks."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.time = time.time()
+        self.sleeps: list[float] = []
+        self.on_sleep: list[Callable[[], None]] = []
+
+    def now(self) -> float:
+        return self.time
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.time += seconds
+        for hook in self.on_sleep:
+            hook()
+
+
+class Cli:
+    def __init__(self, gateway: FakeGateway, tmp_path: Path) -> None:
+        self.gateway = gateway
+        self.home = tmp_path / "home"
+        self.home.mkdir()
+        self.config_dir = self.home / ".tokenroute"
+        self.env: dict[str, str] = {"HOME": str(self.home), "TOKENROUTE_API_URL": gateway.url}
+        self.clock = Clock()
+        self.opened: list[str] = []
+
+    @property
+    def credentials(self) -> Path:
+        return self.config_dir / "credentials.json"
+
+    @property
+    def last_key(self) -> Path:
+        return self.config_dir / "last_key.txt"
+
+    def run(self, *argv: str, env: dict[str, str] | None = None, tty: bool = False) -> Result:
+        """Run `tokenroute ARGV` in process; `tty=True` plays a person at a terminal."""
+        out, err = io.StringIO(), io.StringIO()
+        ctx = tokenroute.Context(
+            env={**self.env, **(env or {})},
+            stdin=io.StringIO(),
+            stdout=out,
+            stderr=err,
+            stdin_tty=tty,
+            stdout_tty=tty,
+            stderr_tty=tty,
+            sleep=self.clock.sleep,
+            now=self.clock.now,
+            open_browser=self.record_browser,
+        )
+        code = tokenroute.main(list(argv), ctx)
+        return Result(code, out.getvalue(), err.getvalue())
+
+    def record_browser(self, url: str) -> bool:
+        self.opened.append(url)
+        return True
+
+    def login(self, *, expires_in: int | None = None) -> dict[str, Any]:
+        """Store a login as `tokenroute login` would, without the device flow."""
+        tokens = self.gateway.issue_tokens(expires_in=expires_in)
+        creds = {
+            "api_url": self.gateway.url,
+            "access_token": tokens["access_token"],
+            "refresh_token": tokens["refresh_token"],
+            "expires_at": self.clock.now() + tokens["expires_in"],
+            "token_endpoint": self.gateway.url + "/oidc/token",
+            "client_id": "tokenroute-cli",
+            "resource": self.gateway.resource,
+        }
+        self.config_dir.mkdir(mode=0o700, exist_ok=True)
+        self.credentials.write_text(json.dumps(creds))
+        self.credentials.chmod(0o600)
+        return creds
+
+    def script(self, *argv: str, env: dict[str, str] | None = None, timeout: float = 60) -> Result:
+        """Run the installed console script in a subprocess."""
+        completed = subprocess.run(
+            [console_script(), *argv],
+            env=self.process_env(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        return Result(completed.returncode, completed.stdout, completed.stderr)
+
+    def process_env(self, env: dict[str, str] | None = None) -> dict[str, str]:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("TOKENROUTE_")}
+        return {**base, **self.env, **(env or {})}
+
+
+def console_script() -> str:
+    """The `tokenroute` script installed next to this interpreter (pip install .)."""
+    bindir = Path(sys.executable).parent
+    for name in ("tokenroute", "tokenroute.exe"):
+        if (bindir / name).exists():
+            return str(bindir / name)
+    found = shutil.which("tokenroute")
+    if found is None:
+        pytest.fail("the tokenroute console script is not installed: run `pip install .` first (see README)")
+    return found
+
+
+@pytest.fixture
+def gateway() -> Any:
+    gw = FakeGateway().start()
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
+@pytest.fixture
+def cli(gateway: FakeGateway, tmp_path: Path) -> Cli:
+    return Cli(gateway, tmp_path)
+
+
+@pytest.fixture
+def api_key(gateway: FakeGateway) -> str:
+    """A raw key with $5.00 of credit."""
+    return gateway.add_key(name="seed", balance_usd="5.00")["raw"]

@@ -1,0 +1,333 @@
+"""The npm thin wrapper in npm/: the launcher finds a Python 3.9+ and passes
+argv, stdio and the exit status through to the bundled tokenroute.py."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+NODE = shutil.which("node")
+NPM = shutil.which("npm")
+if NODE is None:
+    pytest.skip("node is not on PATH", allow_module_level=True)
+
+sys.path.insert(0, str(TESTS))
+from fake_gateway import FakeGateway  # noqa: E402
+
+NO_PYTHON = (
+    "error: tokenroute needs Python 3.9 or newer; install it from "
+    "https://www.python.org/downloads/ (or set TOKENROUTE_PYTHON)\n"
+)
+posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and sh stubs")
+
+# Stands in for tokenroute.py to show exactly what the launcher handed over.
+ECHO_CLI = """\
+import json, os, signal, sys, time
+args = sys.argv[1:]
+if args[0] == "echo":
+    sys.stdout.write(json.dumps({"argv": args, "stdin": sys.stdin.read()}))
+    sys.stderr.write("to stderr\\n")
+    raise SystemExit(int(args[1]))
+if args[0] == "kill-self":
+    os.kill(os.getpid(), signal.SIGTERM)
+if args[0] == "wait-for-interrupt":
+    try:
+        print("ready", flush=True)
+        time.sleep(60)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        raise SystemExit(130)
+"""
+
+
+def cli_version() -> str:
+    source = (REPO / "tokenroute.py").read_text(encoding="utf-8")
+    match = re.search(r'^__version__ = "(.*)"$', source, re.MULTILINE)
+    assert match is not None
+    return match.group(1)
+
+
+def copy_repo_layout(root: Path) -> Path:
+    """Copy tokenroute.py and a clean npm/ under root; return the npm dir."""
+    root.mkdir()
+    shutil.copy2(REPO / "tokenroute.py", root / "tokenroute.py")
+    ignore = shutil.ignore_patterns("tokenroute.py", "*.tgz", "node_modules")
+    return Path(shutil.copytree(REPO / "npm", root / "npm", ignore=ignore))
+
+
+def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENROUTE_")}
+    env["TOKENROUTE_CONFIG_DIR"] = str(tmp_path / "config")
+    env.update(extra)
+    return env
+
+
+def run_launcher(
+    package: Path, *args: str, env: dict[str, str], node: str = NODE, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [node, str(package / "bin" / "tokenroute.js"), *args],
+        input=stdin, capture_output=True, text=True, env=env, timeout=60,
+    )
+
+
+def write_stub(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def package(tmp_path: Path) -> Path:
+    """A copy of npm/ with tokenroute.py put in place by its own copy script."""
+    npm_dir = copy_repo_layout(tmp_path / "repo")
+    copy = subprocess.run(
+        [NODE, "scripts/copy-cli.js"], cwd=npm_dir, capture_output=True, text=True, timeout=60
+    )
+    assert (copy.returncode, copy.stderr) == (0, "")
+    return npm_dir
+
+
+@pytest.fixture
+def echo_package(package: Path) -> Path:
+    (package / "tokenroute.py").write_text(ECHO_CLI)
+    return package
+
+
+@pytest.fixture
+def fake_gateway() -> Iterator[FakeGateway]:
+    gw = FakeGateway().start()
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
+@pytest.fixture
+def bin_without_python(tmp_path: Path) -> Path:
+    """A PATH directory holding node and nothing else."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "node").symlink_to(os.path.realpath(NODE))
+    return bin_dir
+
+
+# ---------------------------------------------------------------- launcher
+
+
+def test_launcher_runs_cli_against_gateway(
+    package: Path, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
+    raw = fake_gateway.add_key(name="seed", balance_usd="5.00")["raw"]
+    env = clean_env(tmp_path, TOKENROUTE_API_URL=fake_gateway.url, TOKENROUTE_API_KEY=raw)
+
+    result = run_launcher(package, "models", "--json", env=env)
+
+    assert (result.returncode, result.stderr) == (0, "")
+    models = json.loads(result.stdout)
+    assert isinstance(models, list)
+    assert "openai/gpt-4o-mini" in [model["id"] for model in models]
+    [request] = [r for r in fake_gateway.requests if r.path.split("?")[0] == "/v1/models"]
+    assert request.method == "GET"
+    assert request.header("Authorization") == f"Bearer {raw}"
+
+
+def test_launcher_propagates_exit_code_and_stderr(package: Path, tmp_path: Path) -> None:
+    env = clean_env(tmp_path, TOKENROUTE_PYTHON=sys.executable)
+
+    result = run_launcher(package, "balance", env=env)
+    direct = subprocess.run(
+        [sys.executable, str(package / "tokenroute.py"), "balance"],
+        input="", capture_output=True, text=True, env=env, timeout=60,
+    )
+
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.startswith("error:")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        direct.returncode, direct.stdout, direct.stderr,
+    )
+
+
+def test_launcher_passes_stdout_unchanged(package: Path, tmp_path: Path) -> None:
+    env = clean_env(tmp_path, TOKENROUTE_API_URL="http://127.0.0.1:9")
+
+    result = run_launcher(package, "env", "--key", "sk-tr-abc123", env=env)
+
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == (
+        "OPENAI_API_KEY=sk-tr-abc123\nOPENAI_BASE_URL=http://127.0.0.1:9/v1\n"
+    )
+
+
+def test_launcher_passes_argv_stdin_and_exit_code_through(
+    echo_package: Path, tmp_path: Path
+) -> None:
+    env = clean_env(tmp_path, TOKENROUTE_PYTHON=sys.executable)
+    argv = ["echo", "7", "two words", "--json", "", "ünï"]
+
+    result = run_launcher(echo_package, *argv, env=env, stdin="line 1\nline 2\n")
+
+    assert result.returncode == 7
+    assert json.loads(result.stdout) == {"argv": argv, "stdin": "line 1\nline 2\n"}
+    assert result.stderr == "to stderr\n"
+
+
+@posix_only
+def test_launcher_dies_by_the_signal_that_killed_the_cli(
+    echo_package: Path, tmp_path: Path
+) -> None:
+    env = clean_env(tmp_path, TOKENROUTE_PYTHON=sys.executable)
+
+    result = run_launcher(echo_package, "kill-self", env=env)
+
+    assert (result.returncode, result.stdout, result.stderr) == (-signal.SIGTERM, "", "")
+
+
+@posix_only
+def test_launcher_outlives_ctrl_c_until_the_cli_exits(echo_package: Path, tmp_path: Path) -> None:
+    env = clean_env(tmp_path, TOKENROUTE_PYTHON=sys.executable)
+    launcher = echo_package / "bin" / "tokenroute.js"
+    proc = subprocess.Popen(
+        [NODE, str(launcher), "wait-for-interrupt"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does in a terminal
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+
+    assert (proc.returncode, stdout, stderr) == (130, "interrupted\n", "")
+
+
+@posix_only
+def test_launcher_without_python_says_how_to_get_one(
+    package: Path, bin_without_python: Path, tmp_path: Path
+) -> None:
+    env = clean_env(tmp_path, PATH=str(bin_without_python))
+
+    result = run_launcher(package, "--version", env=env, node=str(bin_without_python / "node"))
+
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", NO_PYTHON)
+
+
+@posix_only
+def test_launcher_skips_python_older_than_3_9(
+    package: Path, bin_without_python: Path, tmp_path: Path
+) -> None:
+    # Fails the version check the way Python 3.8 would; says so if run as the CLI.
+    write_stub(bin_without_python / "python3", '#!/bin/sh\n[ "$1" = -c ] && exit 1\necho ran\n')
+    env = clean_env(tmp_path, PATH=str(bin_without_python))
+
+    result = run_launcher(package, "--version", env=env, node=str(bin_without_python / "node"))
+
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", NO_PYTHON)
+
+
+@posix_only
+def test_tokenroute_python_is_tried_first(package: Path, tmp_path: Path) -> None:
+    chosen = tmp_path / "chosen-python"
+    write_stub(chosen, '#!/bin/sh\n[ "$1" = -c ] && exit 0\necho "chosen $*"\n')
+    env = clean_env(tmp_path, TOKENROUTE_PYTHON=str(chosen))
+
+    result = run_launcher(package, "--version", env=env)
+
+    script = os.path.realpath(package / "tokenroute.py")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, f"chosen {script} --version\n", "",
+    )
+
+
+# ---------------------------------------------------------------- packaging
+
+
+def test_package_version_matches_cli_version() -> None:
+    package_json = json.loads((REPO / "npm" / "package.json").read_text(encoding="utf-8"))
+
+    assert package_json["version"] == cli_version()
+
+
+def test_package_has_no_npm_dependencies() -> None:
+    package_json = json.loads((REPO / "npm" / "package.json").read_text(encoding="utf-8"))
+
+    assert package_json["bin"] == {"tokenroute": "bin/tokenroute.js"}
+    assert not {"dependencies", "optionalDependencies", "peerDependencies"} & set(package_json)
+
+
+def test_copy_script_refuses_a_version_mismatch(tmp_path: Path) -> None:
+    npm_dir = copy_repo_layout(tmp_path / "repo")
+    package_json = json.loads((npm_dir / "package.json").read_text(encoding="utf-8"))
+    package_json["version"] = "0.0.0-mismatch"
+    (npm_dir / "package.json").write_text(json.dumps(package_json), encoding="utf-8")
+
+    result = subprocess.run(
+        [NODE, "scripts/copy-cli.js"], cwd=npm_dir, capture_output=True, text=True, timeout=60
+    )
+
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"copy-cli: error: npm/package.json version 0.0.0-mismatch != "
+        f"tokenroute.py __version__ {cli_version()}\n"
+    )
+    assert not (npm_dir / "tokenroute.py").exists()
+
+
+@pytest.mark.skipif(NPM is None, reason="npm is not on PATH")
+def test_npm_pack_produces_installable_tarball(tmp_path: Path) -> None:
+    npm_dir = copy_repo_layout(tmp_path / "repo")
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    env = clean_env(
+        tmp_path,
+        npm_config_cache=str(tmp_path / "npm-cache"),
+        npm_config_update_notifier="false",
+    )
+    npm = [str(NPM)]
+
+    pack = subprocess.run(
+        [*npm, "pack", "--pack-destination", str(dist)],
+        cwd=npm_dir, capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert pack.returncode == 0, pack.stderr
+    [tarball] = dist.glob("*.tgz")
+    with tarfile.open(tarball) as archive:
+        assert sorted(archive.getnames()) == [
+            "package/README.md",
+            "package/bin/tokenroute.js",
+            "package/package.json",
+            "package/tokenroute.py",
+        ]
+        packed_cli = archive.extractfile("package/tokenroute.py")
+        assert packed_cli is not None
+        assert packed_cli.read() == (REPO / "tokenroute.py").read_bytes()
+
+    inst = tmp_path / "inst"
+    install = subprocess.run(
+        [*npm, "install", "--offline", "--no-audit", "--no-fund", "--prefix", str(inst), str(tarball)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert install.returncode == 0, install.stderr
+    bin_name = "tokenroute.cmd" if sys.platform == "win32" else "tokenroute"
+    installed = subprocess.run(
+        [str(inst / "node_modules" / ".bin" / bin_name), "--version"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+
+    assert (installed.returncode, installed.stdout, installed.stderr) == (
+        0, f"tokenroute {cli_version()}\n", "",
+    )

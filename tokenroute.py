@@ -1,0 +1,1497 @@
+"""tokenroute: the command-line client of the tokenroute LLM gateway.
+
+Log in, mint sk-tr-* API keys, check balance and spend, top up, and wire
+your tools to the gateway:
+
+    tokenroute login && tokenroute keys create --name laptop && tokenroute env >> .env
+
+Exit codes: 0 success, 1 user error (4xx, invalid input, no key, not logged
+in), 2 network error, 3 server error (5xx, unusable answer, device-flow
+failure), 130 interrupted.
+
+Standard library only. Only cheap modules are imported at the top so that
+offline commands (--version, env) start as fast as Python itself; the HTTP
+stack, argparse, json and decimal are imported by the code that needs them.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    import argparse
+    from collections.abc import Callable, Iterator, Mapping, Sequence
+    from typing import Any, TextIO
+
+__version__ = "1.0.0"
+
+DEFAULT_API_URL = "https://api.tokenroute.io"
+DEFAULT_MODEL = "openai/gpt-4o-mini"
+DEFAULT_TIMEOUT = 30.0  # seconds for one command's HTTP exchange, retries included
+DEFAULT_POLL_INTERVAL = 5  # RFC 8628 default; the identity provider omits it
+REFRESH_MARGIN = 60  # refresh an access token this many seconds before it expires
+MAX_ATTEMPTS = 3  # for idempotent requests
+MAX_RETRY_AFTER = 10.0
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+KEY_PREFIX = "sk-tr-"
+KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+EXIT_OK = 0
+EXIT_USER = 1
+EXIT_NETWORK = 2
+EXIT_SERVER = 3
+EXIT_INTERRUPTED = 130
+
+
+# ---------------------------------------------------------------- errors ---
+
+
+class CliError(Exception):
+    """A failure to report as one line on stderr and an exit code.
+
+    `code` is the stable machine code of `--json` errors, `next` the command
+    that fixes it (if any), `status` the HTTP status behind it (if any).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str = "invalid_input",
+        exit_code: int = EXIT_USER,
+        next: str | None = None,
+        status: int | None = None,
+        payload: dict[str, Any] | None = None,
+        usage: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.exit_code = exit_code
+        self.next = next
+        self.status = status
+        self.payload = payload  # extra fields for --json (login --resume)
+        self.usage = usage  # the usage line, for people
+
+
+def network_error(message: str) -> CliError:
+    return CliError(message, code="network", exit_code=EXIT_NETWORK)
+
+
+def server_error(message: str, *, status: int | None = None) -> CliError:
+    return CliError(message, code="server", exit_code=EXIT_SERVER, status=status)
+
+
+def not_logged_in() -> CliError:
+    return CliError("not logged in", code="auth_required", next="tokenroute login")
+
+
+def session_expired() -> CliError:
+    return CliError("session expired", code="session_expired", next="tokenroute login")
+
+
+# --------------------------------------------------------------- context ---
+
+
+class Context:
+    """Everything a command touches outside its arguments; tests build their own."""
+
+    def __init__(
+        self,
+        *,
+        env: Mapping[str, str],
+        stdin: TextIO | None = None,
+        stdout: TextIO,
+        stderr: TextIO,
+        stdin_tty: bool = False,
+        stdout_tty: bool = False,
+        stderr_tty: bool = False,
+        sleep: Callable[[float], None] = time.sleep,
+        now: Callable[[], float] = time.time,
+        open_browser: Callable[[str], bool] | None = None,
+    ) -> None:
+        self.env = env
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.stdin_tty = stdin_tty
+        self.stdout_tty = stdout_tty
+        self.stderr_tty = stderr_tty
+        self.sleep = sleep
+        self.now = now
+        self.open_browser = open_browser or open_in_system_browser
+
+    @classmethod
+    def from_process(cls) -> Context:
+        for stream in (sys.stdout, sys.stderr):
+            if hasattr(stream, "reconfigure"):  # a cp1252 console never raises
+                stream.reconfigure(errors="replace")
+        return cls(
+            env=os.environ,
+            stdin=sys.stdin,
+            stdout=sys.stdout,
+            stderr=sys.stderr,
+            stdin_tty=is_tty(sys.stdin),
+            stdout_tty=is_tty(sys.stdout),
+            stderr_tty=is_tty(sys.stderr),
+        )
+
+    @property
+    def person_present(self) -> bool:
+        """A person at a terminal: prompts, browsers and codes make sense."""
+        return self.stdin_tty and self.stderr_tty
+
+
+def is_tty(stream: TextIO | None) -> bool:
+    return stream is not None and stream.isatty()
+
+
+def open_in_system_browser(url: str) -> bool:
+    graphical = sys.platform in ("darwin", "win32") or any(
+        os.environ.get(name) for name in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER")
+    )
+    if not graphical:  # a text browser would take over the terminal
+        return False
+    import webbrowser
+
+    return webbrowser.open(url)
+
+
+# ----------------------------------------------------------------- paths ---
+
+
+def config_dir(ctx: Context) -> str:
+    explicit = ctx.env.get("TOKENROUTE_CONFIG_DIR")
+    if explicit:
+        return explicit
+    home = ctx.env.get("HOME") or ctx.env.get("USERPROFILE")
+    if not home:
+        raise CliError(
+            "cannot find your home directory; set HOME or TOKENROUTE_CONFIG_DIR",
+            code="config",
+        )
+    return os.path.join(home, ".tokenroute")
+
+
+def credentials_path(ctx: Context) -> str:
+    return os.path.join(config_dir(ctx), "credentials.json")
+
+
+def last_key_path(ctx: Context) -> str:
+    return os.path.join(config_dir(ctx), "last_key.txt")
+
+
+def pending_login_path(ctx: Context) -> str:
+    return os.path.join(config_dir(ctx), "pending_login.json")
+
+
+def lock_path(ctx: Context) -> str:
+    return os.path.join(config_dir(ctx), "credentials.lock")
+
+
+def api_url_setting(ctx: Context, flag: str | None) -> tuple[str, str]:
+    """The gateway base URL and where it came from (flag, env, default)."""
+    if flag:
+        url, source = flag, "--api-url"
+    elif ctx.env.get("TOKENROUTE_API_URL"):
+        url, source = ctx.env["TOKENROUTE_API_URL"], "TOKENROUTE_API_URL"
+    else:
+        url, source = DEFAULT_API_URL, "default"
+    url = url.strip().rstrip("/")
+    if not url.startswith(("https://", "http://")) or "\n" in url:
+        raise CliError(f"{source} must be an http(s) URL, got {sanitize(url)!r}")
+    return url, source
+
+
+def timeout_setting(ctx: Context) -> float:
+    raw = ctx.env.get("TOKENROUTE_TIMEOUT")
+    if not raw:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise CliError(f"TOKENROUTE_TIMEOUT must be a number of seconds, got {sanitize(raw)!r}")
+    return value
+
+
+def env_flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# ----------------------------------------------------- credential store ---
+
+
+def ensure_config_dir(ctx: Context) -> str:
+    path = config_dir(ctx)
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
+    except OSError as exc:
+        raise file_error("cannot create", path, exc) from None
+    return path
+
+
+def file_error(action: str, path: str, exc: OSError) -> CliError:
+    reason = exc.strerror or exc.__class__.__name__
+    return CliError(
+        f"{action} {path}: {reason} (set TOKENROUTE_CONFIG_DIR to a writable folder)",
+        code="config",
+    )
+
+
+def write_private_file(ctx: Context, path: str, text: str) -> None:
+    """Atomically replace `path` with `text`, owner-only from the first byte.
+
+    The temp file is created 0600 in the same folder (so the umask cannot
+    widen it and a crash never leaves a half-written secret), then renamed
+    over the target; a symlink planted at the target is replaced, not followed.
+    """
+    ensure_config_dir(ctx)
+    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(tmp, flags, 0o600)
+    except OSError as exc:
+        raise file_error("cannot write", path, exc) from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        remove_file(tmp)
+        raise file_error("cannot write", path, exc) from None
+
+
+def read_text_file(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not readable text"
+        raise CliError(
+            f"cannot read {path}: {reason}; fix its permissions or run `tokenroute login`",
+            code="credentials_unreadable",
+            next="tokenroute login",
+        ) from None
+
+
+def remove_file(path: str) -> bool:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise file_error("cannot remove", path, exc) from None
+    return True
+
+
+CREDENTIAL_FIELDS = ("api_url", "access_token", "refresh_token", "token_endpoint", "client_id", "resource")
+
+
+def load_credentials(ctx: Context) -> dict[str, Any] | None:
+    """The stored login, None when there is none; a damaged file is an error, never deleted."""
+    path = credentials_path(ctx)
+    text = read_text_file(path)
+    if text is None:
+        return None
+    import json
+
+    try:
+        creds = json.loads(text)
+    except ValueError:
+        creds = None
+    valid = isinstance(creds, dict) and all(
+        isinstance(creds.get(name), str) and is_header_safe(creds[name]) for name in CREDENTIAL_FIELDS
+    )
+    if not valid or not isinstance(creds.get("expires_at"), (int, float)):
+        raise CliError(
+            f"{path} is damaged; run `tokenroute login` to replace it",
+            code="credentials_corrupt",
+            next="tokenroute login",
+        )
+    return creds
+
+
+def require_credentials(ctx: Context, api_url: str) -> dict[str, Any]:
+    creds = load_credentials(ctx)
+    if creds is None:
+        raise not_logged_in()
+    if creds["api_url"] != api_url:  # the token was issued for another gateway
+        raise CliError(
+            f"logged in to {creds['api_url']}, not {api_url}",
+            code="auth_required",
+            next="tokenroute login",
+        )
+    return creds
+
+
+def save_credentials(ctx: Context, creds: dict[str, Any]) -> None:
+    import json
+
+    write_private_file(ctx, credentials_path(ctx), json.dumps(creds, indent=2) + "\n")
+
+
+def is_header_safe(value: str) -> bool:
+    return bool(value) and value.isascii() and value.isprintable() and " " not in value
+
+
+def is_plausible_key(key: str) -> bool:
+    return key.startswith(KEY_PREFIX) and len(key) > len(KEY_PREFIX) and set(key) <= KEY_CHARS and len(key) <= 200
+
+
+def resolve_api_key(ctx: Context, flag: str | None) -> tuple[str, str]:
+    """The API key for /v1 calls and where it came from: --key, env, then the cache."""
+    if flag is not None:
+        key, source = flag.strip(), "--key"
+    elif ctx.env.get("TOKENROUTE_API_KEY"):
+        key, source = ctx.env["TOKENROUTE_API_KEY"].strip(), "TOKENROUTE_API_KEY"
+    else:
+        key, source = (read_text_file(last_key_path(ctx)) or "").strip(), last_key_path(ctx)
+        if not key:
+            raise CliError(
+                "no API key: pass --key, set TOKENROUTE_API_KEY, or create one",
+                code="no_key",
+                next="tokenroute keys create --name NAME",
+            )
+    if not is_plausible_key(key):
+        raise CliError(f"the API key from {source} is not a tokenroute key (sk-tr-...)", code="invalid_key")
+    return key, source
+
+
+def redact(text: str) -> str:
+    """Hide secrets in text meant for people: keys keep their sk-tr-abcd prefix."""
+    import re
+
+    text = re.sub(r"(sk-tr-[A-Za-z0-9]{4})[A-Za-z0-9_-]*", r"\1...", text)
+    return re.sub(r"(eyJ[A-Za-z0-9_-]{4})[A-Za-z0-9_.-]*", r"\1...", text)
+
+
+class CredentialsLock:
+    """An exclusive lock next to the credentials, so parallel processes refresh once.
+
+    Where fcntl does not exist (Windows) it degrades to no lock: the re-read
+    inside still avoids most duplicate refreshes.
+    """
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.fd: int | None = None
+
+    def __enter__(self) -> CredentialsLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return self
+        ensure_config_dir(self.ctx)
+        path = lock_path(self.ctx)
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            raise file_error("cannot lock", path, exc) from None
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the lock
+            self.fd = None
+
+
+# ------------------------------------------------------------------ http ---
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(url: str) -> tuple[str, str]:
+    """Refuse before connecting: plain http only to loopback, never elsewhere."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:
+        raise CliError(f"not a valid URL: {sanitize(url)!r}") from None
+    if parts.scheme not in ("https", "http") or not host:
+        raise CliError(f"not an http(s) URL: {sanitize(url)!r}")
+    if parts.scheme == "http" and not is_loopback(host):
+        raise CliError(
+            f"refusing to talk to {host} over plain http (credentials would travel unencrypted); use https",
+            code="insecure_url",
+        )
+    return parts.scheme, host
+
+
+class Response:
+    def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self) -> Any:
+        """The parsed body, or None when it is not JSON."""
+        import json
+
+        try:
+            return json.loads(self.body.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None
+
+
+RETRY_STATUSES = (429, 502, 503, 504)
+
+
+def send(
+    ctx: Context,
+    method: str,
+    url: str,
+    *,
+    token: str | None = None,
+    json_body: object = None,
+    form: dict[str, str] | None = None,
+    idempotency_key: str | None = None,
+) -> Response:
+    """One HTTP exchange with timeouts, bounded retries for GET, and no redirects.
+
+    Any answer (2xx or not) comes back as a Response; a failure to get one
+    raises a network CliError. It never prints.
+    """
+    scheme, host = check_url(url)
+    headers = {"User-Agent": f"tokenroute/{__version__}", "Accept": "application/json"}
+    data = None
+    if json_body is not None:
+        import json
+
+        data = json.dumps(json_body).encode()
+        headers["Content-Type"] = "application/json"
+    elif form is not None:
+        from urllib.parse import urlencode
+
+        data = urlencode(form).encode()
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = idempotency_key
+    timeout = timeout_setting(ctx)
+    deadline = ctx.now() + timeout
+    opener = build_opener(ctx, scheme, host)
+    attempts = MAX_ATTEMPTS if method == "GET" else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            response = exchange(opener, method, url, data, headers, deadline=deadline, now=ctx.now, host=host)
+        except CliError:
+            if attempt == attempts or not wait_before_retry(ctx, attempt, None, deadline):
+                raise
+            continue
+        if response.status in RETRY_STATUSES and attempt < attempts:
+            if wait_before_retry(ctx, attempt, response.headers.get("Retry-After"), deadline):
+                continue
+        return response
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def wait_before_retry(ctx: Context, attempt: int, retry_after: str | None, deadline: float) -> bool:
+    """Sleep before the next attempt; False when the deadline leaves no room."""
+    delay = 0.5 * 2 ** (attempt - 1)
+    if retry_after is not None:
+        try:
+            delay = max(0.0, min(float(retry_after), MAX_RETRY_AFTER))
+        except ValueError:
+            pass  # an HTTP date or garbage: keep the backoff
+    if ctx.now() + delay >= deadline:
+        return False
+    ctx.sleep(delay)
+    return True
+
+
+def build_opener(ctx: Context, scheme: str, host: str) -> Any:
+    import urllib.request
+
+    class RefuseRedirects(urllib.request.HTTPRedirectHandler):
+        # A redirect could carry the bearer token to another host: never follow.
+        def redirect_request(self, *args: object, **kwargs: object) -> None:
+            return None
+
+    handlers: list[Any] = [RefuseRedirects()]
+    if is_loopback(host):
+        handlers.append(urllib.request.ProxyHandler({}))
+    if scheme == "https":
+        import ssl
+
+        context = ssl.create_default_context(
+            cafile=ctx.env.get("SSL_CERT_FILE") or None, capath=ctx.env.get("SSL_CERT_DIR") or None
+        )
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    return urllib.request.build_opener(*handlers)
+
+
+def exchange(
+    opener: Any,
+    method: str,
+    url: str,
+    data: bytes | None,
+    headers: dict[str, str],
+    *,
+    deadline: float,
+    now: Callable[[], float],
+    host: str,
+) -> Response:
+    import http.client
+    import socket
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        try:
+            handle = opener.open(request, timeout=max(0.01, deadline - now()))
+        except urllib.error.HTTPError as exc:
+            handle = exc  # a non-2xx answer is still an answer
+        with handle:
+            body = read_capped(handle, deadline=deadline, now=now)
+            return Response(handle.status, handle.headers, body)
+    except (socket.timeout, TimeoutError):
+        raise network_error(f"timed out waiting for {host} (TOKENROUTE_TIMEOUT to wait longer)") from None
+    except urllib.error.URLError as exc:
+        raise connection_error(host, exc.reason) from None
+    except ssl.SSLError as exc:
+        raise connection_error(host, exc) from None
+    except (http.client.HTTPException, OSError) as exc:
+        raise network_error(f"connection to {host} failed: {describe(exc)}") from None
+
+
+def connection_error(host: str, reason: object) -> CliError:
+    import socket
+    import ssl
+
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return network_error(
+            f"TLS certificate of {host} could not be verified ({reason.verify_message}); "
+            "behind a proxy with its own CA, set SSL_CERT_FILE to its certificate bundle"
+        )
+    if isinstance(reason, socket.gaierror):
+        return network_error(f"cannot resolve {host}: check your network or TOKENROUTE_API_URL")
+    if isinstance(reason, ConnectionRefusedError):
+        return network_error(f"connection refused by {host}: is the gateway up and TOKENROUTE_API_URL right?")
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        return network_error(f"timed out waiting for {host} (TOKENROUTE_TIMEOUT to wait longer)")
+    return network_error(f"cannot reach {host}: {describe(reason)}")
+
+
+def describe(reason: object) -> str:
+    text = getattr(reason, "strerror", None) or str(reason) or reason.__class__.__name__
+    return sanitize(str(text))[:200]
+
+
+def read_capped(handle: Any, *, deadline: float, now: Callable[[], float]) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        if now() > deadline:
+            raise TimeoutError
+        chunk = handle.read(65536)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise server_error(f"the answer was larger than {MAX_RESPONSE_BYTES // 1024 // 1024} MiB")
+        chunks.append(chunk)
+
+
+def error_from_response(response: Response, *, account: bool) -> CliError:
+    """Turn a non-2xx answer into the error a user can act on."""
+    status = response.status
+    message = server_message(response.json()) or f"HTTP {status}"
+    if 300 <= status < 400:
+        where = sanitize(response.headers.get("Location") or "elsewhere")
+        return server_error(f"the gateway redirected to {where}; not followed", status=status)
+    if status >= 500:
+        return server_error(f"the gateway failed: {message}", status=status)
+    code, next_command = {
+        401: ("auth_required", "tokenroute login" if account else None),
+        402: ("insufficient_balance", "tokenroute topup --amount 5"),
+        403: ("forbidden", None),
+        404: ("not_found", None),
+        429: ("rate_limited", None),
+    }.get(status, ("invalid_input", None))
+    if status == 401 and not account:
+        message += "; check the key (tokenroute keys list) or pass another with --key"
+    if status == 429 and response.headers.get("Retry-After"):
+        message += f"; retry after {sanitize(response.headers['Retry-After'])[:20]} s"
+    return CliError(message, code=code, next=next_command, status=status)
+
+
+def server_message(data: object) -> str | None:
+    """The human part of a FastAPI (`detail`) or OpenAI (`error.message`) error body."""
+    if not isinstance(data, dict):
+        return None
+    error = data.get("error")
+    detail = data.get("detail")
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        text = error["message"]
+    elif isinstance(detail, str):
+        text = detail
+    elif isinstance(detail, list):
+        text = "; ".join(validation_message(item) for item in detail[:5])
+    elif isinstance(data.get("error_description"), str):
+        text = data["error_description"]
+    elif isinstance(error, str):
+        text = error
+    else:
+        return None
+    return sanitize(redact(text))[:300] or None
+
+
+def validation_message(item: object) -> str:
+    if not isinstance(item, dict):
+        return str(item)
+    location = item.get("loc")
+    field = location[-1] if isinstance(location, list) and location else None
+    message = str(item.get("msg", "invalid"))
+    return f"{field}: {message}" if field is not None else message
+
+
+def expect_json(response: Response, kind: type) -> Any:
+    data = response.json()
+    if not isinstance(data, kind):
+        content_type = sanitize(response.headers.get("Content-Type") or "no content type")
+        raise server_error(
+            f"the gateway sent an unusable answer (HTTP {response.status}, {content_type})",
+            status=response.status,
+        )
+    return data
+
+
+def call_api(ctx: Context, method: str, url: str, *, key: str, json_body: object = None, kind: type = dict) -> Any:
+    """An OpenAI-compatible /v1 call authorized by an API key."""
+    response = send(ctx, method, url, token=key, json_body=json_body)
+    if response.status >= 300:
+        raise error_from_response(response, account=False)
+    return expect_json(response, kind)
+
+
+def call_account(
+    ctx: Context,
+    api_url: str,
+    method: str,
+    path: str,
+    *,
+    json_body: object = None,
+    kind: type = dict,
+    idempotency_key: str | None = None,
+) -> Any:
+    """An /api/v1 account call with the login's access token, refreshed as needed.
+
+    A 401 refreshes once and retries once: the gateway did not act on it.
+    """
+    creds = require_credentials(ctx, api_url)
+    token = fresh_access_token(ctx, creds)
+    for rejected in (False, True):
+        if rejected:
+            token = fresh_access_token(ctx, creds, rejected=token)
+        response = send(
+            ctx, method, api_url + path, token=token, json_body=json_body, idempotency_key=idempotency_key
+        )
+        if response.status != 401:
+            break
+    if response.status >= 300:
+        raise error_from_response(response, account=True)
+    return expect_json(response, kind)
+
+
+# ---------------------------------------------- device flow and refresh ---
+
+
+def token_expiry(ctx: Context, answer: dict[str, Any]) -> float:
+    expires_in = answer.get("expires_in")
+    if not isinstance(expires_in, (int, float)) or isinstance(expires_in, bool):
+        expires_in = 3600
+    return ctx.now() + expires_in
+
+
+def expiring(ctx: Context, creds: dict[str, Any]) -> bool:
+    return creds["expires_at"] - ctx.now() < REFRESH_MARGIN
+
+
+def fresh_access_token(ctx: Context, creds: dict[str, Any], *, rejected: str | None = None) -> str:
+    """A usable access token: the stored one, or a refreshed one.
+
+    Refreshing happens under an exclusive lock, after re-reading the file:
+    another process may have refreshed already, and reusing its rotated-away
+    refresh token would make the provider revoke the whole login.
+    """
+    if rejected is None and not expiring(ctx, creds):
+        return creds["access_token"]
+    with CredentialsLock(ctx):
+        current = require_credentials(ctx, creds["api_url"])
+        if current["access_token"] != rejected and not expiring(ctx, current):
+            return current["access_token"]
+        refreshed = refresh_credentials(ctx, current)
+        save_credentials(ctx, refreshed)
+        return refreshed["access_token"]
+
+
+def refresh_credentials(ctx: Context, creds: dict[str, Any]) -> dict[str, Any]:
+    response = send(
+        ctx,
+        "POST",
+        creds["token_endpoint"],
+        form={
+            "grant_type": "refresh_token",
+            "refresh_token": creds["refresh_token"],
+            "client_id": creds["client_id"],
+            "resource": creds["resource"],
+        },
+    )
+    if response.status >= 500:
+        raise error_from_response(response, account=True)
+    if response.status != 200:
+        raise session_expired()
+    answer = expect_json(response, dict)
+    if not is_token(answer.get("access_token")):
+        raise server_error("the identity provider sent no usable access token")
+    refresh_token = answer.get("refresh_token")
+    return dict(
+        creds,
+        access_token=answer["access_token"],
+        refresh_token=refresh_token if is_token(refresh_token) else creds["refresh_token"],
+        expires_at=token_expiry(ctx, answer),
+    )
+
+
+def is_token(value: object) -> bool:
+    return isinstance(value, str) and is_header_safe(value)
+
+
+def discover(ctx: Context, api_url: str) -> dict[str, Any]:
+    response = send(ctx, "GET", api_url + "/api/v1/auth/discovery")
+    if response.status == 503:
+        raise server_error("CLI login is not enabled on this gateway", status=503)
+    if response.status >= 300:
+        raise error_from_response(response, account=False)
+    found = expect_json(response, dict)
+    for name in ("client_id", "resource", "device_authorization_endpoint", "token_endpoint"):
+        if not isinstance(found.get(name), str) or not found[name]:
+            raise server_error(f"the gateway's login discovery lacks {name}")
+    scopes = found.get("scopes")
+    found["scopes"] = [s for s in scopes if isinstance(s, str)] if isinstance(scopes, list) else []
+    return found
+
+
+def start_device_flow(ctx: Context, api_url: str) -> dict[str, Any]:
+    """Ask for a device code; returns everything needed to poll it later."""
+    found = discover(ctx, api_url)
+    response = send(
+        ctx,
+        "POST",
+        found["device_authorization_endpoint"],
+        form={"client_id": found["client_id"], "scope": " ".join(found["scopes"]), "resource": found["resource"]},
+    )
+    if response.status != 200:
+        message = server_message(response.json()) or f"HTTP {response.status}"
+        raise CliError(f"login could not start: {message}", code="login_failed", exit_code=EXIT_SERVER)
+    grant = expect_json(response, dict)
+    for name in ("device_code", "user_code", "verification_uri"):
+        if not isinstance(grant.get(name), str) or not grant[name]:
+            raise server_error(f"the identity provider's device answer lacks {name}")
+    interval = grant.get("interval")
+    expires_in = grant.get("expires_in")
+    complete = grant.get("verification_uri_complete")
+    return {
+        "api_url": api_url,
+        "token_endpoint": found["token_endpoint"],
+        "client_id": found["client_id"],
+        "resource": found["resource"],
+        "device_code": grant["device_code"],
+        "user_code": grant["user_code"],
+        "verification_uri": grant["verification_uri"],
+        "verification_uri_complete": complete if isinstance(complete, str) else grant["verification_uri"],
+        "interval": interval if isinstance(interval, int) and 1 <= interval <= 60 else DEFAULT_POLL_INTERVAL,
+        "expires_at": ctx.now() + (expires_in if isinstance(expires_in, int) and expires_in > 0 else 600),
+    }
+
+
+def poll_device_flow(ctx: Context, pending: dict[str, Any], *, first_wait: float, deadline: float) -> dict | None:
+    """Poll until the person approves; None when `deadline` comes first.
+
+    Transient failures (network, 5xx) are retried until the code expires;
+    a denial or an expired code is a device-flow failure (exit 3).
+    """
+    interval = pending["interval"]
+    wait = first_wait
+    while True:
+        remaining = min(deadline, pending["expires_at"]) - ctx.now()
+        if remaining <= wait:
+            ctx.sleep(max(0.0, remaining))
+            if ctx.now() >= pending["expires_at"]:
+                raise login_failed("the login code expired before it was approved", "login_expired")
+            return None
+        ctx.sleep(wait)
+        wait = interval
+        try:
+            response = send(
+                ctx,
+                "POST",
+                pending["token_endpoint"],
+                form={
+                    "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+                    "device_code": pending["device_code"],
+                    "client_id": pending["client_id"],
+                    "resource": pending["resource"],
+                },
+            )
+        except CliError as exc:
+            if exc.exit_code == EXIT_NETWORK:
+                continue
+            raise
+        answer = response.json()
+        answer = answer if isinstance(answer, dict) else {}
+        if response.status == 200 and is_token(answer.get("access_token")):
+            return answer
+        if response.status >= 500:
+            continue
+        error = answer.get("error")
+        if error == "authorization_pending":
+            continue
+        if error == "slow_down":
+            interval += 5
+            wait = interval
+            continue
+        if error == "access_denied":
+            raise login_failed("the login was denied", "login_denied")
+        if error == "expired_token":
+            raise login_failed("the login code expired before it was approved", "login_expired")
+        raise login_failed(f"login failed: {server_message(answer) or f'HTTP {response.status}'}", "login_failed")
+
+
+def login_failed(message: str, code: str) -> CliError:
+    return CliError(message, code=code, exit_code=EXIT_SERVER, next="tokenroute login")
+
+
+def credentials_from_grant(ctx: Context, pending: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+    refresh_token = answer.get("refresh_token")
+    return {
+        "api_url": pending["api_url"],
+        "access_token": answer["access_token"],
+        "refresh_token": refresh_token if is_token(refresh_token) else "",
+        "expires_at": token_expiry(ctx, answer),
+        "token_endpoint": pending["token_endpoint"],
+        "client_id": pending["client_id"],
+        "resource": pending["resource"],
+    }
+
+
+# ------------------------------------------------------------- rendering ---
+
+
+def sanitize(text: str) -> str:
+    """Neutralise control characters and escape sequences in text for a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def render_json(ctx: Context, data: object) -> None:
+    import json
+
+    ctx.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def show(value: object) -> str:
+    if value is None:
+        return "-"
+    return sanitize(str(value))
+
+
+def render_fields(ctx: Context, data: dict[str, Any], fields: Sequence[str]) -> None:
+    """`key: value` lines for one object."""
+    width = max(len(name) for name in fields)
+    for name in fields:
+        ctx.stdout.write(f"{name + ':':<{width + 1}} {show(data.get(name))}\n")
+
+
+def render_table(ctx: Context, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [list(headers)] + [[show(value) for value in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        ctx.stdout.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
+
+
+def note(ctx: Context, message: str) -> None:
+    """A diagnostic for people: stderr, flushed, so stdout stays data."""
+    ctx.stderr.write(message + "\n")
+    ctx.stderr.flush()
+
+
+def open_url_for_person(ctx: Context, url: str) -> None:
+    """Open a server-provided URL only if it is https (or http on loopback)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    safe = parts.scheme == "https" or (parts.scheme == "http" and is_loopback(parts.hostname or ""))
+    if safe and url.isprintable():
+        ctx.open_browser(url)
+
+
+# -------------------------------------------------------------- commands ---
+# Each takes (args, ctx) and returns an exit code; output goes through the
+# renderers above, errors are raised as CliError for main to report.
+
+
+def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    if args.resume:
+        return resume_login(args, ctx, api_url)
+    creds = load_credentials(ctx)
+    if creds is not None and creds["api_url"] == api_url and not args.force:
+        if args.json:
+            render_json(ctx, {"status": "logged_in", "api_url": api_url})
+        else:
+            ctx.stdout.write(f"OK already logged in to {api_url} (tokenroute login --force to log in again)\n")
+        return EXIT_OK
+    pending = start_device_flow(ctx, api_url)
+    if args.no_wait:
+        write_private_file(ctx, pending_login_path(ctx), json_text(pending))
+        render_pending(ctx, args, pending, out=ctx.stdout)
+        return EXIT_OK
+    render_pending(ctx, args, pending, out=ctx.stderr)
+    if ctx.person_present and not args.no_browser:
+        open_url_for_person(ctx, pending["verification_uri_complete"])
+    answer = poll_device_flow(ctx, pending, first_wait=pending["interval"], deadline=pending["expires_at"])
+    return finish_login(args, ctx, pending, answer)
+
+
+def load_pending_login(ctx: Context, api_url: str) -> dict[str, Any]:
+    import json
+
+    text = read_text_file(pending_login_path(ctx))
+    try:
+        pending = json.loads(text) if text else None
+    except ValueError:
+        pending = None
+    fields_ok = isinstance(pending, dict) and all(
+        isinstance(pending.get(name), str) for name in PENDING_TEXT_FIELDS
+    ) and all(isinstance(pending.get(name), (int, float)) for name in ("interval", "expires_at"))
+    if not fields_ok or pending["api_url"] != api_url:
+        raise CliError("no login is waiting here", code="no_pending_login", next="tokenroute login --no-wait")
+    return pending
+
+
+PENDING_TEXT_FIELDS = (
+    "api_url", "token_endpoint", "client_id", "resource", "device_code",
+    "user_code", "verification_uri", "verification_uri_complete",
+)
+
+
+def resume_login(args: argparse.Namespace, ctx: Context, api_url: str) -> int:
+    pending = load_pending_login(ctx, api_url)
+    path = pending_login_path(ctx)
+    deadline = ctx.now() + args.timeout if args.timeout is not None else pending["expires_at"]
+    try:
+        answer = poll_device_flow(ctx, pending, first_wait=0, deadline=deadline)
+    except CliError as exc:
+        if exc.exit_code == EXIT_SERVER:
+            remove_file(path)
+        raise
+    if answer is None:
+        raise CliError(
+            "login still waiting for approval",
+            code="login_pending",
+            next="tokenroute login --resume",
+            payload=pending_view(pending),
+        )
+    remove_file(path)
+    return finish_login(args, ctx, pending, answer)
+
+
+def finish_login(args: argparse.Namespace, ctx: Context, pending: dict[str, Any], answer: dict | None) -> int:
+    if answer is None:  # pragma: no cover - the blocking flow's deadline is the code's expiry
+        raise login_failed("the login code expired before it was approved", "login_expired")
+    save_credentials(ctx, credentials_from_grant(ctx, pending, answer))
+    if args.json:
+        render_json(ctx, {"status": "logged_in", "api_url": pending["api_url"]})
+    else:
+        ctx.stdout.write("OK logged in\n")
+    return EXIT_OK
+
+
+def pending_view(pending: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "status": "pending",
+        "verification_uri": pending["verification_uri"],
+        "verification_uri_complete": pending["verification_uri_complete"],
+        "user_code": pending["user_code"],
+        "expires_at": int(pending["expires_at"]),
+        "next": "tokenroute login --resume",
+    }
+
+
+def render_pending(ctx: Context, args: argparse.Namespace, pending: dict[str, Any], *, out: TextIO) -> None:
+    if args.json and args.no_wait:
+        render_json(ctx, pending_view(pending))
+        return
+    out.write(f"Visit: {sanitize(pending['verification_uri'])}\n")
+    out.write(f"And enter code: {sanitize(pending['user_code'])}\n")
+    if pending["verification_uri_complete"] != pending["verification_uri"]:
+        out.write(f"(or open {sanitize(pending['verification_uri_complete'])})\n")
+    if args.no_wait:
+        out.write("Then run: tokenroute login --resume\n")
+    else:
+        out.write("Waiting for authorization...\n")
+    out.flush()
+
+
+def json_text(data: object) -> str:
+    import json
+
+    return json.dumps(data, indent=2) + "\n"
+
+
+def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
+    removed = remove_file(credentials_path(ctx))
+    remove_file(pending_login_path(ctx))
+    if args.json:
+        render_json(ctx, {"logged_out": removed})
+    else:
+        ctx.stdout.write("OK logged out\n" if removed else "Not logged in; nothing to do\n")
+    return EXIT_OK
+
+
+ME_FIELDS = ("id", "display_name", "email", "logto_sub", "balance_usd", "status")
+
+
+def cmd_whoami(args: argparse.Namespace, ctx: Context) -> int:
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    me = call_account(ctx, api_url, "GET", "/api/v1/me")
+    if args.json:
+        render_json(ctx, me)
+    else:
+        render_fields(ctx, me, ME_FIELDS)
+    return EXIT_OK
+
+
+def cmd_balance(args: argparse.Namespace, ctx: Context) -> int:
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    balance = call_account(ctx, api_url, "GET", "/api/v1/balance")
+    if args.json:
+        render_json(ctx, balance)
+    else:
+        render_fields(ctx, balance, ("balance_usd", "currency"))
+    return EXIT_OK
+
+
+def cmd_keys_create(args: argparse.Namespace, ctx: Context) -> int:
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    key = call_account(
+        ctx, api_url, "POST", "/api/v1/me/keys", json_body={"name": args.name}, idempotency_key=os.urandom(16).hex()
+    )
+    raw = key.get("raw")
+    if not isinstance(raw, str) or not is_plausible_key(raw):
+        raise server_error("the gateway created a key but sent no usable raw value")
+    if args.json:
+        render_json(ctx, key)
+    else:
+        render_fields(ctx, key, ("id", "name", "key_prefix", "balance_usd", "status"))
+        ctx.stdout.write(f"key: {raw}\n")
+    if args.no_cache:
+        note(ctx, "Save this key now: it is shown only once (not cached: --no-cache).")
+        return EXIT_OK
+    try:
+        write_private_file(ctx, last_key_path(ctx), raw + "\n")
+    except CliError as exc:
+        raise CliError(f"the key above was created but not cached: {exc.message}", code=exc.code) from None
+    note(ctx, f"Save this key now: it is shown only once. Cached in {last_key_path(ctx)} for env, test and models.")
+    return EXIT_OK
+
+
+KEY_COLUMNS = ("id", "name", "key_prefix", "status", "balance_usd", "created_at")
+
+
+def cmd_keys_list(args: argparse.Namespace, ctx: Context) -> int:
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    keys = call_account(ctx, api_url, "GET", "/api/v1/me/keys", kind=list)
+    keys = [key for key in keys if isinstance(key, dict)]
+    if args.json:
+        render_json(ctx, keys)
+    elif not keys:
+        note(ctx, "No keys yet. Create one: tokenroute keys create --name NAME")
+    else:
+        render_table(ctx, [c.upper() for c in KEY_COLUMNS], [[k.get(c) for c in KEY_COLUMNS] for k in keys])
+    return EXIT_OK
+
+
+def cmd_keys_revoke(args: argparse.Namespace, ctx: Context) -> int:
+    from urllib.parse import quote
+
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    key = call_account(ctx, api_url, "DELETE", "/api/v1/me/keys/" + quote(args.id, safe=""))
+    if args.json:
+        render_json(ctx, key)
+    else:
+        ctx.stdout.write(f"OK revoked {show(key.get('id', args.id))} ({show(key.get('name'))})\n")
+    return EXIT_OK
+
+
+def cmd_topup(args: argparse.Namespace, ctx: Context) -> int:
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    session = call_account(
+        ctx,
+        api_url,
+        "POST",
+        "/api/v1/topup",
+        json_body={"amount_usd": args.amount},
+        idempotency_key=os.urandom(16).hex(),
+    )
+    url = session.get("checkout_url")
+    if not isinstance(url, str) or not url:
+        raise server_error("the gateway sent no checkout URL")
+    if args.json:
+        render_json(ctx, session)
+        return EXIT_OK
+    ctx.stdout.write(f"Checkout: {sanitize(url)}\n")
+    note(ctx, f"Open it to pay {show(session.get('amount_usd', args.amount))} USD; credit arrives once paid.")
+    if ctx.person_present and ctx.stdout_tty and not args.no_browser:
+        open_url_for_person(ctx, url)
+    return EXIT_OK
+
+
+USAGE_FIELDS = ("range_days", "total_requests", "total_tokens_in", "total_tokens_out", "total_cost_usd")
+
+
+def cmd_usage(args: argparse.Namespace, ctx: Context) -> int:
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    usage = call_account(ctx, api_url, "GET", f"/api/v1/me/usage?days={args.days}")
+    if args.json:
+        render_json(ctx, usage)
+    else:
+        render_fields(ctx, usage, USAGE_FIELDS)
+    return EXIT_OK
+
+
+SHELL_FORMATS = {
+    "dotenv": "{name}={value}",
+    "sh": "export {name}={value}",
+    "fish": "set -gx {name} {value}",
+    "powershell": "$env:{name} = '{value}'",
+}
+
+
+def cmd_env(args: argparse.Namespace, ctx: Context) -> int:
+    """Print the two variables an OpenAI SDK needs, nothing else on stdout."""
+    key, _ = resolve_api_key(ctx, args.key)
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    if not is_env_safe(api_url):
+        raise CliError("the API URL holds characters a shell or .env file would misread")
+    variables = {"OPENAI_API_KEY": key, "OPENAI_BASE_URL": api_url + "/v1"}
+    if args.json:
+        render_json(ctx, variables)
+        return EXIT_OK
+    line = SHELL_FORMATS["sh" if args.export and args.shell == "dotenv" else args.shell]
+    ctx.stdout.write("".join(line.format(name=n, value=v) + "\n" for n, v in variables.items()))
+    return EXIT_OK
+
+
+def is_env_safe(value: str) -> bool:
+    return value.isprintable() and value.isascii() and not any(c in value for c in " #'\"\\$`")
+
+
+def cmd_test(args: argparse.Namespace, ctx: Context) -> int:
+    key, _ = resolve_api_key(ctx, args.key)
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    completion = call_api(
+        ctx,
+        "POST",
+        api_url + "/v1/chat/completions",
+        key=key,
+        json_body={
+            "model": args.model,
+            "messages": [{"role": "user", "content": "Reply with the single word OK."}],
+            "max_tokens": 5,
+        },
+    )
+    reply = chat_reply(completion)
+    if args.json:
+        render_json(ctx, {"ok": True, "model": args.model, "reply": reply, "usage": completion.get("usage")})
+    else:
+        ctx.stdout.write(f"OK connected ({sanitize(args.model)})\n  reply: {sanitize(reply)}\n")
+    return EXIT_OK
+
+
+def chat_reply(completion: dict[str, Any]) -> str:
+    try:
+        content = completion["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        content = None
+    if not isinstance(content, str):
+        raise server_error("the gateway's chat completion has no reply text")
+    return content
+
+
+MODEL_COLUMNS = ("id", "owned_by", "complexity_tier", "input_usd_per_1k", "output_usd_per_1k")
+
+
+def cmd_models(args: argparse.Namespace, ctx: Context) -> int:
+    key, _ = resolve_api_key(ctx, args.key)
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    listing = call_api(ctx, "GET", api_url + "/v1/models", key=key)
+    models = listing.get("data")
+    if not isinstance(models, list):
+        raise server_error("the gateway's model list has no data")
+    models = [model for model in models if isinstance(model, dict)]
+    if args.json:
+        render_json(ctx, models)
+    else:
+        headers = ("ID", "PROVIDER", "TIER", "IN/1K USD", "OUT/1K USD")
+        render_table(ctx, headers, [[m.get(c) for c in MODEL_COLUMNS] for m in models])
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- parser ---
+
+
+def parse_amount(text: str) -> str:
+    """A top-up amount: a plain positive decimal with at most 2 decimals, as a string."""
+    import argparse
+    from decimal import Decimal, InvalidOperation
+
+    plain = text.strip()
+    digits = plain.replace(".", "", 1)
+    try:
+        amount = Decimal(plain) if digits.isdigit() and digits.isascii() else None
+    except InvalidOperation:  # pragma: no cover - digits-only text always parses
+        amount = None
+    if amount is None or amount <= 0 or amount.as_tuple().exponent < -2 or amount >= 1_000_000:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an amount: give USD as a number above 0 with at most 2 decimals, like 5 or 12.50"
+        )
+    return str(amount)
+
+
+def parse_days(text: str) -> int:
+    import argparse
+
+    if not text.strip().isdigit() or not 1 <= int(text) <= 365:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days from 1 to 365")
+    return int(text)
+
+
+def non_empty(text: str) -> str:
+    import argparse
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text.strip()
+
+
+def positive_seconds(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> None:  # type: ignore[override]
+            # argparse's exit 2 would read as "network error": a usage error is a user error.
+            raise CliError(message, code="usage", usage=self.format_usage().strip())
+
+    # Global options parse before and after the subcommand; SUPPRESS keeps a
+    # subcommand's default from overwriting a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable JSON output")
+    common.add_argument("--api-url", default=argparse.SUPPRESS, metavar="URL", help="gateway base URL")
+
+    parser = Parser(
+        prog="tokenroute",
+        description="Command-line client of the tokenroute LLM gateway.",
+        epilog="Exit codes: 0 ok, 1 user error, 2 network error, 3 server error, 130 interrupted.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"tokenroute {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    def command(group: Any, name: str, func: Callable[..., int], summary: str, example: str, **kw: Any) -> Any:
+        sub = group.add_parser(
+            name, help=summary, description=summary, epilog=f"example: {example}", parents=[common], **kw
+        )
+        sub.set_defaults(func=func)
+        return sub
+
+    login = command(commands, "login", cmd_login, "log in with your browser (device flow)", "tokenroute login")
+    login.add_argument("--no-browser", action="store_true", help="print the URL, do not open a browser")
+    login.add_argument("--force", action="store_true", help="log in again even when logged in")
+    mode = login.add_mutually_exclusive_group()
+    mode.add_argument("--no-wait", action="store_true", help="print the code and exit; finish with --resume")
+    mode.add_argument("--resume", action="store_true", help="finish a login started with --no-wait")
+    login.add_argument("--timeout", type=positive_seconds, metavar="SECONDS", help="with --resume: stop waiting after this long")
+    command(commands, "logout", cmd_logout, "forget the stored login", "tokenroute logout")
+    command(commands, "whoami", cmd_whoami, "show the current user and balance", "tokenroute whoami --json")
+
+    keys = commands.add_parser("keys", help="create, list and revoke API keys", parents=[common])
+    keys.set_defaults(func=lambda args, ctx: usage_error(keys))
+    key_commands = keys.add_subparsers(dest="keys_command", metavar="COMMAND", parser_class=Parser)
+    create = command(
+        key_commands, "create", cmd_keys_create, "create an sk-tr-* API key (shown once)", "tokenroute keys create --name laptop"
+    )
+    create.add_argument("--name", required=True, type=non_empty, help="a name to recognise the key by")
+    create.add_argument("--no-cache", action="store_true", help="do not cache the raw key in last_key.txt")
+    command(key_commands, "list", cmd_keys_list, "list your API keys", "tokenroute keys list")
+    revoke = command(key_commands, "revoke", cmd_keys_revoke, "revoke an API key", "tokenroute keys revoke key_123")
+    revoke.add_argument("id", type=non_empty, help="the key id (from keys list)")
+
+    command(commands, "balance", cmd_balance, "show the credit across your active keys", "tokenroute balance --json")
+    topup = command(commands, "topup", cmd_topup, "get a Stripe Checkout URL to add credit", "tokenroute topup --amount 5")
+    topup.add_argument("--amount", required=True, type=parse_amount, metavar="USD", help="amount in USD, e.g. 5 or 12.50")
+    topup.add_argument("--no-browser", action="store_true", help="print the URL, do not open a browser")
+    usage = command(commands, "usage", cmd_usage, "show spend over the last N days", "tokenroute usage --days 7")
+    usage.add_argument("--days", type=parse_days, default=30, metavar="N", help="1-365 (default 30)")
+
+    env = command(commands, "env", cmd_env, "print OPENAI_API_KEY and OPENAI_BASE_URL", "tokenroute env >> .env")
+    add_key_option(env)
+    env.add_argument("--export", action="store_true", help="print `export` lines for eval")
+    env.add_argument("--shell", choices=tuple(SHELL_FORMATS), default="dotenv", help="output syntax (default dotenv)")
+    test = command(commands, "test", cmd_test, "send a tiny chat completion end to end", "tokenroute test --model openai/gpt-4o")
+    test.add_argument("--model", default=DEFAULT_MODEL, type=non_empty, help=f"model id (default {DEFAULT_MODEL})")
+    add_key_option(test)
+    models = command(commands, "models", cmd_models, "list available models with pricing", "tokenroute models --json")
+    add_key_option(models)
+    return parser
+
+
+def add_key_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--key", metavar="sk-tr-...", help="API key (default: TOKENROUTE_API_KEY, then the cached key)")
+
+
+def usage_error(parser: argparse.ArgumentParser) -> int:
+    parser.error("a command is required")
+    return EXIT_USER  # pragma: no cover - error() raises
+
+
+# ------------------------------------------------------------------ main ---
+
+
+def report(ctx: Context, error: CliError, *, as_json: bool) -> None:
+    message = redact(error.message)
+    if as_json:
+        import json
+
+        body: dict[str, Any] = {"code": error.code, "message": message, "status": error.status}
+        if error.next:
+            body["next"] = error.next
+        body.update(error.payload or {})
+        ctx.stderr.write(json.dumps({"error": body}) + "\n")
+    else:
+        hint = f"; run `{error.next}`" if error.next else ""
+        ctx.stderr.write(f"error: {message}{hint}\n")
+        if error.usage:
+            ctx.stderr.write(error.usage + "\n")
+    ctx.stderr.flush()
+
+
+class Args:
+    """Parsed arguments, for the commands parsed by hand in `parse_fast`."""
+
+    def __init__(self, **values: Any) -> None:
+        self.__dict__.update(values)
+
+
+def parse_fast(argv: Sequence[str]) -> Args | None:
+    """Parse `--version` and plain `env` without argparse, or return None.
+
+    Importing argparse alone costs about as much as starting Python, and
+    these are the commands agents and shells run in loops. Anything
+    unusual falls through to the full parser, which defines the behaviour.
+    """
+    if list(argv) == ["--version"]:
+        return Args(func=cmd_version, json=False, api_url=None)
+    words = [word for word in argv if word != "--json"]
+    if not words or words[0] != "env":
+        return None
+    options: dict[str, Any] = {"key": None, "export": False}
+    rest = iter(words[1:])
+    for word in rest:
+        if word == "--export":
+            options["export"] = True
+        elif word == "--key":
+            options["key"] = next(rest, None)
+            if options["key"] is None:
+                return None
+        elif word.startswith("--key="):
+            options["key"] = word[len("--key="):]
+        else:
+            return None
+    return Args(func=cmd_env, json="--json" in argv, api_url=None, shell="dotenv", **options)
+
+
+def cmd_version(args: Args, ctx: Context) -> int:
+    ctx.stdout.write(f"tokenroute {__version__}\n")
+    return EXIT_OK
+
+
+def parse_args(argv: Sequence[str], ctx: Context) -> argparse.Namespace | Args:
+    fast = parse_fast(argv)
+    if fast is not None:
+        return fast
+    import contextlib
+
+    parser = build_parser()
+    with contextlib.redirect_stdout(ctx.stdout):  # --help and --version
+        args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.error("a command is required")
+    args.json = getattr(args, "json", False)
+    args.api_url = getattr(args, "api_url", None)
+    return args
+
+
+def main(argv: Sequence[str] | None = None, ctx: Context | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ctx = ctx or Context.from_process()
+    as_json = "--json" in argv or env_flag(ctx.env.get("TOKENROUTE_JSON"))
+    try:
+        args = parse_args(argv, ctx)
+        args.json = args.json or as_json
+        return args.func(args, ctx)
+    except SystemExit as done:  # argparse after --help or --version
+        return done.code if isinstance(done.code, int) else EXIT_OK
+    except CliError as error:
+        report(ctx, error, as_json=as_json)
+        return error.exit_code
+    except KeyboardInterrupt:
+        report(ctx, CliError("interrupted", code="interrupted", exit_code=EXIT_INTERRUPTED), as_json=as_json)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `tokenroute keys list | head -1`: the reader left; end quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
