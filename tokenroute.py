@@ -63,7 +63,6 @@ class CliError(Exception):
         exit_code: int = EXIT_USER,
         next: str | None = None,
         status: int | None = None,
-        payload: dict[str, Any] | None = None,
         usage: str | None = None,
     ) -> None:
         super().__init__(message)
@@ -72,7 +71,6 @@ class CliError(Exception):
         self.exit_code = exit_code
         self.next = next
         self.status = status
-        self.payload = payload  # extra fields for --json (login --resume)
         self.usage = usage  # the usage line, for people
 
 
@@ -1011,13 +1009,10 @@ def resume_login(args: argparse.Namespace, ctx: Context, api_url: str) -> int:
         if exc.exit_code == EXIT_SERVER:
             remove_file(path)
         raise
-    if answer is None:
-        raise CliError(
-            "login still waiting for approval",
-            code="login_pending",
-            next="tokenroute login --resume",
-            payload=pending_view(pending),
-        )
+    if answer is None:  # still pending: the same status object as --no-wait, and exit 1
+        if args.json:
+            render_json(ctx, pending_view(pending))
+        raise CliError("the login is still waiting for approval", code="login_pending", next="tokenroute login --resume")
     remove_file(path)
     return finish_login(args, ctx, pending, answer)
 
@@ -1264,6 +1259,196 @@ def cmd_models(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
+class Check:
+    """One line of `tokenroute doctor`: ok, warning or problem, with the fix."""
+
+    def __init__(self, name: str, status: str, detail: str, *, fix: str | None = None, exit_code: int = EXIT_OK) -> None:
+        self.name = name
+        self.status = status
+        self.detail = detail
+        self.fix = fix
+        self.exit_code = exit_code
+
+    @classmethod
+    def failed(cls, name: str, error: CliError) -> Check:
+        return cls(name, "problem", redact(error.message), fix=error.next, exit_code=error.exit_code)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "detail": self.detail, "fix": self.fix}
+
+
+def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
+    """Check everything that decides whether tokenroute works here."""
+    checks = [check_python()]
+    try:
+        api_url, source = api_url_setting(ctx, args.api_url)
+    except CliError as error:
+        checks.append(Check.failed("api url", error))
+    else:
+        checks.append(Check("api url", "ok", f"{api_url} (from {source})"))
+        checks += [check_gateway(ctx, api_url), check_login(ctx, api_url), check_api_key(ctx, args, api_url)]
+    checks += check_files(ctx)
+    problems = [check.exit_code or EXIT_USER for check in checks if check.status == "problem"]
+    code = next((c for c in (EXIT_NETWORK, EXIT_SERVER) if c in problems), EXIT_USER if problems else EXIT_OK)
+    if args.json:
+        render_json(ctx, {"ok": not problems, "checks": [check.as_dict() for check in checks]})
+    else:
+        width = max(len(check.name) for check in checks)
+        for check in checks:
+            ctx.stdout.write(f"{check.status:<8} {check.name:<{width}}  {sanitize(check.detail)}\n")
+            if check.fix:
+                ctx.stdout.write(f"{'':<8} {'':<{width}}  fix: {check.fix}\n")
+    return code
+
+
+def check_python() -> Check:
+    version = ".".join(str(part) for part in sys.version_info[:3])
+    return Check("python", "ok", f"Python {version} ({sys.executable or 'embedded'})")
+
+
+def check_gateway(ctx: Context, api_url: str) -> Check:
+    try:
+        discover(ctx, api_url)
+    except CliError as error:
+        if error.status == 503:
+            return Check("gateway", "warning", "reachable, but CLI login is not enabled on it")
+        return Check.failed("gateway", error)
+    return Check("gateway", "ok", "reachable")
+
+
+def check_login(ctx: Context, api_url: str) -> Check:
+    try:
+        creds = require_credentials(ctx, api_url)
+        remaining = int(creds["expires_at"] - ctx.now())
+        state = f"access token valid for {remaining} s" if remaining > 0 else "access token expired"
+        refreshable = "refreshable" if creds["refresh_token"] else "not refreshable"
+        me = call_account(ctx, api_url, "GET", "/api/v1/me")
+    except CliError as error:
+        return Check.failed("login", error)
+    return Check("login", "ok", f"logged in as {show(me.get('email'))} ({state}, {refreshable})")
+
+
+def check_api_key(ctx: Context, args: argparse.Namespace, api_url: str) -> Check:
+    try:
+        key, source = resolve_api_key(ctx, args.key)
+    except CliError as error:
+        if error.code != "no_key":
+            return Check.failed("api key", error)
+        return Check("api key", "warning", "none (env, test and models need one)", fix=error.next)
+    try:
+        call_api(ctx, "GET", api_url + "/v1/models", key=key)
+    except CliError as error:
+        return Check.failed("api key", error)
+    return Check("api key", "ok", f"{redact(key)} from {source}, accepted by the gateway")
+
+
+def check_files(ctx: Context) -> list[Check]:
+    try:
+        paths = [config_dir(ctx), credentials_path(ctx), last_key_path(ctx), pending_login_path(ctx)]
+    except CliError as error:
+        return [Check.failed("files", error)]
+    checks = []
+    for path in paths:
+        try:
+            mode = os.stat(path).st_mode & 0o777
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            checks.append(Check("files", "problem", f"{path}: {error.strerror}"))
+            continue
+        if os.name != "posix" or not mode & 0o077:
+            checks.append(Check("files", "ok", f"{path} ({oct(mode)[2:]}, private)"))
+        else:
+            wanted = "700" if os.path.isdir(path) else "600"
+            checks.append(Check("files", "problem", f"{path} is readable by others ({oct(mode)[2:]})", fix=f"chmod {wanted} {path}"))
+    return checks or [Check("files", "ok", "no credential files yet")]
+
+
+def cmd_completion(args: argparse.Namespace, ctx: Context) -> int:
+    tree = command_tree(build_parser())
+    ctx.stdout.write({"bash": bash_completion, "zsh": zsh_completion, "fish": fish_completion}[args.shell](tree))
+    return EXIT_OK
+
+
+def command_tree(parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Options, option choices and subcommands of a parser, recursively."""
+    import argparse
+
+    tree: dict[str, Any] = {"options": [], "choices": {}, "commands": {}, "help": {}, "arguments": []}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                tree["commands"][name] = command_tree(sub)
+                tree["help"][name] = helps.get(name) or ""
+        elif not action.option_strings and action.choices:
+            tree["arguments"] += list(action.choices)
+        for option in action.option_strings:
+            tree["options"].append(option)
+            if action.choices:
+                tree["choices"][option] = list(action.choices)
+    return tree
+
+
+def completion_paths(tree: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    yield path, tree
+    for name, sub in tree["commands"].items():
+        yield from completion_paths(sub, f"{path} {name}".strip())
+
+
+def bash_completion(tree: dict[str, Any]) -> str:
+    steps, cases = [], []
+    for path, node in completion_paths(tree):
+        words = " ".join([*node["commands"], *node["arguments"], *node["options"]])
+        cases.append(f'        "{path}") words="{words}" ;;')
+        steps += [f'"{path}:{name}"' for name in node["commands"]]
+        for option, choices in node["choices"].items():
+            cases.insert(0, f'        "{path}>{option}") words="{" ".join(choices)}" ;;')
+    return f"""# bash completion for tokenroute (generated by `tokenroute completion bash`)
+_tokenroute() {{
+    local cur="${{COMP_WORDS[COMP_CWORD]}}" prev="${{COMP_WORDS[COMP_CWORD-1]}}" path="" word words i
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        word="${{COMP_WORDS[i]}}"
+        case "$path:$word" in
+            {"|".join(steps)}) path="${{path:+$path }}$word" ;;
+        esac
+    done
+    case "$path>$prev" in
+{chr(10).join(c for c in cases if ">" in c)}
+        *) case "$path" in
+{chr(10).join(c for c in cases if ">" not in c)}
+           esac ;;
+    esac
+    COMPREPLY=($(compgen -W "$words" -- "$cur"))
+}}
+complete -F _tokenroute tokenroute
+"""
+
+
+def zsh_completion(tree: dict[str, Any]) -> str:
+    return "#compdef tokenroute\nautoload -U +X bashcompinit && bashcompinit\n" + bash_completion(tree)
+
+
+def fish_completion(tree: dict[str, Any]) -> str:
+    lines = ["# fish completion for tokenroute (generated by `tokenroute completion fish`)", "complete -c tokenroute -f"]
+    for path, node in completion_paths(tree):
+        tests = [f"__fish_seen_subcommand_from {word}" for word in path.split()] or ["__fish_use_subcommand"]
+        if path and node["commands"]:
+            tests.append(f"not __fish_seen_subcommand_from {' '.join(node['commands'])}")
+        condition = "; and ".join(tests)
+        for name in node["commands"]:
+            description = node["help"][name].replace("'", "")
+            lines.append(f"complete -c tokenroute -n '{condition}' -a {name} -d '{description}'")
+        if node["arguments"]:
+            lines.append(f"complete -c tokenroute -n '{condition}' -a '{' '.join(node['arguments'])}'")
+        for option in node["options"]:
+            if option.startswith("--"):
+                choices = node["choices"].get(option)
+                values = f" -xa '{' '.join(choices)}'" if choices else ""
+                lines.append(f"complete -c tokenroute -n '{condition}' -l {option[2:]}{values}")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- parser ---
 
 
@@ -1381,6 +1566,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_key_option(test)
     models = command(commands, "models", cmd_models, "list available models with pricing", "tokenroute models --json")
     add_key_option(models)
+    doctor = command(
+        commands, "doctor", cmd_doctor, "check that tokenroute works here", "tokenroute doctor --json", aliases=["status"]
+    )
+    add_key_option(doctor)
+    completion = command(
+        commands, "completion", cmd_completion, "print a shell completion script", "tokenroute completion bash > ~/.tokenroute-complete.bash"
+    )
+    completion.add_argument("shell", choices=("bash", "zsh", "fish"))
     return parser
 
 
@@ -1404,7 +1597,6 @@ def report(ctx: Context, error: CliError, *, as_json: bool) -> None:
         body: dict[str, Any] = {"code": error.code, "message": message, "status": error.status}
         if error.next:
             body["next"] = error.next
-        body.update(error.payload or {})
         ctx.stderr.write(json.dumps({"error": body}) + "\n")
     else:
         hint = f"; run `{error.next}`" if error.next else ""
