@@ -291,7 +291,7 @@ def remove_file(path: str) -> bool:
     return True
 
 
-CREDENTIAL_FIELDS = ("api_url", "access_token", "refresh_token", "token_endpoint", "client_id", "resource")
+CREDENTIAL_FIELDS = ("api_url", "access_token", "token_endpoint", "client_id", "resource")
 
 
 def load_credentials(ctx: Context) -> dict[str, Any] | None:
@@ -309,6 +309,8 @@ def load_credentials(ctx: Context) -> dict[str, Any] | None:
     valid = isinstance(creds, dict) and all(
         isinstance(creds.get(name), str) and is_header_safe(creds[name]) for name in CREDENTIAL_FIELDS
     )
+    refresh_token = creds.get("refresh_token") if valid else None
+    valid = valid and isinstance(refresh_token, str) and (refresh_token == "" or is_header_safe(refresh_token))
     if not valid or not isinstance(creds.get("expires_at"), (int, float)):
         raise CliError(
             f"{path} is damaged; run `tokenroute login` to replace it",
@@ -565,6 +567,9 @@ def exchange(
             handle = exc  # a non-2xx answer is still an answer
         with handle:
             body = read_capped(handle, deadline=deadline, now=now)
+            length = handle.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) != len(body):
+                raise network_error(f"the connection to {host} closed mid-answer")
             return Response(handle.status, handle.headers, body)
     except (socket.timeout, TimeoutError):
         raise network_error(f"timed out waiting for {host} (TOKENROUTE_TIMEOUT to wait longer)") from None
@@ -748,6 +753,8 @@ def fresh_access_token(ctx: Context, creds: dict[str, Any], *, rejected: str | N
 
 
 def refresh_credentials(ctx: Context, creds: dict[str, Any]) -> dict[str, Any]:
+    if not creds["refresh_token"]:  # the provider granted no offline_access
+        raise session_expired()
     response = send(
         ctx,
         "POST",
@@ -959,7 +966,7 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
     if args.resume:
         return resume_login(args, ctx, api_url)
     creds = load_credentials(ctx)
-    if creds is not None and creds["api_url"] == api_url and not args.force:
+    if creds is not None and creds["api_url"] == api_url and not args.force and login_still_valid(ctx, api_url):
         if args.json:
             render_json(ctx, {"status": "logged_in", "api_url": api_url})
         else:
@@ -997,6 +1004,17 @@ PENDING_TEXT_FIELDS = (
     "api_url", "token_endpoint", "client_id", "resource", "device_code",
     "user_code", "verification_uri", "verification_uri_complete",
 )
+
+
+def login_still_valid(ctx: Context, api_url: str) -> bool:
+    """Whether the stored login still works: after a dead session, `login` logs in again."""
+    try:
+        call_account(ctx, api_url, "GET", "/api/v1/me")
+    except CliError as error:
+        if error.code in ("auth_required", "session_expired"):
+            return False
+        raise
+    return True
 
 
 def resume_login(args: argparse.Namespace, ctx: Context, api_url: str) -> int:
