@@ -64,6 +64,7 @@ class CliError(Exception):
         next: str | None = None,
         status: int | None = None,
         usage: str | None = None,
+        payload: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -72,6 +73,7 @@ class CliError(Exception):
         self.next = next
         self.status = status
         self.usage = usage  # the usage line, for people
+        self.payload = payload  # more fields for the --json error (login --resume)
 
 
 def network_error(message: str) -> CliError:
@@ -844,7 +846,7 @@ def poll_device_flow(ctx: Context, pending: dict[str, Any], *, first_wait: float
     wait = first_wait
     while True:
         remaining = min(deadline, pending["expires_at"]) - ctx.now()
-        if remaining <= wait:
+        if remaining < wait:
             ctx.sleep(max(0.0, remaining))
             if ctx.now() >= pending["expires_at"]:
                 raise login_failed("the login code expired before it was approved", "login_expired")
@@ -1027,10 +1029,13 @@ def resume_login(args: argparse.Namespace, ctx: Context, api_url: str) -> int:
         if exc.exit_code == EXIT_SERVER:
             remove_file(path)
         raise
-    if answer is None:  # still pending: the same status object as --no-wait, and exit 1
-        if args.json:
-            render_json(ctx, pending_view(pending))
-        raise CliError("the login is still waiting for approval", code="login_pending", next="tokenroute login --resume")
+    if answer is None:
+        raise CliError(
+            "the login is still waiting for approval",
+            code="login_pending",
+            next="tokenroute login --resume",
+            payload=pending_view(pending),
+        )
     remove_file(path)
     return finish_login(args, ctx, pending, answer)
 
@@ -1361,6 +1366,8 @@ def check_api_key(ctx: Context, args: argparse.Namespace, api_url: str) -> Check
 
 
 def check_files(ctx: Context) -> list[Check]:
+    import shlex
+
     try:
         paths = [config_dir(ctx), credentials_path(ctx), last_key_path(ctx), pending_login_path(ctx)]
     except CliError as error:
@@ -1378,7 +1385,8 @@ def check_files(ctx: Context) -> list[Check]:
             checks.append(Check("files", "ok", f"{path} ({oct(mode)[2:]}, private)"))
         else:
             wanted = "700" if os.path.isdir(path) else "600"
-            checks.append(Check("files", "problem", f"{path} is readable by others ({oct(mode)[2:]})", fix=f"chmod {wanted} {path}"))
+            fix = f"chmod {wanted} {shlex.quote(path)}"
+            checks.append(Check("files", "problem", f"{path} is readable by others ({oct(mode)[2:]})", fix=fix))
     return checks or [Check("files", "ok", "no credential files yet")]
 
 
@@ -1615,6 +1623,7 @@ def report(ctx: Context, error: CliError, *, as_json: bool) -> None:
         body: dict[str, Any] = {"code": error.code, "message": message, "status": error.status}
         if error.next:
             body["next"] = error.next
+        body.update(error.payload or {})
         ctx.stderr.write(json.dumps({"error": body}) + "\n")
     else:
         hint = f"; run `{error.next}`" if error.next else ""

@@ -22,7 +22,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Optional, Sequence
 from urllib.parse import parse_qs, unquote
@@ -34,7 +34,7 @@ DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 SCOPES = ["openid", "offline_access", "profile", "email"]
 KEYS_PATH = "/api/v1/me/keys"
 CENT = Decimal("0.01")
-AMOUNT_PATTERN = re.compile(r"^[0-9]+(\.[0-9]{1,2})?$")
+AMOUNT_PATTERN = re.compile(r"[0-9]+(\.[0-9]{1,2})?")
 USER_CODE_LETTERS = "BCDFGHJKLMNPQRSTVWXZ"
 KEY_ALPHABET = string.ascii_letters + string.digits
 
@@ -82,7 +82,7 @@ def _make_record(method: str, path: str, headers: dict[str, str], body: bytes) -
     record = Recorded(method=method, path=path, headers=headers, body=body)
     try:
         record.json = json.loads(body) if body else None
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep
         record.json = None
     content_type = (record.header("Content-Type") or "").lower()
     if content_type.startswith("application/x-www-form-urlencoded"):
@@ -184,7 +184,7 @@ def _money(value: Decimal) -> str:
 
 def _positive_amount(value: Any) -> Optional[str]:
     """The amount if it is a decimal string > 0 with at most 2 decimals."""
-    if not isinstance(value, str) or not AMOUNT_PATTERN.match(value):
+    if not isinstance(value, str) or not AMOUNT_PATTERN.fullmatch(value):
         return None
     return value if Decimal(value) > 0 else None
 
@@ -741,7 +741,7 @@ class FakeGateway:
 
     def _usage(self, request: Recorded) -> _Reply:
         raw_days = request.query.get("days", "30")
-        if not re.match(r"^-?[0-9]+$", raw_days) or not 1 <= int(raw_days) <= 365:
+        if not re.fullmatch(r"-?[0-9]+", raw_days) or not 1 <= int(raw_days) <= 365:
             return _validation_error(["query", "days"], "days must be an integer between 1 and 365")
         days = int(raw_days)
         since = time.time() - days * 86400
