@@ -965,6 +965,8 @@ def open_url_for_person(ctx: Context, url: str) -> None:
 
 def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
     api_url, _ = api_url_setting(ctx, args.api_url)
+    if args.resume and args.no_wait:
+        raise CliError("--no-wait starts a login and --resume finishes one: give one of them", code="usage")
     if args.resume:
         return resume_login(args, ctx, api_url)
     creds = load_credentials(ctx)
@@ -1478,53 +1480,131 @@ def fish_completion(tree: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- parser ---
 
 
+class BadValue(ValueError):
+    """An option value a type function rejects; its message is shown as is."""
+
+
 def parse_amount(text: str) -> str:
     """A top-up amount: a plain positive decimal with at most 2 decimals, as a string."""
-    import argparse
-    from decimal import Decimal, InvalidOperation
+    from decimal import Decimal
 
     plain = text.strip()
     digits = plain.replace(".", "", 1)
-    try:
-        amount = Decimal(plain) if digits.isdigit() and digits.isascii() else None
-    except InvalidOperation:  # pragma: no cover - digits-only text always parses
-        amount = None
+    amount = Decimal(plain) if digits.isdigit() and digits.isascii() else None
     if amount is None or amount <= 0 or amount.as_tuple().exponent < -2 or amount >= 1_000_000:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an amount: give USD as a number above 0 with at most 2 decimals, like 5 or 12.50"
-        )
+        raise BadValue(f"{text!r} is not an amount: give USD as a number above 0 with at most 2 decimals, like 5 or 12.50")
     return str(amount)
 
 
 def parse_days(text: str) -> int:
-    import argparse
-
     if not text.strip().isdigit() or not 1 <= int(text) <= 365:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days from 1 to 365")
+        raise BadValue(f"{text!r} is not a whole number of days from 1 to 365")
     return int(text)
 
 
 def non_empty(text: str) -> str:
-    import argparse
-
     if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
+        raise BadValue("must not be empty")
     return text.strip()
 
 
 def positive_seconds(text: str) -> float:
-    import argparse
-
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if not 0 <= value <= 86400:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+        raise BadValue(f"{text!r} is not a number of seconds")
     return value
 
 
+class Command:
+    """One command of the table below: what runs it, its help and its options."""
+
+    def __init__(
+        self,
+        name: str,
+        func: Callable[..., int],
+        summary: str,
+        example: str,
+        *options: tuple[tuple[str, ...], dict[str, Any]],
+        aliases: Sequence[str] = (),
+    ) -> None:
+        self.name = name
+        self.func = func
+        self.summary = summary
+        self.example = example
+        self.options = options
+        self.aliases = tuple(aliases)
+
+
+def option(*flags: str, **settings: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """The arguments of one `add_argument` call."""
+    return flags, settings
+
+
+KEY_OPTION = option("--key", metavar="sk-tr-...", help="API key (default: TOKENROUTE_API_KEY, then the cached key)")
+NO_BROWSER_OPTION = option("--no-browser", action="store_true", help="print the URL, do not open a browser")
+GLOBAL_OPTIONS = (
+    option("--json", action="store_true", help="machine-readable JSON output (or TOKENROUTE_JSON=1)"),
+    option("--api-url", metavar="URL", help=f"gateway base URL (or TOKENROUTE_API_URL; default {DEFAULT_API_URL})"),
+)
+GROUPS = {"keys": "create, list and revoke API keys"}
+COMMANDS = (
+    Command(
+        "login", cmd_login, "log in with your browser (device flow)", "tokenroute login",
+        NO_BROWSER_OPTION,
+        option("--force", action="store_true", help="log in again even when logged in"),
+        option("--no-wait", action="store_true", help="print the code and exit; finish with --resume"),
+        option("--resume", action="store_true", help="finish a login started with --no-wait"),
+        option("--timeout", type=positive_seconds, metavar="SECONDS", help="with --resume: stop waiting after this long"),
+    ),
+    Command("logout", cmd_logout, "forget the stored login", "tokenroute logout"),
+    Command("whoami", cmd_whoami, "show the current user and balance", "tokenroute whoami --json"),
+    Command(
+        "keys create", cmd_keys_create, "create an sk-tr-* API key (shown once)", "tokenroute keys create --name laptop",
+        option("--name", required=True, type=non_empty, help="a name to recognise the key by"),
+        option("--no-cache", action="store_true", help="do not cache the raw key in last_key.txt"),
+    ),
+    Command("keys list", cmd_keys_list, "list your API keys", "tokenroute keys list"),
+    Command(
+        "keys revoke", cmd_keys_revoke, "revoke an API key", "tokenroute keys revoke key_123",
+        option("id", type=non_empty, help="the key id (from keys list)"),
+    ),
+    Command("balance", cmd_balance, "show the credit across your active keys", "tokenroute balance --json"),
+    Command(
+        "topup", cmd_topup, "get a Stripe Checkout URL to add credit", "tokenroute topup --amount 5",
+        option("--amount", required=True, type=parse_amount, metavar="USD", help="amount in USD, e.g. 5 or 12.50"),
+        NO_BROWSER_OPTION,
+    ),
+    Command(
+        "usage", cmd_usage, "show spend over the last N days", "tokenroute usage --days 7",
+        option("--days", type=parse_days, default=30, metavar="N", help="1-365 (default 30)"),
+    ),
+    Command(
+        "env", cmd_env, "print OPENAI_API_KEY and OPENAI_BASE_URL", "tokenroute env >> .env",
+        KEY_OPTION,
+        option("--export", action="store_true", help="print `export` lines for eval"),
+        option("--shell", choices=tuple(SHELL_FORMATS), default="dotenv", help="output syntax (default dotenv)"),
+    ),
+    Command(
+        "test", cmd_test, "send a tiny chat completion end to end", "tokenroute test --model openai/gpt-4o",
+        option("--model", default=DEFAULT_MODEL, type=non_empty, help=f"model id (default {DEFAULT_MODEL})"),
+        KEY_OPTION,
+    ),
+    Command("models", cmd_models, "list available models with pricing", "tokenroute models --json", KEY_OPTION),
+    Command(
+        "doctor", cmd_doctor, "check that tokenroute works here", "tokenroute doctor --json", KEY_OPTION, aliases=["status"]
+    ),
+    Command(
+        "completion", cmd_completion, "print a shell completion script", "tokenroute completion bash > tokenroute.bash",
+        option("shell", choices=("bash", "zsh", "fish")),
+    ),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The full parser, built from COMMANDS; it defines every behaviour `parse_fast` copies."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
@@ -1532,84 +1612,45 @@ def build_parser() -> argparse.ArgumentParser:
             # argparse's exit 2 would read as "network error": a usage error is a user error.
             raise CliError(message, code="usage", usage=self.format_usage().strip())
 
+    def checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+        def convert(text: str) -> Any:
+            try:
+                return parse(text)
+            except BadValue as error:  # shown as is, not as "invalid parse_days value"
+                raise argparse.ArgumentTypeError(str(error)) from None
+
+        convert.__name__ = parse.__name__
+        return convert
+
     # Global options parse before and after the subcommand; SUPPRESS keeps a
     # subcommand's default from overwriting a value given before it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable JSON output")
-    common.add_argument("--api-url", default=argparse.SUPPRESS, metavar="URL", help="gateway base URL")
-
-    parser = Parser(
-        prog="tokenroute",
-        description="Command-line client of the tokenroute LLM gateway.",
-        epilog="Exit codes: 0 ok, 1 user error, 2 network error, 3 server error, 130 interrupted.",
-        parents=[common],
-    )
+    for flags, settings in GLOBAL_OPTIONS:
+        common.add_argument(*flags, **settings, default=argparse.SUPPRESS)
+    parser = Parser(prog="tokenroute", description=DESCRIPTION, epilog=EPILOG, parents=[common])
     parser.add_argument("--version", action="version", version=f"tokenroute {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-
-    def command(group: Any, name: str, func: Callable[..., int], summary: str, example: str, **kw: Any) -> Any:
-        sub = group.add_parser(
-            name, help=summary, description=summary, epilog=f"example: {example}", parents=[common], **kw
+    groups = {"": parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser, required=True)}
+    for command in COMMANDS:
+        group, _, name = command.name.rpartition(" ")
+        if group not in groups:
+            sub = groups[""].add_parser(group, help=GROUPS[group], description=GROUPS[group], parents=[common])
+            groups[group] = sub.add_subparsers(
+                dest=f"{group}_command", metavar="COMMAND", parser_class=Parser, required=True
+            )
+        sub = groups[group].add_parser(
+            name,
+            aliases=command.aliases,
+            help=command.summary,
+            description=command.summary,
+            epilog=f"example: {command.example}",
+            parents=[common],
         )
-        sub.set_defaults(func=func)
-        return sub
-
-    login = command(commands, "login", cmd_login, "log in with your browser (device flow)", "tokenroute login")
-    login.add_argument("--no-browser", action="store_true", help="print the URL, do not open a browser")
-    login.add_argument("--force", action="store_true", help="log in again even when logged in")
-    mode = login.add_mutually_exclusive_group()
-    mode.add_argument("--no-wait", action="store_true", help="print the code and exit; finish with --resume")
-    mode.add_argument("--resume", action="store_true", help="finish a login started with --no-wait")
-    login.add_argument("--timeout", type=positive_seconds, metavar="SECONDS", help="with --resume: stop waiting after this long")
-    command(commands, "logout", cmd_logout, "forget the stored login", "tokenroute logout")
-    command(commands, "whoami", cmd_whoami, "show the current user and balance", "tokenroute whoami --json")
-
-    keys = commands.add_parser("keys", help="create, list and revoke API keys", parents=[common])
-    keys.set_defaults(func=lambda args, ctx: usage_error(keys))
-    key_commands = keys.add_subparsers(dest="keys_command", metavar="COMMAND", parser_class=Parser)
-    create = command(
-        key_commands, "create", cmd_keys_create, "create an sk-tr-* API key (shown once)", "tokenroute keys create --name laptop"
-    )
-    create.add_argument("--name", required=True, type=non_empty, help="a name to recognise the key by")
-    create.add_argument("--no-cache", action="store_true", help="do not cache the raw key in last_key.txt")
-    command(key_commands, "list", cmd_keys_list, "list your API keys", "tokenroute keys list")
-    revoke = command(key_commands, "revoke", cmd_keys_revoke, "revoke an API key", "tokenroute keys revoke key_123")
-    revoke.add_argument("id", type=non_empty, help="the key id (from keys list)")
-
-    command(commands, "balance", cmd_balance, "show the credit across your active keys", "tokenroute balance --json")
-    topup = command(commands, "topup", cmd_topup, "get a Stripe Checkout URL to add credit", "tokenroute topup --amount 5")
-    topup.add_argument("--amount", required=True, type=parse_amount, metavar="USD", help="amount in USD, e.g. 5 or 12.50")
-    topup.add_argument("--no-browser", action="store_true", help="print the URL, do not open a browser")
-    usage = command(commands, "usage", cmd_usage, "show spend over the last N days", "tokenroute usage --days 7")
-    usage.add_argument("--days", type=parse_days, default=30, metavar="N", help="1-365 (default 30)")
-
-    env = command(commands, "env", cmd_env, "print OPENAI_API_KEY and OPENAI_BASE_URL", "tokenroute env >> .env")
-    add_key_option(env)
-    env.add_argument("--export", action="store_true", help="print `export` lines for eval")
-    env.add_argument("--shell", choices=tuple(SHELL_FORMATS), default="dotenv", help="output syntax (default dotenv)")
-    test = command(commands, "test", cmd_test, "send a tiny chat completion end to end", "tokenroute test --model openai/gpt-4o")
-    test.add_argument("--model", default=DEFAULT_MODEL, type=non_empty, help=f"model id (default {DEFAULT_MODEL})")
-    add_key_option(test)
-    models = command(commands, "models", cmd_models, "list available models with pricing", "tokenroute models --json")
-    add_key_option(models)
-    doctor = command(
-        commands, "doctor", cmd_doctor, "check that tokenroute works here", "tokenroute doctor --json", aliases=["status"]
-    )
-    add_key_option(doctor)
-    completion = command(
-        commands, "completion", cmd_completion, "print a shell completion script", "tokenroute completion bash > ~/.tokenroute-complete.bash"
-    )
-    completion.add_argument("shell", choices=("bash", "zsh", "fish"))
+        sub.set_defaults(func=command.func)
+        for flags, settings in command.options:
+            if "type" in settings:
+                settings = dict(settings, type=checked(settings["type"]))
+            sub.add_argument(*flags, **settings)
     return parser
-
-
-def add_key_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--key", metavar="sk-tr-...", help="API key (default: TOKENROUTE_API_KEY, then the cached key)")
-
-
-def usage_error(parser: argparse.ArgumentParser) -> int:
-    parser.error("a command is required")
-    return EXIT_USER  # pragma: no cover - error() raises
 
 
 # ------------------------------------------------------------------ main ---
@@ -1633,43 +1674,96 @@ def report(ctx: Context, error: CliError, *, as_json: bool) -> None:
     ctx.stderr.flush()
 
 
+DESCRIPTION = "Command-line client of the tokenroute LLM gateway."
+EPILOG = "Exit codes: 0 ok, 1 user error, 2 network error, 3 server error, 130 interrupted."
+
+
 class Args:
-    """Parsed arguments, for the commands parsed by hand in `parse_fast`."""
+    """Parsed arguments, as `parse_fast` makes them."""
 
     def __init__(self, **values: Any) -> None:
         self.__dict__.update(values)
 
 
 def parse_fast(argv: Sequence[str]) -> Args | None:
-    """Parse `--version` and plain `env` without argparse, or return None.
+    """Parse the common command lines from COMMANDS without argparse, or return None.
 
-    Importing argparse alone costs about as much as starting Python, and
-    these are the commands agents and shells run in loops. Anything
-    unusual falls through to the full parser, which defines the behaviour.
+    Importing argparse and building the parser costs about as much as
+    starting Python, and agents and shells run tokenroute in loops. Anything
+    unusual (abbreviations, positionals, bad values, help) returns None and
+    goes to the full parser, which defines the behaviour and its errors.
     """
-    if list(argv) == ["--version"]:
-        return Args(func=cmd_version, json=False, api_url=None)
-    words = [word for word in argv if word != "--json"]
-    if not words or words[0] != "env":
-        return None
-    options: dict[str, Any] = {"key": None, "export": False}
-    rest = iter(words[1:])
-    for word in rest:
-        if word == "--export":
-            options["export"] = True
-        elif word == "--key":
-            options["key"] = next(rest, None)
-            if options["key"] is None:
-                return None
-        elif word.startswith("--key="):
-            options["key"] = word[len("--key="):]
+    words = list(argv)
+    if words in (["--version"], ["-h"], ["--help"]):
+        return Args(func=cmd_version if words == ["--version"] else cmd_help, json=False, api_url=None)
+    values: dict[str, Any] = {"json": False, "api_url": None}
+    rest = []
+    stream = iter(words)
+    for word in stream:
+        if word == "--json":
+            values["json"] = True
+        elif word == "--api-url":
+            values["api_url"] = next(stream, "-")
+        elif word.startswith("--api-url="):
+            values["api_url"] = word[len("--api-url="):]
         else:
+            rest.append(word)
+    command = next((c for c in COMMANDS if rest[: c.name.count(" ") + 1] in names_of(c)), None)
+    if command is None or (values["api_url"] or "").startswith("-"):
+        return None
+    options = {flags[0]: settings for flags, settings in command.options}
+    if not all(flag.startswith("--") for flag in options):  # positionals: argparse
+        return None
+    for flag, settings in options.items():
+        values[dest_of(flag)] = False if settings.get("action") == "store_true" else settings.get("default")
+    stream = iter(rest[command.name.count(" ") + 1:])
+    for word in stream:
+        flag, equals, text = word.partition("=")
+        settings = options.get(flag)
+        if settings is None:
             return None
-    return Args(func=cmd_env, json="--json" in argv, api_url=None, shell="dotenv", **options)
+        if settings.get("action") == "store_true":
+            if equals:
+                return None
+            values[dest_of(flag)] = True
+            continue
+        if not equals:
+            text = next(stream, "-")
+        if text.startswith("-") or text not in settings.get("choices", (text,)):
+            return None
+        try:
+            values[dest_of(flag)] = settings.get("type", str)(text)
+        except ValueError:
+            return None
+    if any(settings.get("required") and values[dest_of(flag)] is None for flag, settings in options.items()):
+        return None
+    return Args(func=command.func, **values)
+
+
+def names_of(command: Command) -> list[list[str]]:
+    """The words that name a command, once per alias."""
+    group, _, name = command.name.rpartition(" ")
+    return [group.split() + [alias] for alias in (name, *command.aliases)]
+
+
+def dest_of(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
 
 
 def cmd_version(args: Args, ctx: Context) -> int:
     ctx.stdout.write(f"tokenroute {__version__}\n")
+    return EXIT_OK
+
+
+def cmd_help(args: Args, ctx: Context) -> int:
+    """The top-level help, from COMMANDS (argparse renders each command's own -h)."""
+    width = max(len(command.name) for command in COMMANDS) + 2
+    lines = [f"usage: tokenroute [-h] [--json] [--api-url URL] [--version] COMMAND ...", "", DESCRIPTION, "", "commands:"]
+    lines += [f"  {command.name:<{width}}{command.summary}" for command in COMMANDS]
+    lines += ["", "options:", f"  {'-h, --help':<{width}}show this help (or COMMAND -h for a command's)"]
+    lines += [f"  {flags[0]:<{width}}{settings['help']}" for flags, settings in GLOBAL_OPTIONS]
+    lines += [f"  {'--version':<{width}}print the version", "", EPILOG]
+    ctx.stdout.write("\n".join(lines) + "\n")
     return EXIT_OK
 
 
@@ -1679,11 +1773,8 @@ def parse_args(argv: Sequence[str], ctx: Context) -> argparse.Namespace | Args:
         return fast
     import contextlib
 
-    parser = build_parser()
-    with contextlib.redirect_stdout(ctx.stdout):  # --help and --version
-        args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:
-        parser.error("a command is required")
+    with contextlib.redirect_stdout(ctx.stdout):  # a command's --help
+        args = build_parser().parse_args(argv)
     args.json = getattr(args, "json", False)
     args.api_url = getattr(args, "api_url", None)
     return args
