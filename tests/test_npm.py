@@ -230,26 +230,159 @@ def test_launcher_without_python_says_how_to_get_one(
 def test_launcher_skips_python_older_than_3_9(
     package: Path, bin_without_python: Path, tmp_path: Path
 ) -> None:
-    # Fails the version check the way Python 3.8 would; says so if run as the CLI.
-    write_stub(bin_without_python / "python3", '#!/bin/sh\n[ "$1" = -c ] && exit 1\necho ran\n')
+    # Exits the way the launcher's version check does on Python 3.8 (status 86,
+    # nothing printed); says so if its status were taken as the CLI's.
+    write_stub(bin_without_python / "python3", "#!/bin/sh\necho ran\nexit 86\n")
+    write_stub(bin_without_python / "python", "#!/bin/sh\nexit 86\n")
     env = clean_env(tmp_path, PATH=str(bin_without_python))
 
     result = run_launcher(package, "--version", env=env, node=str(bin_without_python / "node"))
 
-    assert (result.returncode, result.stdout, result.stderr) == (1, "", NO_PYTHON)
+    assert (result.returncode, result.stderr) == (1, NO_PYTHON)
+    assert result.stdout == "ran\n"  # tried once, then the next candidate
 
 
 @posix_only
-def test_tokenroute_python_is_tried_first(package: Path, tmp_path: Path) -> None:
+def test_launcher_falls_through_an_old_python_to_the_next_one(
+    package: Path, bin_without_python: Path, tmp_path: Path
+) -> None:
+    # python3 is this interpreter made to report 3.8.18, so the launcher's own
+    # check code runs and must refuse it silently; python is the real thing.
+    fake_old = tmp_path / "fake-old"
+    fake_old.mkdir()
+    (fake_old / "sitecustomize.py").write_text(
+        'import sys\nsys.version_info = (3, 8, 18, "final", 0)\n'
+    )
+    tried = tmp_path / "tried-python3"
+    write_stub(
+        bin_without_python / "python3",
+        f'#!/bin/sh\n: > "{tried}"\nPYTHONPATH="{fake_old}" exec "{sys.executable}" "$@"\n',
+    )
+    write_stub(bin_without_python / "python", f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    env = clean_env(tmp_path, PATH=str(bin_without_python))
+
+    result = run_launcher(package, "--version", env=env, node=str(bin_without_python / "node"))
+
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, f"tokenroute {cli_version()}\n", "",
+    )
+    assert tried.exists()
+
+
+@posix_only
+def test_launcher_moves_on_from_a_missing_tokenroute_python(
+    package: Path, bin_without_python: Path, tmp_path: Path
+) -> None:
+    write_stub(bin_without_python / "python3", f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    env = clean_env(
+        tmp_path, PATH=str(bin_without_python), TOKENROUTE_PYTHON=str(tmp_path / "no-such-python"),
+    )
+
+    result = run_launcher(package, "--version", env=env, node=str(bin_without_python / "node"))
+
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, f"tokenroute {cli_version()}\n", "",
+    )
+
+
+@posix_only
+def test_tokenroute_python_is_tried_first_and_started_once(
+    package: Path, tmp_path: Path
+) -> None:
     chosen = tmp_path / "chosen-python"
-    write_stub(chosen, '#!/bin/sh\n[ "$1" = -c ] && exit 0\necho "chosen $*"\n')
+    runs = tmp_path / "runs"
+    write_stub(
+        chosen, f'#!/bin/sh\necho run >> "{runs}"\n[ "$1" = -c ] && shift 2\necho "chosen $*"\n',
+    )
     env = clean_env(tmp_path, TOKENROUTE_PYTHON=str(chosen))
+
+    result = run_launcher(package, "--version", "two words", env=env)
+
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, "chosen --version two words\n", "",
+    )
+    assert runs.read_text() == "run\n"  # the version check shares the CLI's process
+
+
+def test_launcher_imports_the_cli_so_its_bytecode_is_cached(
+    package: Path, tmp_path: Path
+) -> None:
+    env = clean_env(tmp_path, TOKENROUTE_PYTHON=sys.executable)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    assert not (package / "__pycache__").exists()
 
     result = run_launcher(package, "--version", env=env)
 
-    script = os.path.realpath(package / "tokenroute.py")
     assert (result.returncode, result.stdout, result.stderr) == (
-        0, f"chosen {script} --version\n", "",
+        0, f"tokenroute {cli_version()}\n", "",
+    )
+    assert list((package / "__pycache__").glob("tokenroute.*.pyc"))
+
+
+@posix_only
+def test_launcher_handles_an_unusual_install_path(tmp_path: Path) -> None:
+    # Quotes, backslash, non-ASCII and shell syntax in the path of the package.
+    npm_dir = copy_repo_layout(tmp_path / 'in "q" \\ \'s\' é 😀 $HOME `x`')
+    copy = subprocess.run(
+        [NODE, "scripts/copy-cli.js"], cwd=npm_dir, capture_output=True, text=True, timeout=60
+    )
+    assert (copy.returncode, copy.stderr) == (0, "")
+    code_file = tmp_path / "code.py"
+    python = tmp_path / "python"
+    write_stub(python, f'#!/bin/sh\nprintf %s "$2" > "{code_file}"\nexec "{sys.executable}" "$@"\n')
+    env = clean_env(tmp_path, TOKENROUTE_PYTHON=str(python))
+
+    result = run_launcher(npm_dir, "--version", env=env)
+
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, f"tokenroute {cli_version()}\n", "",
+    )
+    # ASCII only: an old Python in a C locale cannot decode anything else in
+    # -c code, and must still get as far as the version check.
+    assert code_file.read_bytes().isascii()
+
+
+def test_launcher_without_the_bundled_cli_says_how_to_copy_it(tmp_path: Path) -> None:
+    npm_dir = copy_repo_layout(tmp_path / "repo")  # copy-cli.js not run
+    env = clean_env(tmp_path, TOKENROUTE_PYTHON=sys.executable)
+
+    result = run_launcher(npm_dir, "--version", env=env)
+
+    script = npm_dir / "bin" / ".." / "tokenroute.py"
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        f'error: {os.path.normpath(script)} is missing; run "node scripts/copy-cli.js" in npm/\n'
+    )
+
+
+@pytest.mark.parametrize("args", [["no-such-command"], ["models"]])
+def test_launcher_ignores_modules_in_the_working_directory(
+    package: Path, tmp_path: Path, args: list[str]
+) -> None:
+    # `python -c` puts the working directory first on sys.path; the launcher
+    # must not let a project's own argparse.py or urllib.py shadow the stdlib,
+    # just as `python tokenroute.py` does not.
+    cwd = tmp_path / "project"
+    cwd.mkdir()
+    for name in ("argparse", "json", "shlex", "socket", "ssl", "textwrap", "urllib"):
+        (cwd / f"{name}.py").write_text("import os\nos._exit(99)\n")
+    env = clean_env(
+        tmp_path, TOKENROUTE_PYTHON=sys.executable,
+        TOKENROUTE_API_URL="http://127.0.0.1:9", TOKENROUTE_API_KEY="sk-tr-abc123",
+    )
+
+    result = subprocess.run(
+        [NODE, str(package / "bin" / "tokenroute.js"), *args],
+        cwd=cwd, capture_output=True, text=True, env=env, timeout=60,
+    )
+    direct = subprocess.run(
+        [sys.executable, str(package / "tokenroute.py"), *args],
+        cwd=cwd, capture_output=True, text=True, env=env, timeout=60,
+    )
+
+    assert result.returncode != 99
+    assert (result.returncode, result.stdout, result.stderr) == (
+        direct.returncode, direct.stdout, direct.stderr,
     )
 
 
