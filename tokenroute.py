@@ -35,6 +35,7 @@ REFRESH_MARGIN = 60  # refresh an access token this many seconds before it expir
 MAX_ATTEMPTS = 3  # for idempotent requests
 MAX_RETRY_AFTER = 10.0
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+MAX_LIFETIME = 10 * 365 * 86400  # seconds; a server's expires_in beyond this is nonsense
 KEY_PREFIX = "sk-tr-"
 KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
@@ -274,10 +275,12 @@ def read_text_file(path: str) -> str | None:
             return handle.read()
     except FileNotFoundError:
         return None
+    except NotADirectoryError as exc:  # HOME or the config dir is a file
+        raise file_error("cannot read", path, exc) from None
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or "not readable text"
         raise CliError(
-            f"cannot read {path}: {reason}; fix its permissions or run `tokenroute login`",
+            f"cannot read {path}: {reason}; fix its permissions, or log in again",
             code="credentials_unreadable",
             next="tokenroute login",
         ) from None
@@ -306,7 +309,7 @@ def load_credentials(ctx: Context) -> dict[str, Any] | None:
 
     try:
         creds = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         creds = None
     valid = isinstance(creds, dict) and all(
         isinstance(creds.get(name), str) and is_header_safe(creds[name]) for name in CREDENTIAL_FIELDS
@@ -315,7 +318,7 @@ def load_credentials(ctx: Context) -> dict[str, Any] | None:
     valid = valid and isinstance(refresh_token, str) and (refresh_token == "" or is_header_safe(refresh_token))
     if not valid or not isinstance(creds.get("expires_at"), (int, float)):
         raise CliError(
-            f"{path} is damaged; run `tokenroute login` to replace it",
+            f"{path} is damaged; logging in again replaces it",
             code="credentials_corrupt",
             next="tokenroute login",
         )
@@ -372,7 +375,7 @@ def redact(text: str) -> str:
     """Hide secrets in text meant for people: keys keep their sk-tr-abcd prefix."""
     import re
 
-    text = re.sub(r"(sk-tr-[A-Za-z0-9]{4})[A-Za-z0-9_-]*", r"\1...", text)
+    text = re.sub(r"(sk[-_]tr[-_][A-Za-z0-9]{4})[A-Za-z0-9_-]*", r"\1...", text)
     return re.sub(r"(eyJ[A-Za-z0-9_-]{4})[A-Za-z0-9_.-]*", r"\1...", text)
 
 
@@ -498,8 +501,8 @@ def send(
     for attempt in range(1, attempts + 1):
         try:
             response = exchange(opener, method, url, data, headers, deadline=deadline, now=ctx.now, host=host)
-        except CliError:
-            if attempt == attempts or not wait_before_retry(ctx, attempt, None, deadline):
+        except CliError as exc:
+            if exc.exit_code != EXIT_NETWORK or attempt == attempts or not wait_before_retry(ctx, attempt, None, deadline):
                 raise
             continue
         if response.status in RETRY_STATUSES and attempt < attempts:
@@ -528,8 +531,10 @@ def build_opener(ctx: Context, scheme: str, host: str) -> Any:
 
     class RefuseRedirects(urllib.request.HTTPRedirectHandler):
         # A redirect could carry the bearer token to another host: never follow.
-        def redirect_request(self, *args: object, **kwargs: object) -> None:
-            return None
+        def http_error_302(self, *args: object) -> None:
+            return None  # the 3xx comes back as an answer; its Location is never parsed
+
+        http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
     handlers: list[Any] = [RefuseRedirects()]
     if is_loopback(host):
@@ -537,9 +542,14 @@ def build_opener(ctx: Context, scheme: str, host: str) -> Any:
     if scheme == "https":
         import ssl
 
-        context = ssl.create_default_context(
-            cafile=ctx.env.get("SSL_CERT_FILE") or None, capath=ctx.env.get("SSL_CERT_DIR") or None
-        )
+        try:
+            context = ssl.create_default_context(
+                cafile=ctx.env.get("SSL_CERT_FILE") or None, capath=ctx.env.get("SSL_CERT_DIR") or None
+            )
+        except OSError as exc:  # ssl.SSLError included: a missing or unreadable bundle
+            raise network_error(
+                f"cannot load the CA certificates named by SSL_CERT_FILE / SSL_CERT_DIR: {describe(exc)}"
+            ) from None
         handlers.append(urllib.request.HTTPSHandler(context=context))
     return urllib.request.build_opener(*handlers)
 
@@ -727,8 +737,8 @@ def call_account(
 
 def token_expiry(ctx: Context, answer: dict[str, Any]) -> float:
     expires_in = answer.get("expires_in")
-    if not isinstance(expires_in, (int, float)) or isinstance(expires_in, bool):
-        expires_in = 3600
+    if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)) or not abs(expires_in) < MAX_LIFETIME:
+        expires_in = 3600  # absent, NaN, infinite or absurd
     return ctx.now() + expires_in
 
 
@@ -768,8 +778,8 @@ def refresh_credentials(ctx: Context, creds: dict[str, Any]) -> dict[str, Any]:
             "resource": creds["resource"],
         },
     )
-    if response.status >= 500:
-        raise error_from_response(response, account=True)
+    if response.status >= 500:  # its text could echo the refresh token
+        raise server_error(f"the identity provider failed (HTTP {response.status})", status=response.status)
     if response.status != 200:
         raise session_expired()
     answer = expect_json(response, dict)
@@ -798,6 +808,8 @@ def discover(ctx: Context, api_url: str) -> dict[str, Any]:
     for name in ("client_id", "resource", "device_authorization_endpoint", "token_endpoint"):
         if not isinstance(found.get(name), str) or not found[name]:
             raise server_error(f"the gateway's login discovery lacks {name}")
+    for name in ("device_authorization_endpoint", "token_endpoint"):
+        check_url(found[name])
     scopes = found.get("scopes")
     found["scopes"] = [s for s in scopes if isinstance(s, str)] if isinstance(scopes, list) else []
     return found
@@ -832,7 +844,7 @@ def start_device_flow(ctx: Context, api_url: str) -> dict[str, Any]:
         "verification_uri": grant["verification_uri"],
         "verification_uri_complete": complete if isinstance(complete, str) else grant["verification_uri"],
         "interval": interval if isinstance(interval, int) and 1 <= interval <= 60 else DEFAULT_POLL_INTERVAL,
-        "expires_at": ctx.now() + (expires_in if isinstance(expires_in, int) and expires_in > 0 else 600),
+        "expires_at": ctx.now() + (expires_in if isinstance(expires_in, int) and 0 < expires_in < MAX_LIFETIME else 600),
     }
 
 
@@ -969,7 +981,12 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
         raise CliError("--no-wait starts a login and --resume finishes one: give one of them", code="usage")
     if args.resume:
         return resume_login(args, ctx, api_url)
-    creds = load_credentials(ctx)
+    try:
+        creds = load_credentials(ctx)
+    except CliError as error:
+        if error.code != "credentials_corrupt":
+            raise
+        creds = None  # logging in replaces a damaged file
     if creds is not None and creds["api_url"] == api_url and not args.force and login_still_valid(ctx, api_url):
         if args.json:
             render_json(ctx, {"status": "logged_in", "api_url": api_url})
@@ -994,7 +1011,7 @@ def load_pending_login(ctx: Context, api_url: str) -> dict[str, Any]:
     text = read_text_file(pending_login_path(ctx))
     try:
         pending = json.loads(text) if text else None
-    except ValueError:
+    except (ValueError, RecursionError):
         pending = None
     fields_ok = isinstance(pending, dict) and all(
         isinstance(pending.get(name), str) for name in PENDING_TEXT_FIELDS
@@ -1162,6 +1179,8 @@ def cmd_keys_revoke(args: argparse.Namespace, ctx: Context) -> int:
     from urllib.parse import quote
 
     api_url, _ = api_url_setting(ctx, args.api_url)
+    if args.id in (".", ".."):
+        raise CliError(f"{args.id!r} is not a key id (see tokenroute keys list)")
     key = call_account(ctx, api_url, "DELETE", "/api/v1/me/keys/" + quote(args.id, safe=""))
     if args.json:
         render_json(ctx, key)
