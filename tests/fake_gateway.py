@@ -471,6 +471,11 @@ class FakeGateway:
         """Answer the next COUNT requests to PATH normally, but SECONDS late."""
         self._add_fault(_Fault(path=path, method=method, remaining=count, delay=seconds, passthrough=True))
 
+    def clear_faults(self) -> None:
+        """Drop every fault not played yet."""
+        with self._lock:
+            self._faults.clear()
+
     def fail_html(self, path: str, status: int = 502, *, count: int = 1, method: Optional[str] = None) -> None:
         title = "%d %s" % (status, BaseHTTPRequestHandler.responses.get(status, ("Error",))[0])
         page = ("<html>\r\n<head><title>%s</title></head>\r\n<body>\r\n<center><h1>%s</h1></center>\r\n"

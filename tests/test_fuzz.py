@@ -394,8 +394,7 @@ class Sandbox:
 
     def reset(self) -> None:
         gateway = self.gateway
-        with gateway._lock:  # no public way to drop unplayed faults (wanted: gateway.clear_faults())
-            gateway._faults.clear()
+        gateway.clear_faults()
         gateway.requests.clear()
         gateway.recorder.requests.clear()
         gateway.device_codes.clear()

@@ -96,23 +96,6 @@ def no_dns(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return attempts
 
 
-def slow_refresh_grants(gateway: Any, seconds: float) -> None:
-    """Make refresh grants take SECONDS, answered by the real endpoint.
-
-    `gateway.fail(delay=...)` replaces the answer; the parallel-refresh race
-    needs the real one, late. (Wanted in the fake: a pass-through delay.)
-    """
-    route = gateway._routes["/oidc/token"]
-    original = route["POST"]
-
-    def slow(request: Any) -> Any:
-        if (request.form or {}).get("grant_type") == "refresh_token":
-            time.sleep(seconds)
-        return original(request)
-
-    route["POST"] = slow
-
-
 def write_credentials(cli: Any, **fields: Any) -> dict[str, Any]:
     creds = {
         "api_url": cli.gateway.url,
@@ -1184,7 +1167,8 @@ def test_tokenroute_config_dir_overrides_home(cli, gateway, tmp_path):
 def test_parallel_processes_refresh_once(cli, gateway, api_key):
     cli.login(expires_in=-100)
     gateway.expire_access_tokens()
-    slow_refresh_grants(gateway, 0.5)  # every process reads the expired login before the first refresh ends
+    # every process reads the expired login before the first refresh ends
+    gateway.slow("/oidc/token", 0.5, count=8, method="POST")
     command = [console_script(), "balance", "--json"]
     env = cli.process_env()
 
