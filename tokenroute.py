@@ -103,7 +103,6 @@ class Context:
         self,
         *,
         env: Mapping[str, str],
-        stdin: TextIO | None = None,
         stdout: TextIO,
         stderr: TextIO,
         stdin_tty: bool = False,
@@ -114,7 +113,6 @@ class Context:
         open_browser: Callable[[str], bool] | None = None,
     ) -> None:
         self.env = env
-        self.stdin = stdin
         self.stdout = stdout
         self.stderr = stderr
         self.stdin_tty = stdin_tty
@@ -131,7 +129,6 @@ class Context:
                 stream.reconfigure(errors="replace")
         return cls(
             env=os.environ,
-            stdin=sys.stdin,
             stdout=sys.stdout,
             stderr=sys.stderr,
             stdin_tty=is_tty(sys.stdin),
@@ -227,10 +224,15 @@ def env_flag(value: str | None) -> bool:
 
 
 def ensure_config_dir(ctx: Context) -> str:
+    """Create the config folder owner-only (a umask only removes bits).
+
+    An existing folder is left as it is: it may be one the user chose with
+    TOKENROUTE_CONFIG_DIR; the files in it are private anyway, and `doctor`
+    reports a folder others can read.
+    """
     path = config_dir(ctx)
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
-        os.chmod(path, 0o700)
     except OSError as exc:
         raise file_error("cannot create", path, exc) from None
     return path
@@ -311,18 +313,24 @@ def load_credentials(ctx: Context) -> dict[str, Any] | None:
         creds = json.loads(text)
     except (ValueError, RecursionError):
         creds = None
-    valid = isinstance(creds, dict) and all(
-        isinstance(creds.get(name), str) and is_header_safe(creds[name]) for name in CREDENTIAL_FIELDS
-    )
-    refresh_token = creds.get("refresh_token") if valid else None
-    valid = valid and isinstance(refresh_token, str) and (refresh_token == "" or is_header_safe(refresh_token))
-    if not valid or not isinstance(creds.get("expires_at"), (int, float)):
+    if not is_valid_login(creds):
         raise CliError(
             f"{path} is damaged; logging in again replaces it",
             code="credentials_corrupt",
             next="tokenroute login",
         )
     return creds
+
+
+def is_valid_login(creds: object) -> bool:
+    if not isinstance(creds, dict):
+        return False
+    texts = all(isinstance(creds.get(name), str) and is_header_safe(creds[name]) for name in CREDENTIAL_FIELDS)
+    refresh_token = creds.get("refresh_token")  # "" when the provider granted no offline_access
+    refreshable = refresh_token == "" or (isinstance(refresh_token, str) and is_header_safe(refresh_token))
+    expires_at = creds.get("expires_at")
+    dated = isinstance(expires_at, (int, float)) and not isinstance(expires_at, bool) and abs(expires_at) < 1e12
+    return texts and refreshable and dated
 
 
 def require_credentials(ctx: Context, api_url: str) -> dict[str, Any]:
@@ -339,9 +347,7 @@ def require_credentials(ctx: Context, api_url: str) -> dict[str, Any]:
 
 
 def save_credentials(ctx: Context, creds: dict[str, Any]) -> None:
-    import json
-
-    write_private_file(ctx, credentials_path(ctx), json.dumps(creds, indent=2) + "\n")
+    write_private_file(ctx, credentials_path(ctx), json_text(creds))
 
 
 def is_header_safe(value: str) -> bool:
@@ -497,19 +503,22 @@ def send(
     timeout = timeout_setting(ctx)
     deadline = ctx.now() + timeout
     opener = build_opener(ctx, scheme, host)
-    attempts = MAX_ATTEMPTS if method == "GET" else 1
-    for attempt in range(1, attempts + 1):
+
+    def attempt() -> Response:
+        return exchange(opener, method, url, data, headers, deadline=deadline, now=ctx.now, host=host)
+
+    # Only GET is retried: a POST that may have reached the server is never sent twice.
+    for number in range(1, MAX_ATTEMPTS if method == "GET" else 1):
         try:
-            response = exchange(opener, method, url, data, headers, deadline=deadline, now=ctx.now, host=host)
-        except CliError as exc:
-            if exc.exit_code != EXIT_NETWORK or attempt == attempts or not wait_before_retry(ctx, attempt, None, deadline):
+            response = attempt()
+        except CliError as error:
+            if error.exit_code != EXIT_NETWORK or not wait_before_retry(ctx, number, None, deadline):
                 raise
             continue
-        if response.status in RETRY_STATUSES and attempt < attempts:
-            if wait_before_retry(ctx, attempt, response.headers.get("Retry-After"), deadline):
-                continue
-        return response
-    raise AssertionError("unreachable")  # pragma: no cover
+        retry_after = response.headers.get("Retry-After")
+        if response.status not in RETRY_STATUSES or not wait_before_retry(ctx, number, retry_after, deadline):
+            return response
+    return attempt()  # the last one stands, whatever it brings
 
 
 def wait_before_retry(ctx: Context, attempt: int, retry_after: str | None, deadline: float) -> bool:
@@ -928,10 +937,14 @@ def sanitize(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def render_json(ctx: Context, data: object) -> None:
+def json_text(data: object) -> str:
     import json
 
-    ctx.stdout.write(json.dumps(data, indent=2) + "\n")
+    return json.dumps(data, indent=2) + "\n"
+
+
+def render_json(ctx: Context, data: object) -> None:
+    ctx.stdout.write(json_text(data))
 
 
 def show(value: object) -> str:
@@ -1094,12 +1107,6 @@ def render_pending(ctx: Context, args: argparse.Namespace, pending: dict[str, An
     else:
         out.write("Waiting for authorization...\n")
     out.flush()
-
-
-def json_text(data: object) -> str:
-    import json
-
-    return json.dumps(data, indent=2) + "\n"
 
 
 def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:

@@ -87,7 +87,6 @@ class Cli:
         out, err = io.StringIO(), io.StringIO()
         ctx = tokenroute.Context(
             env={**self.env, **(env or {})},
-            stdin=io.StringIO(),
             stdout=out,
             stderr=err,
             stdin_tty=tty,

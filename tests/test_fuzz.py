@@ -500,7 +500,7 @@ def run_case(sandbox: Sandbox, case: dict[str, Any]) -> list[str]:
     out, err = io.StringIO(), io.StringIO()
     opened: list[str] = []
     ctx = tokenroute.Context(
-        env=env, stdin=io.StringIO(), stdout=out, stderr=err, stdin_tty=case["tty"], stdout_tty=case["tty"],
+        env=env, stdout=out, stderr=err, stdin_tty=case["tty"], stdout_tty=case["tty"],
         stderr_tty=case["tty"], sleep=clock.sleep, now=clock.now, open_browser=lambda url: bool(opened.append(url)),
     )
     try:
