@@ -1014,6 +1014,7 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
     render_pending(ctx, args, pending, out=ctx.stderr)
     if ctx.person_present and not args.no_browser:
         open_url_for_person(ctx, pending["verification_uri_complete"])
+    # With the code's own expiry as the deadline, polling ends in a grant or an error, never None.
     answer = poll_device_flow(ctx, pending, first_wait=pending["interval"], deadline=pending["expires_at"])
     return finish_login(args, ctx, pending, answer)
 
@@ -1026,12 +1027,20 @@ def load_pending_login(ctx: Context, api_url: str) -> dict[str, Any]:
         pending = json.loads(text) if text else None
     except (ValueError, RecursionError):
         pending = None
-    fields_ok = isinstance(pending, dict) and all(
-        isinstance(pending.get(name), str) for name in PENDING_TEXT_FIELDS
-    ) and all(isinstance(pending.get(name), (int, float)) for name in ("interval", "expires_at"))
-    if not fields_ok or pending["api_url"] != api_url:
+    if not is_valid_pending(pending) or pending["api_url"] != api_url:
         raise CliError("no login is waiting here", code="no_pending_login", next="tokenroute login --no-wait")
     return pending
+
+
+def is_valid_pending(pending: object) -> bool:
+    if not isinstance(pending, dict) or not all(isinstance(pending.get(name), str) for name in PENDING_TEXT_FIELDS):
+        return False
+    interval, expires_at = pending.get("interval"), pending.get("expires_at")
+    return (
+        isinstance(interval, int) and 1 <= interval <= 60
+        and isinstance(expires_at, (int, float)) and abs(expires_at) < 1e12
+    )
+
 
 
 PENDING_TEXT_FIELDS = (
@@ -1072,9 +1081,7 @@ def resume_login(args: argparse.Namespace, ctx: Context, api_url: str) -> int:
     return finish_login(args, ctx, pending, answer)
 
 
-def finish_login(args: argparse.Namespace, ctx: Context, pending: dict[str, Any], answer: dict | None) -> int:
-    if answer is None:  # pragma: no cover - the blocking flow's deadline is the code's expiry
-        raise login_failed("the login code expired before it was approved", "login_expired")
+def finish_login(args: argparse.Namespace, ctx: Context, pending: dict[str, Any], answer: dict[str, Any]) -> int:
     save_credentials(ctx, credentials_from_grant(ctx, pending, answer))
     if args.json:
         render_json(ctx, {"status": "logged_in", "api_url": pending["api_url"]})
