@@ -908,20 +908,22 @@ BAD_KEYS = [
 ]
 
 
+def run_env_with_key_from(cli, source, key):
+    """`tokenroute env` with KEY given by --key, TOKENROUTE_API_KEY or last_key.txt."""
+    if source == "--key":
+        return cli.run("env", "--key", key)
+    if source == "TOKENROUTE_API_KEY":
+        return cli.run("env", env={"TOKENROUTE_API_KEY": key})
+    cli.config_dir.mkdir(mode=0o700)
+    cli.last_key.write_text(key + "\n")
+    cli.last_key.chmod(0o600)
+    return cli.run("env")
+
+
 @pytest.mark.parametrize("key", BAD_KEYS)
 @pytest.mark.parametrize("source", ["--key", "TOKENROUTE_API_KEY", "last_key.txt"])
 def test_env_refuses_an_implausible_key(cli, key, source):
-    argv, env = ["env"], {}
-    if source == "--key":
-        argv += ["--key", key]
-    elif source == "TOKENROUTE_API_KEY":
-        env["TOKENROUTE_API_KEY"] = key
-    else:
-        cli.config_dir.mkdir(mode=0o700)
-        cli.last_key.write_text(key + "\n")
-        cli.last_key.chmod(0o600)
-
-    result = cli.run(*argv, env=env)
+    result = run_env_with_key_from(cli, source, key)
 
     assert_clean_failure(result, 1)
     assert result.out == ""
@@ -929,17 +931,7 @@ def test_env_refuses_an_implausible_key(cli, key, source):
 
 @pytest.mark.parametrize("source", ["--key", "TOKENROUTE_API_KEY", "last_key.txt"])
 def test_env_prints_exactly_two_lines_for_a_plausible_key(cli, gateway, api_key, source):
-    argv, env = ["env"], {}
-    if source == "--key":
-        argv += ["--key", api_key]
-    elif source == "TOKENROUTE_API_KEY":
-        env["TOKENROUTE_API_KEY"] = api_key
-    else:
-        cli.config_dir.mkdir(mode=0o700)
-        cli.last_key.write_text(api_key + "\n")
-        cli.last_key.chmod(0o600)
-
-    result = cli.run(*argv, env=env)
+    result = run_env_with_key_from(cli, source, api_key)
 
     assert result.code == 0, result
     assert result.out == f"OPENAI_API_KEY={api_key}\nOPENAI_BASE_URL={gateway.url}/v1\n"
