@@ -545,9 +545,11 @@ def build_opener(ctx: Context, scheme: str, host: str) -> Any:
 
         http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
-    handlers: list[Any] = [RefuseRedirects()]
-    if is_loopback(host):
-        handlers.append(urllib.request.ProxyHandler({}))
+    proxies = proxy_settings(ctx.env)
+    if is_loopback(host) or urllib.request.proxy_bypass_environment(host, proxies):
+        proxies = {}
+    proxies.pop("no", None)
+    handlers: list[Any] = [RefuseRedirects(), urllib.request.ProxyHandler(proxies)]
     if scheme == "https":
         import ssl
 
@@ -561,6 +563,18 @@ def build_opener(ctx: Context, scheme: str, host: str) -> Any:
             ) from None
         handlers.append(urllib.request.HTTPSHandler(context=context))
     return urllib.request.build_opener(*handlers)
+
+
+def proxy_settings(env: Mapping[str, str]) -> dict[str, str]:
+    """Proxies from the usual *_proxy variables (lower case wins), as urllib reads them."""
+    proxies = {}
+    for name in sorted(env, key=str.islower):  # upper case first, so lower case overrides
+        scheme, _, suffix = name.lower().rpartition("_")
+        if suffix == "proxy" and scheme and env[name]:
+            proxies[scheme] = env[name]
+    if "REQUEST_METHOD" in env and "HTTP_PROXY" in env and "http_proxy" not in env:
+        proxies.pop("http", None)  # under CGI, HTTP_PROXY comes from a request header (httpoxy)
+    return proxies
 
 
 def exchange(

@@ -235,7 +235,7 @@ class _Handler(BaseHTTPRequestHandler):
         record = _make_record(self.command, self.path, dict(self.headers.items()), body)
         self.server.app.handle(record, self)
 
-    do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_CONNECT = do_GET  # CONNECT: the recorder as a proxy
 
     def _read_body(self) -> bytes:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():

@@ -1248,3 +1248,29 @@ def test_unknown_command_or_option_exits_1_with_the_usage_line(cli, gateway, arg
     assert as_json.code == 1 and as_json.out == ""
     assert as_json.error()["code"] == "usage"
     assert gateway.requests == []
+
+
+# ------------------------------------------------------------------ proxies
+
+
+def test_https_proxy_from_the_environment_carries_the_tunnel_without_the_key(cli, gateway):
+    env = {"TOKENROUTE_API_URL": "https://api.tokenroute.test", "HTTPS_PROXY": gateway.recorder.url}
+
+    result = cli.run("models", "--key", "sk-tr-abcd1234secret", env=env)
+
+    # The recorder answers the CONNECT but speaks no TLS: a clean network error.
+    assert_clean_failure(result, 2)
+    tunnels = gateway.recorder.requests
+    assert tunnels and {(r.method, r.path) for r in tunnels} == {("CONNECT", "api.tokenroute.test:443")}
+    assert all(r.header("Authorization") is None for r in tunnels)
+    assert "sk-tr-abcd1234secret" not in result.err
+
+
+def test_loopback_gateway_is_never_reached_through_a_proxy(cli, gateway):
+    cli.login()
+
+    result = cli.run("balance", env={"HTTP_PROXY": gateway.recorder.url, "http_proxy": gateway.recorder.url})
+
+    assert result.code == 0, result
+    assert gateway.recorder.requests == []
+    assert [r.path for r in gateway.requests] == ["/api/v1/balance"]
