@@ -388,8 +388,8 @@ def redact(text: str) -> str:
 class CredentialsLock:
     """An exclusive lock next to the credentials, so parallel processes refresh once.
 
-    Where fcntl does not exist (Windows) it degrades to no lock: the re-read
-    inside still avoids most duplicate refreshes.
+    Where no lock exists at all it degrades to none: the re-read inside
+    still avoids most duplicate refreshes.
     """
 
     def __init__(self, ctx: Context) -> None:
@@ -397,15 +397,14 @@ class CredentialsLock:
         self.fd: int | None = None
 
     def __enter__(self) -> CredentialsLock:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
+        lock = lock_function()
+        if lock is None:
             return self
         ensure_config_dir(self.ctx)
         path = lock_path(self.ctx)
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            lock(self.fd)
         except OSError as exc:
             raise file_error("cannot lock", path, exc) from None
         return self
@@ -414,6 +413,21 @@ class CredentialsLock:
         if self.fd is not None:
             os.close(self.fd)  # closing releases the lock
             self.fd = None
+
+
+def lock_function() -> Callable[[int], None] | None:
+    """Blocking exclusive lock of a file: flock on POSIX, msvcrt on Windows, else None."""
+    try:
+        import fcntl
+
+        return lambda fd: fcntl.flock(fd, fcntl.LOCK_EX)
+    except ImportError:
+        pass
+    try:
+        import msvcrt  # pragma: no cover - Windows: retries for 10 s, then OSError
+    except ImportError:
+        return None
+    return lambda fd: msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # pragma: no cover
 
 
 # ------------------------------------------------------------------ http ---
@@ -505,7 +519,11 @@ def send(
     opener = build_opener(ctx, scheme, host)
 
     def attempt() -> Response:
-        return exchange(opener, method, url, data, headers, deadline=deadline, now=ctx.now, host=host)
+        return within_deadline(
+            lambda: exchange(opener, method, url, data, headers, timeout=max(0.01, deadline - ctx.now()), host=host),
+            seconds=deadline - ctx.now(),
+            host=host,
+        )
 
     # Only GET is retried: a POST that may have reached the server is never sent twice.
     for number in range(1, MAX_ATTEMPTS if method == "GET" else 1):
@@ -577,6 +595,34 @@ def proxy_settings(env: Mapping[str, str]) -> dict[str, str]:
     return proxies
 
 
+def within_deadline(work: Callable[[], Response], *, seconds: float, host: str) -> Response:
+    """Run one exchange in a daemon thread and stop waiting after `seconds`.
+
+    Socket timeouts bound each read, not a whole answer: a server that
+    trickles bytes, or a DNS lookup that hangs, would outlast them. The
+    thread's result or exception is handed back to the caller as is.
+    """
+    import threading
+
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, work()))
+        except BaseException as error:  # relayed to the caller, not handled here
+            outcome.append((False, error))
+
+    worker = threading.Thread(target=run, name="tokenroute-http", daemon=True)
+    worker.start()
+    worker.join(max(0.0, seconds))
+    if not outcome:
+        raise network_error(f"timed out waiting for {host} (TOKENROUTE_TIMEOUT to wait longer)")
+    done, result = outcome[0]
+    if not done:
+        raise result
+    return result
+
+
 def exchange(
     opener: Any,
     method: str,
@@ -584,8 +630,7 @@ def exchange(
     data: bytes | None,
     headers: dict[str, str],
     *,
-    deadline: float,
-    now: Callable[[], float],
+    timeout: float,
     host: str,
 ) -> Response:
     import http.client
@@ -597,11 +642,11 @@ def exchange(
     request = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
         try:
-            handle = opener.open(request, timeout=max(0.01, deadline - now()))
+            handle = opener.open(request, timeout=timeout)
         except urllib.error.HTTPError as exc:
             handle = exc  # a non-2xx answer is still an answer
         with handle:
-            body = read_capped(handle, deadline=deadline, now=now)
+            body = read_capped(handle)
             length = handle.headers.get("Content-Length")
             if length and length.isdigit() and int(length) != len(body):
                 raise network_error(f"the connection to {host} closed mid-answer")
@@ -639,12 +684,10 @@ def describe(reason: object) -> str:
     return sanitize(str(text))[:200]
 
 
-def read_capped(handle: Any, *, deadline: float, now: Callable[[], float]) -> bytes:
+def read_capped(handle: Any) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
-        if now() > deadline:
-            raise TimeoutError
         chunk = handle.read(65536)
         if not chunk:
             return b"".join(chunks)
@@ -801,10 +844,15 @@ def refresh_credentials(ctx: Context, creds: dict[str, Any]) -> dict[str, Any]:
             "resource": creds["resource"],
         },
     )
-    if response.status >= 500:  # its text could echo the refresh token
-        raise server_error(f"the identity provider failed (HTTP {response.status})", status=response.status)
-    if response.status != 200:
+    if response.status in (400, 401):  # invalid_grant: revoked, expired or rotated away
         raise session_expired()
+    if response.status != 200:  # its text could echo the refresh token: not shown
+        raise CliError(
+            f"the identity provider answered a token refresh with HTTP {response.status}",
+            code="rate_limited" if response.status == 429 else "server",
+            exit_code=EXIT_USER if 400 <= response.status < 500 else EXIT_SERVER,
+            status=response.status,
+        )
     answer = expect_json(response, dict)
     if not is_token(answer.get("access_token")):
         raise server_error("the identity provider sent no usable access token")
@@ -871,23 +919,29 @@ def start_device_flow(ctx: Context, api_url: str) -> dict[str, Any]:
     }
 
 
-def poll_device_flow(ctx: Context, pending: dict[str, Any], *, first_wait: float, deadline: float) -> dict | None:
-    """Poll until the person approves; None when `deadline` comes first.
+def poll_device_flow(
+    ctx: Context, pending: dict[str, Any], *, first_wait: float, timeout: float | None = None
+) -> dict | None:
+    """Poll until the person approves; None when `timeout` seconds pass first.
 
-    Transient failures (network, 5xx) are retried until the code expires;
-    a denial or an expired code is a device-flow failure (exit 3).
+    The first poll comes `first_wait` seconds from now (so `--timeout 0`
+    still polls once), then one every interval. Transient failures (network,
+    5xx) are retried until the code expires; a denial or an expired code is
+    a device-flow failure (exit 3). Without a timeout it never returns None.
     """
+    start = ctx.now()
+    expires_at = pending["expires_at"]
+    end = expires_at if timeout is None else min(expires_at, start + timeout)
     interval = pending["interval"]
-    wait = first_wait
+    next_poll = start + first_wait
     while True:
-        remaining = min(deadline, pending["expires_at"]) - ctx.now()
-        if remaining < wait:
-            ctx.sleep(max(0.0, remaining))
-            if ctx.now() >= pending["expires_at"]:
+        if next_poll > end or start >= expires_at:
+            ctx.sleep(max(0.0, end - ctx.now()))
+            if end >= expires_at:
                 raise login_failed("the login code expired before it was approved", "login_expired")
             return None
-        ctx.sleep(wait)
-        wait = interval
+        ctx.sleep(max(0.0, next_poll - ctx.now()))
+        next_poll = ctx.now() + interval
         try:
             response = send(
                 ctx,
@@ -915,7 +969,7 @@ def poll_device_flow(ctx: Context, pending: dict[str, Any], *, first_wait: float
             continue
         if error == "slow_down":
             interval += 5
-            wait = interval
+            next_poll += 5
             continue
         if error == "access_denied":
             raise login_failed("the login was denied", "login_denied")
@@ -954,11 +1008,15 @@ def sanitize(text: str) -> str:
 def json_text(data: object) -> str:
     import json
 
-    return json.dumps(data, indent=2) + "\n"
+    return json.dumps(data, indent=2, allow_nan=False) + "\n"
 
 
 def render_json(ctx: Context, data: object) -> None:
-    ctx.stdout.write(json_text(data))
+    try:
+        text = json_text(data)
+    except (ValueError, RecursionError):  # NaN or absurd nesting from the server
+        raise server_error("the gateway's answer cannot be shown as JSON") from None
+    ctx.stdout.write(text)
 
 
 def show(value: object) -> str:
@@ -1028,8 +1086,7 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
     render_pending(ctx, args, pending, out=ctx.stderr)
     if ctx.person_present and not args.no_browser:
         open_url_for_person(ctx, pending["verification_uri_complete"])
-    # With the code's own expiry as the deadline, polling ends in a grant or an error, never None.
-    answer = poll_device_flow(ctx, pending, first_wait=pending["interval"], deadline=pending["expires_at"])
+    answer = poll_device_flow(ctx, pending, first_wait=pending["interval"])
     return finish_login(args, ctx, pending, answer)
 
 
@@ -1077,9 +1134,8 @@ def login_still_valid(ctx: Context, api_url: str) -> bool:
 def resume_login(args: argparse.Namespace, ctx: Context, api_url: str) -> int:
     pending = load_pending_login(ctx, api_url)
     path = pending_login_path(ctx)
-    deadline = ctx.now() + args.timeout if args.timeout is not None else pending["expires_at"]
     try:
-        answer = poll_device_flow(ctx, pending, first_wait=0, deadline=deadline)
+        answer = poll_device_flow(ctx, pending, first_wait=0, timeout=args.timeout)
     except CliError as exc:
         if exc.exit_code == EXIT_SERVER:
             remove_file(path)
@@ -1089,7 +1145,7 @@ def resume_login(args: argparse.Namespace, ctx: Context, api_url: str) -> int:
             "the login is still waiting for approval",
             code="login_pending",
             next="tokenroute login --resume",
-            payload=pending_view(pending),
+            payload={"pending": pending_view(pending)},
         )
     remove_file(path)
     return finish_login(args, ctx, pending, answer)
@@ -1169,16 +1225,18 @@ def cmd_keys_create(args: argparse.Namespace, ctx: Context) -> int:
         ctx, api_url, "POST", "/api/v1/me/keys", json_body={"name": args.name}, idempotency_key=os.urandom(16).hex()
     )
     raw = key.get("raw")
-    if not isinstance(raw, str) or not is_plausible_key(raw):
-        raise server_error("the gateway created a key but sent no usable raw value")
+    if not isinstance(raw, str) or not raw:
+        raise server_error("the gateway created a key but sent no raw value")
     if args.json:
         render_json(ctx, key)
     else:
         render_fields(ctx, key, ("id", "name", "key_prefix", "balance_usd", "status"))
-        ctx.stdout.write(f"key: {raw}\n")
+        ctx.stdout.write(f"key: {sanitize(raw)}\n")
     if args.no_cache:
         note(ctx, "Save this key now: it is shown only once (not cached: --no-cache).")
         return EXIT_OK
+    if not is_plausible_key(raw):  # shown above all the same: it is the only copy
+        raise server_error("the gateway sent a key that is not an sk-tr- token; not cached")
     try:
         write_private_file(ctx, last_key_path(ctx), raw + "\n")
     except CliError as exc:
@@ -1276,8 +1334,12 @@ def cmd_env(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
+ENV_SAFE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:/%@+=,-")  # no ~: sh expands it after ":"
+
+
 def is_env_safe(value: str) -> bool:
-    return value.isprintable() and value.isascii() and not any(c in value for c in " #'\"\\$`")
+    """Only characters that every shell and .env reader takes literally, unquoted."""
+    return bool(value) and set(value) <= ENV_SAFE_CHARS
 
 
 def cmd_test(args: argparse.Namespace, ctx: Context) -> int:
@@ -1655,6 +1717,10 @@ def build_parser() -> argparse.ArgumentParser:
     import argparse
 
     class Parser(argparse.ArgumentParser):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # No abbreviations: `--js` is not `--json`, as the fast path agrees.
+            super().__init__(*args, allow_abbrev=False, **kwargs)
+
         def error(self, message: str) -> None:  # type: ignore[override]
             # argparse's exit 2 would read as "network error": a usage error is a user error.
             raise CliError(message, code="usage", usage=self.format_usage().strip())
@@ -1671,7 +1737,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Global options parse before and after the subcommand; SUPPRESS keeps a
     # subcommand's default from overwriting a value given before it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for flags, settings in GLOBAL_OPTIONS:
         common.add_argument(*flags, **settings, default=argparse.SUPPRESS)
     parser = Parser(prog="tokenroute", description=DESCRIPTION, epilog=EPILOG, parents=[common])

@@ -10,9 +10,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Any, Callable
 
@@ -138,14 +138,17 @@ class Cli:
 
 
 def console_script() -> str:
-    """The `tokenroute` script installed next to this interpreter (pip install .)."""
+    """The `tokenroute` script installed next to this interpreter (pip install .).
+
+    It must run this tree's code: a stale install would test yesterday's CLI.
+    """
     bindir = Path(sys.executable).parent
-    for name in ("tokenroute", "tokenroute.exe"):
-        if (bindir / name).exists():
-            return str(bindir / name)
-    found = shutil.which("tokenroute")
-    if found is None:
+    found = next((str(bindir / n) for n in ("tokenroute", "tokenroute.exe") if (bindir / n).exists()), None)
+    installed = Path(sysconfig.get_paths()["purelib"]) / "tokenroute.py"
+    if found is None or not installed.exists():
         pytest.fail("the tokenroute console script is not installed: run `pip install .` first (see README)")
+    if installed.read_bytes() != (REPO / "tokenroute.py").read_bytes():
+        pytest.fail(f"{installed} differs from this tree's tokenroute.py: run `pip install .` again")
     return found
 
 

@@ -126,6 +126,7 @@ class _Fault:
     hang: bool = False
     close: bool = False
     truncate: bool = False
+    trickle: float = 0.0  # seconds between single bytes of the whole answer
     passthrough: bool = False  # only delay, then answer normally
 
 
@@ -461,11 +462,12 @@ class FakeGateway:
     def fail(self, path: str, *, status: int = 500, body: Any = b'{"detail":"boom"}',
              headers: Optional[dict[str, str]] = None, count: int = 1, method: Optional[str] = None,
              delay: float = 0.0, hang: bool = False, close: bool = False, truncate: bool = False,
+             trickle: float = 0.0,
              content_type: str = "application/json") -> None:
         self._add_fault(_Fault(path=path, method=method, remaining=count, status=status,
                                body=_encode_body(body), headers=dict(headers or {}),
                                content_type=content_type, delay=delay, hang=hang, close=close,
-                               truncate=truncate))
+                               truncate=truncate, trickle=trickle))
 
     def slow(self, path: str, seconds: float, *, count: int = 1, method: Optional[str] = None) -> None:
         """Answer the next COUNT requests to PATH normally, but SECONDS late."""
@@ -505,6 +507,17 @@ class FakeGateway:
             return
         if fault.close:
             handler.close_connection = True
+            return
+        if fault.trickle:  # a server that answers, one byte at a time, for ever
+            head = "HTTP/1.0 %d Slow\r\nContent-Type: %s\r\n" % (fault.status, fault.content_type)
+            for byte in (head + "X-Padding: " + "x" * 100000).encode():
+                if self._stopping.wait(fault.trickle):
+                    return
+                try:
+                    handler.wfile.write(bytes([byte]))
+                    handler.wfile.flush()
+                except OSError:
+                    return
             return
         if fault.truncate:
             declared = max(len(fault.body), 2)

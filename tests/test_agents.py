@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -228,8 +229,11 @@ def test_resume_still_pending_at_timeout_exits_1_with_pending_and_next(cli: Cli)
     assert result.code == 1
     error = result.error()
     assert error["code"] == "login_pending"
-    assert error["status"] == "pending"
+    assert error["status"] is None  # the HTTP status field keeps its type
     assert error["next"] == RESUME
+    assert error["pending"]["status"] == "pending"
+    assert set(error["pending"]) == PENDING_KEYS
+    assert error["pending"]["next"] == RESUME
     assert len(files_holding(cli, code)) == 1
     assert sum(cli.clock.sleeps) <= 3
 
@@ -238,7 +242,7 @@ def test_resume_timeout_0_still_pending_exits_1(cli: Cli) -> None:
     _, code = start_no_wait(cli)
     result = cli.run("login", "--resume", "--timeout", "0", "--json")
     assert result.code == 1
-    assert (result.error()["status"], result.error()["next"]) == ("pending", RESUME)
+    assert (result.error()["pending"]["status"], result.error()["next"]) == ("pending", RESUME)
     assert len(files_holding(cli, code)) == 1
 
 
@@ -246,6 +250,15 @@ def test_resume_timeout_0_checks_an_approved_code_once(cli: Cli, gateway: FakeGa
     """An agent polling with `--timeout 0` must see the approval, not `pending` forever."""
     start_no_wait(cli)
     gateway.approve()
+    result = cli.run("login", "--resume", "--timeout", "0")
+    assert (result.code, result.out) == (0, "OK logged in\n"), result
+
+
+def test_resume_timeout_0_polls_once_with_a_clock_that_moves(cli: Cli, gateway: FakeGateway) -> None:
+    """A real clock moves between two readings; `--timeout 0` must still poll."""
+    start_no_wait(cli)
+    gateway.approve()
+    cli.clock.now = time.time  # type: ignore[method-assign]
     result = cli.run("login", "--resume", "--timeout", "0")
     assert (result.code, result.out) == (0, "OK logged in\n"), result
 

@@ -1274,3 +1274,70 @@ def test_loopback_gateway_is_never_reached_through_a_proxy(cli, gateway):
     assert result.code == 0, result
     assert gateway.recorder.requests == []
     assert [r.path for r in gateway.requests] == ["/api/v1/balance"]
+
+
+def test_a_server_that_trickles_bytes_gives_exit_2_in_bounded_time(cli, gateway, api_key):
+    """Each byte arrives well within the socket timeout; only an overall deadline ends it."""
+    gateway.fail("/v1/models", trickle=0.05, count=3)
+
+    started = time.monotonic()
+    result = cli.script("models", env={"TOKENROUTE_API_KEY": api_key, "TOKENROUTE_TIMEOUT": "1"}, timeout=30)
+
+    assert_clean_failure(result, 2)
+    assert "timed out" in result.err
+    assert time.monotonic() - started < 10
+
+
+HOSTILE_API_URLS = [
+    "https://x.example;{touch,/tmp/tokenroute-pwned};x",
+    "https://x.example&touch${IFS}/tmp/tokenroute-pwned",
+    "https://x.example|id",
+    "https://x.example/$(id)",
+    "https://x.example/`id`",
+    "https://x.example/a:~root",
+    "https://x.example/*",
+    "https://x.example/(x)",
+]
+
+
+@pytest.mark.parametrize("url", HOSTILE_API_URLS)
+@pytest.mark.parametrize("shell", ["dotenv", "sh", "fish", "powershell"])
+def test_env_refuses_an_api_url_a_shell_would_not_take_literally(cli, api_key, url, shell):
+    result = cli.run("env", "--shell", shell, env={"TOKENROUTE_API_KEY": api_key, "TOKENROUTE_API_URL": url})
+
+    assert_clean_failure(result, 1)
+    assert result.out == ""
+
+
+
+def test_rate_limited_refresh_is_not_reported_as_an_expired_session(cli, gateway):
+    creds = cli.login(expires_in=-100)
+    gateway.fail("/oidc/token", status=429, body={"error": "slow down " + creds["refresh_token"]}, method="POST")
+
+    result = cli.run("whoami", "--json")
+
+    assert (result.code, result.out) == (1, "")
+    assert (result.error()["code"], result.error()["status"]) == ("rate_limited", 429)
+    assert creds["refresh_token"] not in result.err
+
+
+def test_json_output_of_a_nan_from_the_server_is_a_server_error(cli, gateway):
+    cli.login()
+    gateway.fail("/api/v1/balance", status=200, body=b'{"balance_usd": NaN, "currency": "USD"}')
+
+    result = cli.run("balance", "--json")
+
+    assert (result.code, result.out) == (3, "")
+    assert result.error()["code"] == "server"
+
+
+def test_a_created_key_that_is_not_a_plain_token_is_still_shown_but_not_cached(cli, gateway):
+    cli.login()
+    odd = {"id": "key_1", "name": "x", "key_prefix": "sk-tr-abcd", "raw": "sk-tr-abcd.efgh", "status": "active"}
+    gateway.fail("/api/v1/me/keys", status=201, body=odd, method="POST")
+
+    result = cli.run("keys", "create", "--name", "x")
+
+    assert result.code == 3
+    assert "key: sk-tr-abcd.efgh\n" in result.out  # the only copy, shown all the same
+    assert not cli.last_key.exists()

@@ -85,3 +85,10 @@ def test_help_lists_every_command_and_global_option(cli) -> None:
     for flags, _ in tokenroute.GLOBAL_OPTIONS:
         assert flags[0] in result.out
     assert "--version" in result.out
+
+
+def test_options_are_never_abbreviated(cli) -> None:
+    result = cli.run("models", "--ke", "sk-tr-abc123", "--js")
+
+    assert (result.code, result.out) == (1, "")
+    assert result.err.startswith("error: unrecognized arguments: --ke sk-tr-abc1... --js\n")
