@@ -279,7 +279,7 @@ class _ServerThread:
         self._server = _Server((host, port), _Handler)
         self._server.app = app
         self.url = "http://%s:%d" % (host, self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.01},
                                         daemon=True)
         self._thread.start()
 
