@@ -1053,7 +1053,10 @@ def open_url_for_person(ctx: Context, url: str) -> None:
     """Open a server-provided URL only if it is https (or http on loopback)."""
     from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. a broken IPv6 host: printed, never opened
+        return
     safe = parts.scheme == "https" or (parts.scheme == "http" and is_loopback(parts.hostname or ""))
     if safe and url.isprintable():
         ctx.open_browser(url)

@@ -112,6 +112,7 @@ def maybe(rng: random.Random, value: Any, odds: float = 0.25) -> Any:
 URLS = (
     "https://checkout.stripe.com/c/pay/cs_1", "$GW/device", "$REC/steal", "http://example.invalid/x",
     "javascript:alert(1)", "file:///etc/passwd", "https://x/\x1b[2J", "", "//evil", "data:text/html,<b>",
+    "https://[::1", "http://127.0.0.1:notaport/x",
 )
 
 

@@ -634,6 +634,7 @@ def test_dot_segment_key_id_never_reaches_the_gateway_as_a_dot_segment(cli, gate
         ("file:///etc/passwd", False),
         ("http://evil.example/pay", False),
         ("data:text/html,<script>alert(1)</script>", False),
+        ("https://[::1", False),
         ("https://checkout.stripe.com/c/pay/cs_test_1", True),
         ("http://127.0.0.1:9/pay", True),
     ],
