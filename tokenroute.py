@@ -381,7 +381,7 @@ def redact(text: str) -> str:
     """Hide secrets in text meant for people: keys keep their sk-tr-abcd prefix."""
     import re
 
-    text = re.sub(r"(sk[-_]tr[-_][A-Za-z0-9]{4})[A-Za-z0-9_-]*", r"\1...", text)
+    text = re.sub(r"(sk[-_]tr[-_][A-Za-z0-9_-]{4})[A-Za-z0-9_-]*", r"\1...", text)
     return re.sub(r"(eyJ[A-Za-z0-9_-]{4})[A-Za-z0-9_.-]*", r"\1...", text)
 
 
@@ -397,14 +397,18 @@ class CredentialsLock:
         self.fd: int | None = None
 
     def __enter__(self) -> CredentialsLock:
-        lock = lock_function()
-        if lock is None:
+        try_lock = lock_function()
+        if try_lock is None:
             return self
         ensure_config_dir(self.ctx)
         path = lock_path(self.ctx)
+        deadline = self.ctx.now() + timeout_setting(self.ctx)
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
-            lock(self.fd)
+            while not try_lock(self.fd):  # another process is refreshing: wait, within the timeout
+                if self.ctx.now() >= deadline:
+                    raise network_error("timed out waiting for another tokenroute process to refresh the login")
+                self.ctx.sleep(0.05)
         except OSError as exc:
             raise file_error("cannot lock", path, exc) from None
         return self
@@ -415,19 +419,28 @@ class CredentialsLock:
             self.fd = None
 
 
-def lock_function() -> Callable[[int], None] | None:
-    """Blocking exclusive lock of a file: flock on POSIX, msvcrt on Windows, else None."""
+def lock_function() -> Callable[[int], bool] | None:
+    """A non-blocking exclusive lock of a file (True when taken): flock on POSIX, msvcrt on Windows."""
     try:
         import fcntl
-
-        return lambda fd: fcntl.flock(fd, fcntl.LOCK_EX)
     except ImportError:
-        pass
+        fcntl = None
     try:
-        import msvcrt  # pragma: no cover - Windows: retries for 10 s, then OSError
+        import msvcrt
     except ImportError:
-        return None
-    return lambda fd: msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # pragma: no cover
+        msvcrt = None
+
+    def try_lock(fd: int) -> bool:
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            else:  # pragma: no cover - Windows
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except (BlockingIOError, PermissionError):  # held by another process
+            return False
+        return True
+
+    return try_lock if fcntl is not None or msvcrt is not None else None
 
 
 # ------------------------------------------------------------------ http ---
@@ -652,7 +665,7 @@ def exchange(
         with handle:
             body = read_capped(handle)
             length = handle.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) != len(body):
+            if length and length.isascii() and length.isdigit() and int(length) != len(body):
                 raise network_error(f"the connection to {host} closed mid-answer")
             return Response(handle.status, handle.headers, body)
     except (socket.timeout, TimeoutError):
@@ -663,6 +676,8 @@ def exchange(
         raise connection_error(host, exc) from None
     except (http.client.HTTPException, OSError) as exc:
         raise network_error(f"connection to {host} failed: {describe(exc)}") from None
+    except ValueError:  # urllib's verdict on a malformed *_proxy URL, which may hold a password
+        raise CliError("a proxy variable (HTTPS_PROXY, HTTP_PROXY, ...) holds a malformed URL", code="config") from None
 
 
 def connection_error(host: str, reason: object) -> CliError:
@@ -701,10 +716,10 @@ def read_capped(handle: Any) -> bytes:
         chunks.append(chunk)
 
 
-def error_from_response(response: Response, *, account: bool) -> CliError:
-    """Turn a non-2xx answer into the error a user can act on."""
+def error_from_response(response: Response, *, account: bool, secret: str | None = None) -> CliError:
+    """Turn a non-2xx answer into the error a user can act on; `secret` is never echoed."""
     status = response.status
-    message = server_message(response.json()) or f"HTTP {status}"
+    message = server_message(response.json(), secret) or f"HTTP {status}"
     if 300 <= status < 400:
         where = sanitize(response.headers.get("Location") or "elsewhere")
         return server_error(f"the gateway redirected to {where}; not followed", status=status)
@@ -724,8 +739,12 @@ def error_from_response(response: Response, *, account: bool) -> CliError:
     return CliError(message, code=code, next=next_command, status=status)
 
 
-def server_message(data: object) -> str | None:
-    """The human part of a FastAPI (`detail`) or OpenAI (`error.message`) error body."""
+def server_message(data: object, secret: str | None = None) -> str | None:
+    """The human part of a FastAPI (`detail`) or OpenAI (`error.message`) error body.
+
+    A server may echo what it was sent: `secret` (the token, key or device
+    code of the request) is cut to its first characters, like any key or JWT.
+    """
     if not isinstance(data, dict):
         return None
     error = data.get("error")
@@ -742,6 +761,8 @@ def server_message(data: object) -> str | None:
         text = error
     else:
         return None
+    if secret:
+        text = text.replace(secret, secret[:10] + "...")
     return sanitize(redact(text))[:300] or None
 
 
@@ -769,7 +790,7 @@ def call_api(ctx: Context, method: str, url: str, *, key: str, json_body: object
     """An OpenAI-compatible /v1 call authorized by an API key."""
     response = send(ctx, method, url, token=key, json_body=json_body)
     if response.status >= 300:
-        raise error_from_response(response, account=False)
+        raise error_from_response(response, account=False, secret=key)
     return expect_json(response, kind)
 
 
@@ -798,7 +819,7 @@ def call_account(
         if response.status != 401:
             break
     if response.status >= 300:
-        raise error_from_response(response, account=True)
+        raise error_from_response(response, account=True, secret=token)
     return expect_json(response, kind)
 
 
@@ -979,7 +1000,8 @@ def poll_device_flow(
             raise login_failed("the login was denied", "login_denied")
         if error == "expired_token":
             raise login_failed("the login code expired before it was approved", "login_expired")
-        raise login_failed(f"login failed: {server_message(answer) or f'HTTP {response.status}'}", "login_failed")
+        reason = server_message(answer, pending["device_code"]) or f"HTTP {response.status}"
+        raise login_failed(f"login failed: {reason}", "login_failed")
 
 
 def login_failed(message: str, code: str) -> CliError:
@@ -1777,7 +1799,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def report(ctx: Context, error: CliError, *, as_json: bool) -> None:
-    message = redact(error.message)
+    message = sanitize(redact(error.message))
     if as_json:
         import json
 

@@ -1342,3 +1342,105 @@ def test_a_created_key_that_is_not_a_plain_token_is_still_shown_but_not_cached(c
     assert result.code == 3
     assert "key: sk-tr-abcd.efgh\n" in result.out  # the only copy, shown all the same
     assert not cli.last_key.exists()
+
+
+# ---------------------------------------------------- second security review
+
+
+@pytest.fixture
+def raw_server():
+    """A loopback server that answers every connection with the bytes a test sets."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    answer = {"bytes": b""}
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(65536)
+                connection.sendall(answer["bytes"])
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield answer, "http://127.0.0.1:%d" % listener.getsockname()[1]
+    listener.close()
+
+
+def test_a_content_length_of_unicode_digits_is_a_clean_error(cli, raw_server):
+    answer, url = raw_server
+    answer["bytes"] = b"HTTP/1.0 200 OK\r\nContent-Length: \xb2\r\nContent-Type: application/json\r\n\r\n{}"
+
+    result = cli.run("models", "--key", "sk-tr-abcd1234", env={"TOKENROUTE_API_URL": url})
+
+    assert_clean_failure(result, 3)
+
+
+def test_keys_with_dashes_or_underscores_up_front_are_redacted_too(cli, gateway):
+    key = "sk-tr-Q_x9" + "s3cr3t" * 5
+    gateway.fail("/v1/models", status=401, body={"error": {"message": f"Incorrect API key provided: {key}"}})
+
+    doctor = cli.run("doctor", "--key", key)
+    models = cli.run("models", "--key", key)
+
+    assert "s3cr3t" not in doctor.out + doctor.err
+    assert "sk-tr-Q_x9..." in doctor.out
+    assert "s3cr3t" not in models.err and models.code == 1
+
+
+def test_a_malformed_proxy_url_is_a_clean_error_that_hides_its_password(cli):
+    env = {"TOKENROUTE_API_URL": "https://api.tokenroute.test", "HTTPS_PROXY": "http:/user:S3CRET@proxy:3128"}
+
+    result = cli.run("models", "--key", "sk-tr-abcd1234", env=env)
+
+    assert_clean_failure(result, 1)
+    assert "S3CRET" not in result.err
+
+
+def test_server_text_in_an_error_never_reaches_the_terminal_raw(cli, gateway):
+    found = {
+        "client_id": "tokenroute-cli", "resource": gateway.resource, "scopes": ["openid"],
+        "device_authorization_endpoint": "http://evil\x1bc\x9b31mred\x08.example/x",
+        "token_endpoint": gateway.url + "/oidc/token",
+    }
+    gateway.fail("/api/v1/auth/discovery", status=200, body=found)
+
+    result = cli.run("login", "--no-browser")
+
+    assert_clean_failure(result, 1)
+    assert_terminal_safe(result.err)
+
+
+def test_a_login_failure_echoing_the_device_code_does_not_print_it(cli, gateway):
+    gateway.interval = 1
+    original_fail = {"error": "server_rejected", "error_description": "rejected device code "}
+
+    def echo_code() -> None:
+        code = next(iter(gateway.device_codes))
+        gateway.fail("/oidc/token", status=400, body=dict(original_fail, error_description="rejected " + code))
+        cli.clock.on_sleep.clear()
+
+    cli.clock.on_sleep.append(echo_code)
+    result = cli.run("login", "--no-browser")
+
+    assert result.code == 3
+    code = next(iter(gateway.device_codes))
+    assert code not in result.err and code[:10] + "..." in result.err
+
+
+def test_waiting_for_another_process_refresh_ends_within_the_timeout(cli, gateway):
+    cli.login(expires_in=-100)
+    cli.config_dir.mkdir(exist_ok=True)
+    with open(cli.config_dir / "credentials.lock", "w") as held:
+        fcntl = pytest.importorskip("fcntl")
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+
+        result = cli.run("whoami", env={"TOKENROUTE_TIMEOUT": "1"})
+
+    assert_clean_failure(result, 2)
+    assert "another tokenroute process" in result.err
+    assert gateway.refresh_count == 0
+    assert 1 <= sum(cli.clock.sleeps) <= 1.2
