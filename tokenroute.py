@@ -1795,27 +1795,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ------------------------------------------------------------------ main ---
-
-
-def report(ctx: Context, error: CliError, *, as_json: bool) -> None:
-    message = sanitize(redact(error.message))
-    if as_json:
-        import json
-
-        body: dict[str, Any] = {"code": error.code, "message": message, "status": error.status}
-        if error.next:
-            body["next"] = error.next
-        body.update(error.payload or {})
-        ctx.stderr.write(json.dumps({"error": body}) + "\n")
-    else:
-        hint = f"; run `{error.next}`" if error.next else ""
-        ctx.stderr.write(f"error: {message}{hint}\n")
-        if error.usage:
-            ctx.stderr.write(error.usage + "\n")
-    ctx.stderr.flush()
-
-
 DESCRIPTION = "Command-line client of the tokenroute LLM gateway."
 EPILOG = "Exit codes: 0 ok, 1 user error, 2 network error, 3 server error, 130 interrupted."
 
@@ -1900,7 +1879,7 @@ def cmd_version(args: Args, ctx: Context) -> int:
 def cmd_help(args: Args, ctx: Context) -> int:
     """The top-level help, from COMMANDS (argparse renders each command's own -h)."""
     width = max(len(command.name) for command in COMMANDS) + 2
-    lines = [f"usage: tokenroute [-h] [--json] [--api-url URL] [--version] COMMAND ...", "", DESCRIPTION, "", "commands:"]
+    lines = ["usage: tokenroute [-h] [--json] [--api-url URL] [--version] COMMAND ...", "", DESCRIPTION, "", "commands:"]
     lines += [f"  {command.name:<{width}}{command.summary}" for command in COMMANDS]
     lines += ["", "options:", f"  {'-h, --help':<{width}}show this help (or COMMAND -h for a command's)"]
     lines += [f"  {flags[0]:<{width}}{settings['help']}" for flags, settings in GLOBAL_OPTIONS]
@@ -1920,6 +1899,27 @@ def parse_args(argv: Sequence[str], ctx: Context) -> argparse.Namespace | Args:
     args.json = getattr(args, "json", False)
     args.api_url = getattr(args, "api_url", None)
     return args
+
+
+# ------------------------------------------------------------------ main ---
+
+
+def report(ctx: Context, error: CliError, *, as_json: bool) -> None:
+    message = sanitize(redact(error.message))
+    if as_json:
+        import json
+
+        body: dict[str, Any] = {"code": error.code, "message": message, "status": error.status}
+        if error.next:
+            body["next"] = error.next
+        body.update(error.payload or {})
+        ctx.stderr.write(json.dumps({"error": body}) + "\n")
+    else:
+        hint = f"; run `{error.next}`" if error.next else ""
+        ctx.stderr.write(f"error: {message}{hint}\n")
+        if error.usage:
+            ctx.stderr.write(error.usage + "\n")
+    ctx.stderr.flush()
 
 
 def main(argv: Sequence[str] | None = None, ctx: Context | None = None) -> int:
