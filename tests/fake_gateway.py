@@ -328,8 +328,9 @@ class FakeGateway:
     def __init__(self, *, auto_approve: bool = False, token_ttl: int = 3600,
                  interval: Optional[int] = None, device_expires_in: int = 600,
                  resource: str = "https://api.tokenroute.io", port: int = 0,
-                 host: str = "127.0.0.1", log_requests: bool = False) -> None:
+                 host: str = "127.0.0.1", log_requests: bool = False, auto_pay: bool = False) -> None:
         self.auto_approve = auto_approve
+        self.auto_pay = auto_pay  # the sandbox: a checkout is paid the moment it is opened
         self.token_ttl = token_ttl
         self.interval = interval
         self.device_expires_in = device_expires_in
@@ -753,6 +754,8 @@ class FakeGateway:
     def _new_checkout(self, amount: str) -> _Reply:
         session_id = "cs_test_" + secrets.token_urlsafe(24).replace("-", "a").replace("_", "b")
         self.checkouts[session_id] = {"amount_usd": amount, "completed": False}
+        if self.auto_pay and any(key["status"] == "active" for key in self.keys.values()):
+            self.complete_checkout(session_id)
         return _Reply(200, {"checkout_url": "https://checkout.stripe.com/c/pay/" + session_id,
                             "session_id": session_id, "amount_usd": amount,
                             "expires_at": int(time.time()) + 1800})
@@ -811,11 +814,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--port", type=int, default=8787)
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
-    gateway = FakeGateway(auto_approve=True, interval=1, port=args.port, host=args.host, log_requests=True)
+    gateway = FakeGateway(auto_approve=True, auto_pay=True, interval=1, port=args.port, host=args.host,
+                          log_requests=True)
     try:
         gateway.start()
         seeded = gateway.add_key()
-        print("tokenroute fake gateway on %s (logins are approved automatically)" % gateway.url)
+        print("tokenroute fake gateway on %s (logins are approved and top-ups paid at once)" % gateway.url)
         print("  export TOKENROUTE_API_URL=%s" % gateway.url)
         print("  seeded API key: %s" % seeded["raw"], flush=True)
         while True:

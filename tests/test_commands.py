@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 
 import tokenroute
+from conftest import Cli
+from fake_gateway import FakeGateway
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 SCOPE = "openid offline_access profile email"
@@ -1368,3 +1370,20 @@ def test_python_m_tokenroute_usage_error_exits_1(cli):
     assert completed.returncode == 1
     assert completed.stdout == ""
     assert completed.stderr.startswith("error: argument --amount: ")
+
+
+def test_readme_sandbox_walkthrough_works_as_written(tmp_path):
+    """The README's offline steps, with the console script against the standalone-mode gateway."""
+    sandbox = FakeGateway(auto_approve=True, auto_pay=True, interval=1).start()
+    try:
+        cli = Cli(sandbox, tmp_path)
+        cli.env["TOKENROUTE_CONFIG_DIR"] = str(tmp_path / "tokenroute-sandbox")
+        steps = [["login", "--no-browser"], ["keys", "create", "--name", "sandbox"], ["topup", "--amount", "5"],
+                 ["test"], ["usage", "--days", "1", "--json"]]
+        results = [cli.script(*step) for step in steps]
+    finally:
+        sandbox.stop()
+
+    assert [r.code for r in results] == [0, 0, 0, 0, 0], results
+    assert results[3].out == "OK connected (openai/gpt-4o-mini)\n  reply: OK\n"
+    assert json.loads(results[4].out)["total_requests"] == 1
