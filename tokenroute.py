@@ -31,6 +31,7 @@ DEFAULT_API_URL = "https://api.tokenroute.io"
 DEFAULT_MODEL = "openai/gpt-4o-mini"
 DEFAULT_TIMEOUT = 30.0  # seconds for one command's HTTP exchange, retries included
 DEFAULT_POLL_INTERVAL = 5  # RFC 8628 default; the identity provider omits it
+MAX_POLL_INTERVAL = 60  # seconds between device-flow polls, however much the provider backs us off
 REFRESH_MARGIN = 60  # refresh an access token this many seconds before it expires
 MAX_ATTEMPTS = 3  # for idempotent requests
 MAX_RETRY_AFTER = 10.0
@@ -129,8 +130,8 @@ class Context:
                 stream.reconfigure(errors="replace")
         return cls(
             env=os.environ,
-            stdout=sys.stdout,
-            stderr=sys.stderr,
+            stdout=sys.stdout or ClosedStream(),  # None when started with stdout closed (>&-)
+            stderr=sys.stderr or ClosedStream(),
             stdin_tty=is_tty(sys.stdin),
             stdout_tty=is_tty(sys.stdout),
             stderr_tty=is_tty(sys.stderr),
@@ -140,6 +141,19 @@ class Context:
     def person_present(self) -> bool:
         """A person at a terminal: prompts, browsers and codes make sense."""
         return self.stdin_tty and self.stderr_tty
+
+
+class ClosedStream:
+    """Stands in for a standard stream the process was started without."""
+
+    def write(self, text: str) -> int:
+        raise OSError(9, "the stream is closed")  # EBADF, as a write to a closed descriptor
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
 
 
 def is_tty(stream: TextIO | None) -> bool:
@@ -189,18 +203,96 @@ def lock_path(ctx: Context) -> str:
     return os.path.join(config_dir(ctx), "credentials.lock")
 
 
+def paradigx_dir(ctx: Context) -> str | None:
+    """tokenroute 0.2.0's folder, shared by every Paradigx CLI; None when the config
+    folder was moved (a sandbox with its own folder never takes over a real login)."""
+    if ctx.env.get("TOKENROUTE_CONFIG_DIR"):
+        return None
+    return os.path.join(os.path.dirname(config_dir(ctx)), ".paradigx")
+
+
 def api_url_setting(ctx: Context, flag: str | None) -> tuple[str, str]:
-    """The gateway base URL and where it came from (flag, env, default)."""
+    """The gateway base URL in canonical form and where it came from (flag, env, default)."""
     if flag:
         url, source = flag, "--api-url"
     elif ctx.env.get("TOKENROUTE_API_URL"):
         url, source = ctx.env["TOKENROUTE_API_URL"], "TOKENROUTE_API_URL"
     else:
         url, source = DEFAULT_API_URL, "default"
-    url = url.strip().rstrip("/")
-    if not url.startswith(("https://", "http://")) or "\n" in url:
-        raise CliError(f"{source} must be an http(s) URL, got {sanitize(url)!r}")
-    return url, source
+    if "@" in url:  # never echoed: the part before @ may be a password
+        raise CliError(f"{source} must not hold a user name or password; remove the part up to @")
+    canonical = canonical_url(url)
+    if canonical is None:
+        raise CliError(f"{source} is not a valid http(s) gateway URL: {sanitize(url.strip())!r}")
+    scheme, host = canonical.partition(":")[0], url_host(canonical)
+    if scheme == "http" and not is_loopback(host):
+        raise CliError(
+            f"refusing to talk to {host} over plain http (credentials would travel unencrypted); use https",
+            code="insecure_url",
+        )
+    return canonical, source
+
+
+def canonical_url(url: str) -> str | None:
+    """One spelling per gateway: lower-case scheme and host, an IDN host in
+    punycode, no default port, no trailing slash; None when it is not a base
+    URL (user info, a query or a fragment included).
+    """
+    scheme, sep, rest = url.strip().partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in ("https", "http") or not rest.isprintable() or any(c in rest for c in " ?#@\\"):
+        return None
+    hostport, slash, path = rest.partition("/")
+    if hostport.startswith("["):
+        host, bracket, port = hostport[1:].partition("]")
+        if not bracket or (port and not port.startswith(":")):
+            return None
+        host = canonical_ipv6(host)
+        port = port[1:]
+    else:
+        host, _, port = hostport.partition(":")
+        host = canonical_host(host)
+    if host is None or (port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536)):
+        return None
+    if port and int(port) == {"https": 443, "http": 80}[scheme]:
+        port = ""
+    port = f":{int(port)}" if port else ""
+    return f"{scheme}://{host}{port}{slash}{path}".rstrip("/")
+
+
+def canonical_host(host: str) -> str | None:
+    """A DNS name as the resolver sends it (IDNA, lower case), None when malformed."""
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:  # an empty label or one over 63 characters
+            return None
+    host = host.lower()
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    if len(host) > 253 or not all(0 < len(label) <= 63 for label in labels):
+        return None
+    return host if set(host) <= HOST_CHARS and not host.startswith("-") else None
+
+
+HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
+
+
+def canonical_ipv6(host: str) -> str | None:
+    import ipaddress
+
+    try:
+        address = ipaddress.IPv6Address(host)
+    except ValueError:
+        return None
+    return None if address.scope_id else f"[{address.compressed}]"
+
+
+def url_host(url: str) -> str:
+    """The host of a canonical URL, IPv6 literals without brackets."""
+    hostport = url.partition("://")[2].partition("/")[0]
+    if hostport.startswith("["):
+        return hostport[1:].partition("]")[0]
+    return hostport.partition(":")[0]
 
 
 def timeout_setting(ctx: Context) -> float:
@@ -212,7 +304,7 @@ def timeout_setting(ctx: Context) -> float:
     except ValueError:
         value = -1.0
     if not 0 < value <= 3600:
-        raise CliError(f"TOKENROUTE_TIMEOUT must be a number of seconds, got {sanitize(raw)!r}")
+        raise CliError(f"TOKENROUTE_TIMEOUT must be a number of seconds, got {sanitize(raw)!r}", code="config")
     return value
 
 
@@ -220,7 +312,15 @@ def env_flag(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-# ----------------------------------------------------- credential store ---
+# ----------------------------------------------------------- local state ---
+# The files, and what each may hold:
+#   credentials.json  {"version": 2, "logins": {API_URL: login}}, a login per gateway
+#   last_key.txt      "API_URL KEY ID" lines, the newest key created on each gateway
+#   pending_login.json the device code between `login --no-wait` and `--resume`
+#   credentials.lock  held by every transition that writes the two first files
+# and what the earlier releases left (shared/spec/legacy-clients.md): 0.1.0's
+# credentials.json and last_key.txt, which record no gateway (kept here under
+# the gateway "" until taken over), and 0.2.0's ~/.paradigx files.
 
 
 def ensure_config_dir(ctx: Context) -> str:
@@ -228,7 +328,8 @@ def ensure_config_dir(ctx: Context) -> str:
 
     An existing folder is left as it is: it may be one the user chose with
     TOKENROUTE_CONFIG_DIR; the files in it are private anyway, and `doctor`
-    reports a folder others can read.
+    reports a folder others can read. (0.1.0's ~/.tokenroute at 0755 is
+    tightened when its files are taken over.)
     """
     path = config_dir(ctx)
     try:
@@ -247,21 +348,28 @@ def file_error(action: str, path: str, exc: OSError) -> CliError:
 
 
 def write_private_file(ctx: Context, path: str, text: str) -> None:
-    """Atomically replace `path` with `text`, owner-only from the first byte.
-
-    The temp file is created 0600 in the same folder (so the umask cannot
-    widen it and a crash never leaves a half-written secret), then renamed
-    over the target; a symlink planted at the target is replaced, not followed.
-    """
+    """Atomically replace `path` with `text`, owner-only from the first byte."""
     ensure_config_dir(ctx)
+    replace_file(path, text, mode=0o600)
+
+
+def replace_file(path: str, text: str, *, mode: int) -> None:
+    """Atomically replace `path` with `text`, with `mode` from the first byte.
+
+    The temp file is created in the same folder (so the umask cannot widen
+    it and a crash never leaves a half-written secret), then renamed over
+    the target; a symlink planted at the target is replaced, not followed.
+    """
     tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(tmp, flags, 0o600)
+        fd = os.open(tmp, flags, mode)
     except OSError as exc:
         raise file_error("cannot write", path, exc) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            if hasattr(os, "fchmod"):
+                os.fchmod(handle.fileno(), mode)  # a umask may have taken bits of a shared file's mode
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -282,10 +390,18 @@ def read_text_file(path: str) -> str | None:
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or "not readable text"
         raise CliError(
-            f"cannot read {path}: {reason}; fix its permissions, or log in again",
+            f"cannot read {path}: {reason}; `tokenroute login` sets it aside",
             code="credentials_unreadable",
             next="tokenroute login",
         ) from None
+
+
+def peek_text_file(path: str) -> str | None:
+    """The file's text, None when it is absent or unreadable for any reason."""
+    try:
+        return read_text_file(path)
+    except CliError:
+        return None
 
 
 def remove_file(path: str) -> bool:
@@ -298,34 +414,101 @@ def remove_file(path: str) -> bool:
     return True
 
 
+def set_aside(ctx: Context, path: str, reason: str) -> None:
+    """Rename a damaged file (or folder) out of the way, keeping it for the user."""
+    aside = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(ctx.now()))}"
+    try:
+        os.replace(path, aside)
+    except OSError as exc:
+        raise file_error("cannot set aside", path, exc) from None
+    note(ctx, f"warning: {path} {reason}; moved it to {aside}")
+
+
+def is_own_file(path: str) -> bool:
+    """False for a file another user owns: its contents are not ours to trust."""
+    try:
+        owner = os.stat(path).st_uid
+    except OSError:
+        return True  # absent or unreadable: reading it reports the problem
+    return not hasattr(os, "getuid") or owner == os.getuid()
+
+
 CREDENTIAL_FIELDS = ("api_url", "access_token", "token_endpoint", "client_id", "resource")
+DISCOVERED_FIELDS = ("token_endpoint", "client_id")  # "" in a login taken over from 0.1.0: discovery tells
 
 
-def load_credentials(ctx: Context) -> dict[str, Any] | None:
-    """The stored login, None when there is none; a damaged file is an error, never deleted."""
+def read_logins(ctx: Context) -> dict[str, dict[str, Any]]:
+    """The stored logins by gateway ("" for 0.1.0's, which names none); a damaged file is an error."""
     path = credentials_path(ctx)
+    if not is_own_file(path):
+        raise CliError(
+            f"{path} belongs to another user; `tokenroute login` sets it aside",
+            code="credentials_unreadable",
+            next="tokenroute login",
+        )
     text = read_text_file(path)
     if text is None:
-        return None
+        return {}
     import json
 
     try:
-        creds = json.loads(text)
+        data = json.loads(text)
     except (ValueError, RecursionError):
-        creds = None
-    if not is_valid_login(creds):
+        data = None
+    logins = logins_in(data)
+    if logins is None:
         raise CliError(
-            f"{path} is damaged; logging in again replaces it",
+            f"{path} is damaged; `tokenroute login` sets it aside and logs in again",
             code="credentials_corrupt",
             next="tokenroute login",
         )
-    return creds
+    return logins
+
+
+def logins_in(data: object) -> dict[str, dict[str, Any]] | None:
+    """The logins of a credentials.json of any release, None when it is damaged."""
+    if not isinstance(data, dict):
+        return None
+    if data.get("version") == STORE_VERSION:
+        logins = data.get("logins")
+        if not isinstance(logins, dict):
+            return None
+        valid = all(is_valid_login(login) and login["api_url"] == url for url, login in logins.items())
+        return logins if valid else None
+    if not (data.keys() >= EARLIER_FIELDS or "api_url" in data):
+        return None
+    login = earlier_login(data, data.get("api_url") or "")  # 0.1.0's, or this release's before version 2
+    return {login["api_url"]: login} if is_valid_login(login) else None
+
+
+EARLIER_FIELDS = {"access_token", "refresh_token", "expires_at", "issuer", "client_id"}  # 0.1.0 wrote all, some null
+
+
+STORE_VERSION = 2
+
+
+def earlier_login(data: dict[str, Any], api_url: str) -> dict[str, Any]:
+    """A login of 0.1.0 or 0.2.0 in this release's shape; its nulls mean unknown."""
+    expires_at = data.get("expires_at")
+    return {
+        "api_url": canonical_url(api_url) or "" if api_url else "",
+        "access_token": data.get("access_token"),
+        "refresh_token": data.get("refresh_token") or "",
+        "expires_at": expires_at if isinstance(expires_at, (int, float)) else 0,
+        "token_endpoint": data.get("token_endpoint") or "",
+        "client_id": data.get("client_id") or "",
+        "resource": data.get("resource") or api_url,
+    }
 
 
 def is_valid_login(creds: object) -> bool:
     if not isinstance(creds, dict):
         return False
-    texts = all(isinstance(creds.get(name), str) and is_header_safe(creds[name]) for name in CREDENTIAL_FIELDS)
+    texts = all(
+        isinstance(creds.get(name), str)
+        and (is_header_safe(creds[name]) or (creds[name] == "" and (name in DISCOVERED_FIELDS or not creds["api_url"])))
+        for name in CREDENTIAL_FIELDS
+    )
     refresh_token = creds.get("refresh_token")  # "" when the provider granted no offline_access
     refreshable = refresh_token == "" or (isinstance(refresh_token, str) and is_header_safe(refresh_token))
     expires_at = creds.get("expires_at")
@@ -333,21 +516,33 @@ def is_valid_login(creds: object) -> bool:
     return texts and refreshable and dated
 
 
+def write_logins(ctx: Context, logins: dict[str, dict[str, Any]]) -> None:
+    """Replace the stored logins (hold the lock); none left removes the file."""
+    if logins:
+        write_private_file(ctx, credentials_path(ctx), json_text({"version": STORE_VERSION, "logins": logins}))
+    else:
+        remove_file(credentials_path(ctx))
+
+
 def require_credentials(ctx: Context, api_url: str) -> dict[str, Any]:
-    creds = load_credentials(ctx)
-    if creds is None:
-        raise not_logged_in()
-    if creds["api_url"] != api_url:  # the token was issued for another gateway
-        raise CliError(
-            f"logged in to {creds['api_url']}, not {api_url}",
-            code="auth_required",
-            next="tokenroute login",
-        )
-    return creds
+    """The login for this gateway, or the error that says how to get one."""
+    adopt_earlier_releases(ctx, api_url)
+    logins = read_logins(ctx)
+    if api_url in logins:
+        return logins[api_url]
+    others = ", ".join(url for url in logins if url)
+    elsewhere = f" (logged in to {others}; set TOKENROUTE_API_URL to use it)" if others else ""
+    raise CliError(f"not logged in to {api_url}{elsewhere}", code="auth_required", next="tokenroute login")
 
 
-def save_credentials(ctx: Context, creds: dict[str, Any]) -> None:
-    write_private_file(ctx, credentials_path(ctx), json_text(creds))
+def save_login(ctx: Context, creds: dict[str, Any]) -> None:
+    """Store one gateway's login next to the others' (hold the lock)."""
+    try:
+        logins = read_logins(ctx)
+    except CliError:  # a damaged file: `login` set it aside; a refresh reaches here only after reading it
+        logins = {}
+    logins[creds["api_url"]] = creds
+    write_logins(ctx, logins)
 
 
 def is_header_safe(value: str) -> bool:
@@ -358,17 +553,68 @@ def is_plausible_key(key: str) -> bool:
     return key.startswith(KEY_PREFIX) and len(key) > len(KEY_PREFIX) and set(key) <= KEY_CHARS and len(key) <= 200
 
 
-def resolve_api_key(ctx: Context, flag: str | None) -> tuple[str, str]:
-    """The API key for /v1 calls and where it came from: --key, env, then the cache."""
+def read_key_cache(ctx: Context) -> dict[str, tuple[str, str]]:
+    """Cached keys by gateway, as (key, id); "" is an earlier release's bare key."""
+    keys = {}
+    for line in (read_text_file(last_key_path(ctx)) or "").splitlines():
+        words = line.split()
+        if len(words) == 1 and is_plausible_key(words[0]):
+            keys[""] = (words[0], "")
+        elif len(words) == 3 and not line.startswith("#"):
+            keys[words[0]] = (words[1], words[2])
+    return keys
+
+
+def write_key_cache(ctx: Context, keys: dict[str, tuple[str, str]]) -> None:
+    """Replace the cached keys (hold the lock); none left removes the file."""
+    if not keys:
+        remove_file(last_key_path(ctx))
+        return
+    lines = [KEY_CACHE_HEADER] + [f"{url} {key} {key_id or '-'}" for url, (key, key_id) in keys.items() if url]
+    write_private_file(ctx, last_key_path(ctx), "\n".join(lines) + "\n")
+
+
+KEY_CACHE_HEADER = "# tokenroute: the newest API key created on each gateway (gateway, key, key id)"
+
+
+def cache_key(ctx: Context, api_url: str, key: str, key_id: str) -> None:
+    with CredentialsLock(ctx):
+        keys = read_key_cache(ctx)
+        keys[api_url] = (key, key_id if is_header_safe(key_id) else "-")
+        write_key_cache(ctx, keys)
+
+
+def forget_cached_key(ctx: Context, api_url: str, *, key_id: str | None = None, prefix: str | None = None) -> bool:
+    """Drop this gateway's cached key (only if it is `key_id` or starts with `prefix`, when given)."""
+    with CredentialsLock(ctx):
+        keys = read_key_cache(ctx)
+        key, cached_id = keys.get(api_url, ("", ""))
+        matches = key and (
+            (key_id is None and prefix is None)
+            or (key_id is not None and key_id == cached_id)
+            or (cached_id == "-" and prefix is not None and len(prefix) > len(KEY_PREFIX) and key.startswith(prefix))
+        )
+        if matches:
+            del keys[api_url]
+            write_key_cache(ctx, keys)
+        return bool(matches)
+
+
+def resolve_api_key(ctx: Context, flag: str | None, api_url: str) -> tuple[str, str]:
+    """The API key for /v1 calls and where it came from: --key, env, then this gateway's cached key."""
     if flag is not None:
         key, source = flag.strip(), "--key"
     elif ctx.env.get("TOKENROUTE_API_KEY"):
         key, source = ctx.env["TOKENROUTE_API_KEY"].strip(), "TOKENROUTE_API_KEY"
     else:
-        key, source = (read_text_file(last_key_path(ctx)) or "").strip(), last_key_path(ctx)
+        adopt_earlier_releases(ctx, api_url)
+        keys = read_key_cache(ctx)
+        key, source = keys.get(api_url, ("", ""))[0], last_key_path(ctx)
         if not key:
+            others = ", ".join(url for url in keys if url)
+            elsewhere = f" (the cached keys are for {others})" if others else ""
             raise CliError(
-                "no API key: pass --key, set TOKENROUTE_API_KEY, or create one",
+                f"no API key for {api_url}{elsewhere}: pass --key, set TOKENROUTE_API_KEY, or create one",
                 code="no_key",
                 next="tokenroute keys create --name NAME",
             )
@@ -383,6 +629,149 @@ def redact(text: str) -> str:
 
     text = re.sub(r"(sk[-_]tr[-_][A-Za-z0-9_-]{4})[A-Za-z0-9_-]*", r"\1...", text)
     return re.sub(r"(eyJ[A-Za-z0-9_-]{4})[A-Za-z0-9_.-]*", r"\1...", text)
+
+
+# ------------------------------------------------ earlier releases' files ---
+
+
+def adopt_earlier_releases(ctx: Context, api_url: str) -> None:
+    """Take over what tokenroute 0.1.0 and 0.2.0 left, for the gateway in use.
+
+    Their key files and 0.1.0's login record no gateway: like 0.2.0, this
+    gives them to the gateway that the first command after the upgrade talks
+    to. A login ends up in exactly one place, since a refresh token that two
+    programs hold is poison once one of them rotates it: 0.2.0's entry
+    leaves ~/.paradigx/auth.json, whose other products' entries stay as they
+    were. Of several keys the newest wins and the rest are dropped, so a key
+    revoked later cannot come back from an old file. Says once, on stderr.
+    """
+    if not earlier_release_files(ctx, api_url):
+        return
+    with CredentialsLock(ctx):
+        took = adopt_login(ctx, api_url) + adopt_key(ctx, api_url)
+        folder = config_dir(ctx)
+        if paradigx_dir(ctx) is not None and os.name == "posix" and os.stat(folder).st_mode & 0o077:
+            os.chmod(folder, 0o700)  # 0.1.0 made it with the umask, usually 0755
+            took.append(f"made {folder} private (0700)")
+    if took:
+        note(ctx, f"Upgraded from an earlier tokenroute, for {api_url}: {'; '.join(took)}.")
+
+
+def earlier_release_files(ctx: Context, api_url: str) -> bool:
+    """Whether anything of 0.1.0 or 0.2.0 is left (cheap: a few stats and small reads)."""
+    creds = peek_text_file(credentials_path(ctx))
+    keys = peek_text_file(last_key_path(ctx)) or ""
+    if (creds is not None and f'"version": {STORE_VERSION}' not in creds) or any(
+        len(line.split()) == 1 and is_plausible_key(line.strip()) for line in keys.splitlines()
+    ):
+        return True
+    shared = paradigx_dir(ctx)
+    if shared is None:
+        return False
+    auth = peek_text_file(os.path.join(shared, "auth.json")) or ""
+    try:
+        private = not os.stat(config_dir(ctx)).st_mode & 0o077 or os.name != "posix"
+    except OSError:
+        private = True
+    return not private or url_host(api_url) in auth.lower() or os.path.exists(os.path.join(shared, PARADIGX_KEY))
+
+
+PARADIGX_KEY = "tokenroute_last_key.txt"
+
+
+def adopt_login(ctx: Context, api_url: str) -> list[str]:
+    """Move an earlier release's login for this gateway into credentials.json (under the lock)."""
+    try:
+        logins = read_logins(ctx)
+    except CliError:
+        return []  # a damaged file is reported by the command that needs it
+    taken = []
+    shared = shared_logins(ctx, api_url)
+    if api_url not in logins and shared is not None and shared[1]:
+        logins[api_url] = max(shared[1], key=lambda login: login["expires_at"])
+        taken.append(f"took over the login of tokenroute 0.2.0 ({shared[0]})")
+    earlier = logins.pop("", None)
+    if earlier is not None and api_url not in logins:
+        logins[api_url] = dict(earlier, api_url=api_url, resource=api_url)
+        taken.append(f"took over the login of tokenroute 0.1.0 ({credentials_path(ctx)})")
+    if earlier is not None or taken:
+        write_logins(ctx, logins)
+    if shared is not None and shared[1]:
+        remove_shared_logins(ctx, shared[0], api_url)
+    return taken
+
+
+def shared_logins(ctx: Context, api_url: str) -> tuple[str, list[dict[str, Any]]] | None:
+    """0.2.0's logins for this gateway in ~/.paradigx/auth.json, and that file's path."""
+    folder = paradigx_dir(ctx)
+    if folder is None:
+        return None
+    path = os.path.join(folder, "auth.json")
+    tokens = shared_tokens(peek_text_file(path))
+    if tokens is None:
+        return None
+    found = [earlier_login(entry, api_url) for entry in tokens.values() if is_tokenroute_entry(entry, api_url)]
+    return path, [login for login in found if is_valid_login(login)]
+
+
+def shared_tokens(text: str | None) -> dict[str, Any] | None:
+    import json
+
+    try:
+        data = json.loads(text or "null")
+    except (ValueError, RecursionError):
+        return None  # not ours to judge: another product may own the damage
+    tokens = data.get("tokens") if isinstance(data, dict) else None
+    return tokens if isinstance(tokens, dict) else None
+
+
+def is_tokenroute_entry(entry: object, api_url: str) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("api_url"), str) and canonical_url(entry["api_url"]) == api_url
+
+
+def remove_shared_logins(ctx: Context, path: str, api_url: str) -> None:
+    """Rewrite auth.json without this gateway's entries: atomically, in its own mode,
+    every other entry as it was (0.2.0 wrote it with indent 2, as this does)."""
+    import json
+
+    text = read_text_file(path) or ""
+    data = json.loads(text)
+    data["tokens"] = {name: entry for name, entry in data["tokens"].items() if not is_tokenroute_entry(entry, api_url)}
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except OSError as exc:
+        raise file_error("cannot read", path, exc) from None
+    replace_file(path, json.dumps(data, indent=2) + ("\n" if text.endswith("\n") else ""), mode=mode)
+
+
+def adopt_key(ctx: Context, api_url: str) -> list[str]:
+    """Give the newest of the earlier releases' cached keys to this gateway (under the lock)."""
+    keys = read_key_cache(ctx)
+    found = []
+    if "" in keys:
+        found.append((file_time(last_key_path(ctx)), keys.pop("")[0], last_key_path(ctx)))
+    folder = paradigx_dir(ctx)
+    shared = os.path.join(folder, PARADIGX_KEY) if folder else None
+    shared_key = (peek_text_file(shared) or "").strip() if shared else ""
+    if is_plausible_key(shared_key):
+        found.append((file_time(shared) + 0.001, shared_key, shared))  # a tie goes to 0.2.0's newer copy
+    taken = []
+    newest = max(found) if found else None
+    if newest is not None and api_url not in keys:
+        keys[api_url] = (newest[1], "-")
+        taken.append(f"took over the cached API key {redact(newest[1])} ({newest[2]})")
+    if found:
+        write_key_cache(ctx, keys)
+    if shared and os.path.exists(shared):
+        remove_file(shared)
+    return taken
+
+
+def file_time(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 class CredentialsLock:
@@ -447,6 +836,8 @@ def lock_function() -> Callable[[int], bool] | None:
 
 
 def is_loopback(host: str) -> bool:
+    """Whether `host` (a name, an IP address, or an IPv6 literal in brackets) is this machine."""
+    host = host[1:-1] if host.startswith("[") else host
     if host == "localhost":
         return True
     import ipaddress
@@ -468,6 +859,8 @@ def check_url(url: str) -> tuple[str, str]:
         raise CliError(f"not a valid URL: {sanitize(url)!r}") from None
     if parts.scheme not in ("https", "http") or not host:
         raise CliError(f"not an http(s) URL: {sanitize(url)!r}")
+    if (canonical_ipv6(host) if ":" in host else canonical_host(host)) is None:
+        raise CliError(f"{sanitize(host)!r} in {sanitize(url)!r} is not a valid host name")
     if parts.scheme == "http" and not is_loopback(host):
         raise CliError(
             f"refusing to talk to {host} over plain http (credentials would travel unencrypted); use https",
@@ -533,7 +926,10 @@ def send(
 
     def attempt() -> Response:
         return within_deadline(
-            lambda: exchange(opener, method, url, data, headers, timeout=max(0.01, deadline - ctx.now()), host=host),
+            lambda: exchange(
+                opener, method, url, data, headers,
+                timeout=max(0.01, deadline - ctx.now()), host=host, proxied=bool(proxy_settings(ctx.env)),
+            ),
             seconds=deadline - ctx.now(),
             host=host,
         )
@@ -554,16 +950,21 @@ def send(
 
 def wait_before_retry(ctx: Context, attempt: int, retry_after: str | None, deadline: float) -> bool:
     """Sleep before the next attempt; False when the deadline leaves no room."""
-    delay = 0.5 * 2 ** (attempt - 1)
-    if retry_after is not None:
-        try:
-            delay = max(0.0, min(float(retry_after), MAX_RETRY_AFTER))
-        except ValueError:
-            pass  # an HTTP date or garbage: keep the backoff
+    asked = retry_after_seconds(retry_after)
+    delay = 0.5 * 2 ** (attempt - 1) if asked is None else min(asked, MAX_RETRY_AFTER)
     if ctx.now() + delay >= deadline:
         return False
     ctx.sleep(delay)
     return True
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After in seconds; None when absent, an HTTP date or garbage (keep the backoff)."""
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return max(0.0, seconds) if seconds is not None and seconds == seconds else None
 
 
 def build_opener(ctx: Context, scheme: str, host: str) -> Any:
@@ -649,6 +1050,7 @@ def exchange(
     *,
     timeout: float,
     host: str,
+    proxied: bool,
 ) -> Response:
     import http.client
     import socket
@@ -676,8 +1078,10 @@ def exchange(
         raise connection_error(host, exc) from None
     except (http.client.HTTPException, OSError) as exc:
         raise network_error(f"connection to {host} failed: {describe(exc)}") from None
-    except ValueError:  # urllib's verdict on a malformed *_proxy URL, which may hold a password
-        raise CliError("a proxy variable (HTTPS_PROXY, HTTP_PROXY, ...) holds a malformed URL", code="config") from None
+    except ValueError:  # a malformed host, or a malformed *_proxy URL (which may hold a password: never shown)
+        if proxied:
+            raise CliError("a proxy variable (HTTPS_PROXY, HTTP_PROXY, ...) holds a malformed URL", code="config") from None
+        raise CliError(f"{sanitize(host)} is not a valid host name") from None
 
 
 def connection_error(host: str, reason: object) -> CliError:
@@ -690,9 +1094,9 @@ def connection_error(host: str, reason: object) -> CliError:
             "behind a proxy with its own CA, set SSL_CERT_FILE to its certificate bundle"
         )
     if isinstance(reason, socket.gaierror):
-        return network_error(f"cannot resolve {host}: check your network or TOKENROUTE_API_URL")
+        return network_error(f"cannot resolve {host}: check your network and the gateway URL")
     if isinstance(reason, ConnectionRefusedError):
-        return network_error(f"connection refused by {host}: is the gateway up and TOKENROUTE_API_URL right?")
+        return network_error(f"connection refused by {host}: is the gateway up and its URL right?")
     if isinstance(reason, (socket.timeout, TimeoutError)):
         return network_error(f"timed out waiting for {host} (TOKENROUTE_TIMEOUT to wait longer)")
     return network_error(f"cannot reach {host}: {describe(reason)}")
@@ -726,14 +1130,14 @@ def error_from_response(response: Response, *, account: bool, secret: str | None
     if status >= 500:
         return server_error(f"the gateway failed: {message}", status=status)
     code, next_command = {
-        401: ("auth_required", "tokenroute login" if account else None),
+        401: ("auth_required", "tokenroute login") if account else ("invalid_key", "tokenroute keys create --name NAME"),
         402: ("insufficient_balance", "tokenroute topup --amount 5"),
         403: ("forbidden", None),
         404: ("not_found", None),
         429: ("rate_limited", None),
     }.get(status, ("invalid_input", None))
-    if status == 401 and not account:
-        message += "; check the key (tokenroute keys list) or pass another with --key"
+    if status == 401 and not account:  # logging in does not fix an API key
+        message += "; the gateway rejected the API key (revoked or unknown): pass another with --key, or create one"
     if status == 429 and response.headers.get("Retry-After"):
         message += f"; retry after {sanitize(response.headers['Retry-After'])[:20]} s"
     return CliError(message, code=code, next=next_command, status=status)
@@ -846,18 +1250,26 @@ def fresh_access_token(ctx: Context, creds: dict[str, Any], *, rejected: str | N
     """
     if rejected is None and not expiring(ctx, creds):
         return creds["access_token"]
-    with CredentialsLock(ctx):
-        current = require_credentials(ctx, creds["api_url"])
+    with CredentialsLock(ctx):  # `logout` takes it too: a logged-out login is never written back
+        current = read_logins(ctx).get(creds["api_url"])
+        if current is None:
+            raise not_logged_in()
         if current["access_token"] != rejected and not expiring(ctx, current):
             return current["access_token"]
         refreshed = refresh_credentials(ctx, current)
-        save_credentials(ctx, refreshed)
+        try:
+            save_login(ctx, refreshed)
+        except CliError as error:  # a full disk: the token works now, its rotated refresh token is lost
+            note(ctx, f"warning: {error.message}; the next command will need `tokenroute login`")
         return refreshed["access_token"]
 
 
 def refresh_credentials(ctx: Context, creds: dict[str, Any]) -> dict[str, Any]:
     if not creds["refresh_token"]:  # the provider granted no offline_access
         raise session_expired()
+    if not creds["token_endpoint"] or not creds["client_id"]:  # a login taken over from 0.1.0
+        found = discover(ctx, creds["api_url"])
+        creds = dict(creds, token_endpoint=found["token_endpoint"], client_id=creds["client_id"] or found["client_id"])
     response = send(
         ctx,
         "POST",
@@ -980,14 +1392,18 @@ def poll_device_flow(
                 },
             )
         except CliError as exc:
-            if exc.exit_code == EXIT_NETWORK:
-                continue
-            raise
-        answer = response.json()
+            if exc.exit_code != EXIT_NETWORK:
+                raise
+            response = None
+        answer = response.json() if response is not None else None
         answer = answer if isinstance(answer, dict) else {}
-        if response.status == 200 and is_token(answer.get("access_token")):
+        if response is not None and response.status == 200 and is_token(answer.get("access_token")):
             return answer
-        if response.status >= 500:
+        if response is None or response.status == 429 or response.status >= 500:
+            # Unreachable, rate limited or failing: back off, and keep polling until the code expires.
+            interval = min(interval * 2, MAX_POLL_INTERVAL)
+            wait = retry_after_seconds(response.headers.get("Retry-After") if response is not None else None)
+            next_poll = ctx.now() + max(interval, min(wait or 0.0, MAX_POLL_INTERVAL))
             continue
         error = answer.get("error")
         if error == "authorization_pending":
@@ -1095,21 +1511,17 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
         raise CliError("--no-wait starts a login and --resume finishes one: give one of them", code="usage")
     if args.resume:
         return resume_login(args, ctx, api_url)
-    try:
-        creds = load_credentials(ctx)
-    except CliError as error:
-        if error.code != "credentials_corrupt":
-            raise
-        creds = None  # logging in replaces a damaged file
-    if creds is not None and creds["api_url"] == api_url and not args.force and login_still_valid(ctx, api_url):
+    creds = usable_login(ctx, api_url)
+    if creds is not None and not args.force and login_still_valid(ctx, api_url):
         if args.json:
             render_json(ctx, {"status": "logged_in", "api_url": api_url})
         else:
             ctx.stdout.write(f"OK already logged in to {api_url} (tokenroute login --force to log in again)\n")
         return EXIT_OK
+    check_writable(ctx)  # before a person approves a code whose login could not be saved
     pending = start_device_flow(ctx, api_url)
     if args.no_wait:
-        write_private_file(ctx, pending_login_path(ctx), json_text(pending))
+        save_pending_login(ctx, pending)
         render_pending(ctx, args, pending, out=ctx.stdout)
         return EXIT_OK
     render_pending(ctx, args, pending, out=ctx.stderr)
@@ -1119,10 +1531,41 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
     return finish_login(args, ctx, pending, answer)
 
 
+def usable_login(ctx: Context, api_url: str) -> dict[str, Any] | None:
+    """This gateway's stored login, None when there is none; a credentials file
+    that cannot be used (damaged, unreadable, a folder, another user's) is set
+    aside, so that `login` always gets the user out."""
+    try:
+        return require_credentials(ctx, api_url)
+    except CliError as error:
+        if error.code in ("credentials_corrupt", "credentials_unreadable"):
+            set_aside(ctx, credentials_path(ctx), f"could not be used ({error.message.partition('; ')[0]})")
+        elif error.code != "auth_required":
+            raise
+    return None
+
+
+def check_writable(ctx: Context) -> None:
+    """Fail now, not after the approval, when the login could not be saved."""
+    probe = os.path.join(ensure_config_dir(ctx), f".probe.{os.getpid()}.tmp")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.remove(probe)
+    except OSError as exc:
+        raise file_error("cannot write in", config_dir(ctx), exc) from None
+
+
+def save_pending_login(ctx: Context, pending: dict[str, Any]) -> None:
+    path = pending_login_path(ctx)
+    if os.path.isdir(path) or not is_own_file(path):
+        set_aside(ctx, path, "could not be used")
+    write_private_file(ctx, path, json_text(pending))
+
+
 def load_pending_login(ctx: Context, api_url: str) -> dict[str, Any]:
     import json
 
-    text = read_text_file(pending_login_path(ctx))
+    text = peek_text_file(pending_login_path(ctx))  # a damaged one is replaced by `login --no-wait`
     try:
         pending = json.loads(text) if text else None
     except (ValueError, RecursionError):
@@ -1181,7 +1624,8 @@ def resume_login(args: argparse.Namespace, ctx: Context, api_url: str) -> int:
 
 
 def finish_login(args: argparse.Namespace, ctx: Context, pending: dict[str, Any], answer: dict[str, Any]) -> int:
-    save_credentials(ctx, credentials_from_grant(ctx, pending, answer))
+    with CredentialsLock(ctx):
+        save_login(ctx, credentials_from_grant(ctx, pending, answer))
     if args.json:
         render_json(ctx, {"status": "logged_in", "api_url": pending["api_url"]})
     else:
@@ -1216,12 +1660,31 @@ def render_pending(ctx: Context, args: argparse.Namespace, pending: dict[str, An
 
 
 def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
-    removed = remove_file(credentials_path(ctx))
-    remove_file(pending_login_path(ctx))
+    """Forget this gateway's login (every gateway's with --all), under the refresh lock."""
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    adopt_earlier_releases(ctx, api_url)  # so no copy of its refresh token stays behind
+    with CredentialsLock(ctx):
+        try:
+            logins = read_logins(ctx)
+        except CliError:  # damaged: forgetting it is what the user asked for
+            logins = {api_url: {}} if args.all else {}
+            remove_file(credentials_path(ctx))
+        gone = list(logins) if args.all else [url for url in logins if url == api_url]
+        write_logins(ctx, {url: login for url, login in logins.items() if url not in gone})
+        remove_file(pending_login_path(ctx))
+        keys = read_key_cache(ctx)
+        if args.forget_key:
+            keys = {} if args.all else {url: key for url, key in keys.items() if url != api_url}
+            write_key_cache(ctx, keys)
+    kept = sorted(keys) if args.all else [url for url in keys if url == api_url]
     if args.json:
-        render_json(ctx, {"logged_out": removed})
-    else:
-        ctx.stdout.write("OK logged out\n" if removed else "Not logged in; nothing to do\n")
+        render_json(ctx, {"logged_out": bool(gone), "api_url": api_url, "cached_keys": kept})
+        return EXIT_OK
+    where = "every gateway" if args.all else api_url
+    ctx.stdout.write(f"OK logged out of {where}\n" if gone else f"Not logged in to {where}; nothing to do\n")
+    if kept:
+        note(ctx, f"An API key for {', '.join(kept)} stays cached in {last_key_path(ctx)} (env, test and models use it); "
+             f"forget it with `tokenroute logout{' --all' if args.all else ''} --forget-key`")
     return EXIT_OK
 
 
@@ -1234,7 +1697,7 @@ def cmd_whoami(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         render_json(ctx, me)
     else:
-        render_fields(ctx, me, ME_FIELDS)
+        render_fields(ctx, dict(me, gateway=api_url), (*ME_FIELDS, "gateway"))
     return EXIT_OK
 
 
@@ -1249,6 +1712,7 @@ def cmd_balance(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_keys_create(args: argparse.Namespace, ctx: Context) -> int:
+    """Create a key, cache it, then show it: a key that cannot be shown is never lost."""
     api_url, _ = api_url_setting(ctx, args.api_url)
     key = call_account(
         ctx, api_url, "POST", "/api/v1/me/keys", json_body={"name": args.name}, idempotency_key=os.urandom(16).hex()
@@ -1256,22 +1720,48 @@ def cmd_keys_create(args: argparse.Namespace, ctx: Context) -> int:
     raw = key.get("raw")
     if not isinstance(raw, str) or not raw:
         raise server_error("the gateway created a key but sent no raw value")
-    if args.json:
-        render_json(ctx, key)
+    key_id = sanitize(str(key.get("id", "")))
+    cached: CliError | None = None
+    if args.no_cache:
+        pass
+    elif not is_plausible_key(raw):  # shown all the same: it is the only copy
+        cached = server_error("the gateway sent a key that is not an sk-tr- token; not cached")
     else:
-        render_fields(ctx, key, ("id", "name", "key_prefix", "balance_usd", "status"))
-        ctx.stdout.write(f"key: {sanitize(raw)}\n")
+        try:
+            cache_key(ctx, api_url, raw, key_id)
+        except CliError as error:
+            cached = CliError(f"the key above was created but not cached: {error.message}", code=error.code)
+    try:
+        if args.json:
+            render_json(ctx, key)
+        else:
+            render_fields(ctx, key, ("id", "name", "key_prefix", "balance_usd", "status"))
+            ctx.stdout.write(f"key: {sanitize(raw)}\n")
+        ctx.stdout.flush()
+    except (OSError, ValueError) as exc:  # stdout closed, or its reader left
+        raise undelivered_key(ctx, exc, key_id, cached=not args.no_cache and cached is None) from None
+    if cached is not None:
+        raise cached
     if args.no_cache:
         note(ctx, "Save this key now: it is shown only once (not cached: --no-cache).")
-        return EXIT_OK
-    if not is_plausible_key(raw):  # shown above all the same: it is the only copy
-        raise server_error("the gateway sent a key that is not an sk-tr- token; not cached")
-    try:
-        write_private_file(ctx, last_key_path(ctx), raw + "\n")
-    except CliError as exc:
-        raise CliError(f"the key above was created but not cached: {exc.message}", code=exc.code) from None
-    note(ctx, f"Save this key now: it is shown only once. Cached in {last_key_path(ctx)} for env, test and models.")
+    else:
+        note(ctx, f"Save this key now: it is shown only once. Cached in {last_key_path(ctx)} for env, test and models.")
     return EXIT_OK
+
+
+def undelivered_key(ctx: Context, exc: Exception, key_id: str, *, cached: bool) -> CliError:
+    reason = describe(exc)
+    if cached:
+        return CliError(
+            f"the new key could not be printed ({reason}); it is cached in {last_key_path(ctx)}",
+            code="output_failed",
+        )
+    return CliError(
+        f"the new key {key_id} could not be printed ({reason}) and was not cached: it was delivered nowhere; "
+        f"revoke it",
+        code="output_failed",
+        next=f"tokenroute keys revoke {key_id}",
+    )
 
 
 KEY_COLUMNS = ("id", "name", "key_prefix", "status", "balance_usd", "created_at")
@@ -1297,10 +1787,14 @@ def cmd_keys_revoke(args: argparse.Namespace, ctx: Context) -> int:
     if args.id in (".", ".."):
         raise CliError(f"{args.id!r} is not a key id (see tokenroute keys list)")
     key = call_account(ctx, api_url, "DELETE", "/api/v1/me/keys/" + quote(args.id, safe=""))
+    prefix = key.get("key_prefix")
+    uncached = forget_cached_key(ctx, api_url, key_id=args.id, prefix=prefix if isinstance(prefix, str) else None)
     if args.json:
         render_json(ctx, key)
     else:
         ctx.stdout.write(f"OK revoked {show(key.get('id', args.id))} ({show(key.get('name'))})\n")
+    if uncached:
+        note(ctx, f"Removed it from the key cache ({last_key_path(ctx)}).")
     return EXIT_OK
 
 
@@ -1350,16 +1844,18 @@ SHELL_FORMATS = {
 
 def cmd_env(args: argparse.Namespace, ctx: Context) -> int:
     """Print the two variables an OpenAI SDK needs, nothing else on stdout."""
-    key, _ = resolve_api_key(ctx, args.key)
     api_url, _ = api_url_setting(ctx, args.api_url)
+    key, _ = resolve_api_key(ctx, args.key, api_url)
     if not is_env_safe(api_url):
         raise CliError("the API URL holds characters a shell or .env file would misread")
     variables = {"OPENAI_API_KEY": key, "OPENAI_BASE_URL": api_url + "/v1"}
     if args.json:
         render_json(ctx, variables)
         return EXIT_OK
-    line = SHELL_FORMATS["sh" if args.export and args.shell == "dotenv" else args.shell]
-    ctx.stdout.write("".join(line.format(name=n, value=v) + "\n" for n, v in variables.items()))
+    shell = "sh" if args.export and args.shell == "dotenv" else args.shell
+    line = SHELL_FORMATS[shell]
+    quote = shell in ("sh", "fish")  # zsh would glob the brackets of an IPv6 host; dotenv readers take them as is
+    ctx.stdout.write("".join(line.format(name=n, value=shell_word(v) if quote else v) + "\n" for n, v in variables.items()))
     return EXIT_OK
 
 
@@ -1367,13 +1863,18 @@ ENV_SAFE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ
 
 
 def is_env_safe(value: str) -> bool:
-    """Only characters that every shell and .env reader takes literally, unquoted."""
-    return bool(value) and set(value) <= ENV_SAFE_CHARS
+    """Only characters that every shell and .env reader takes literally (unquoted, or
+    single-quoted for a shell: the brackets of an IPv6 host)."""
+    return bool(value) and set(value) <= ENV_SAFE_CHARS | {"[", "]"}
+
+
+def shell_word(value: str) -> str:
+    return value if set(value) <= ENV_SAFE_CHARS else f"'{value}'"
 
 
 def cmd_test(args: argparse.Namespace, ctx: Context) -> int:
-    key, _ = resolve_api_key(ctx, args.key)
     api_url, _ = api_url_setting(ctx, args.api_url)
+    key, _ = resolve_api_key(ctx, args.key, api_url)
     completion = call_api(
         ctx,
         "POST",
@@ -1407,8 +1908,8 @@ MODEL_COLUMNS = ("id", "owned_by", "complexity_tier", "input_usd_per_1k", "outpu
 
 
 def cmd_models(args: argparse.Namespace, ctx: Context) -> int:
-    key, _ = resolve_api_key(ctx, args.key)
     api_url, _ = api_url_setting(ctx, args.api_url)
+    key, _ = resolve_api_key(ctx, args.key, api_url)
     listing = call_api(ctx, "GET", api_url + "/v1/models", key=key)
     models = listing.get("data")
     if not isinstance(models, list):
@@ -1488,12 +1989,12 @@ def check_login(ctx: Context, api_url: str) -> Check:
         me = call_account(ctx, api_url, "GET", "/api/v1/me")
     except CliError as error:
         return Check.failed("login", error)
-    return Check("login", "ok", f"logged in as {show(me.get('email'))} ({state}, {refreshable})")
+    return Check("login", "ok", f"logged in to {api_url} as {show(me.get('email'))} ({state}, {refreshable})")
 
 
 def check_api_key(ctx: Context, args: argparse.Namespace, api_url: str) -> Check:
     try:
-        key, source = resolve_api_key(ctx, args.key)
+        key, source = resolve_api_key(ctx, args.key, api_url)
     except CliError as error:
         if error.code != "no_key":
             return Check.failed("api key", error)
@@ -1697,7 +2198,11 @@ COMMANDS = (
         option("--resume", action="store_true", help="finish a login started with --no-wait"),
         option("--timeout", type=positive_seconds, metavar="SECONDS", help="with --resume: stop waiting after this long"),
     ),
-    Command("logout", cmd_logout, "forget the stored login", "tokenroute logout"),
+    Command(
+        "logout", cmd_logout, "forget this gateway's login", "tokenroute logout --all",
+        option("--all", action="store_true", help="forget the logins of every gateway"),
+        option("--forget-key", action="store_true", help="forget the cached API key too"),
+    ),
     Command("whoami", cmd_whoami, "show the current user and balance", "tokenroute whoami --json"),
     Command(
         "keys create", cmd_keys_create, "create an sk-tr-* API key (shown once)", "tokenroute keys create --name laptop",
@@ -1927,22 +2432,62 @@ def main(argv: Sequence[str] | None = None, ctx: Context | None = None) -> int:
     ctx = ctx or Context.from_process()
     as_json = "--json" in argv or env_flag(ctx.env.get("TOKENROUTE_JSON"))
     try:
+        check_text(argv, ctx.env)
         args = parse_args(argv, ctx)
         args.json = args.json or as_json
-        return args.func(args, ctx)
+        code = args.func(args, ctx)
+        ctx.stdout.flush()  # here, so a failing stdout is reported, not left to Python's exit
+        return code
     except SystemExit as done:  # argparse after --help or --version
         return done.code if isinstance(done.code, int) else EXIT_OK
     except CliError as error:
+        if error.code == "output_failed":
+            release_stdout(ctx)
         report(ctx, error, as_json=as_json)
         return error.exit_code
     except KeyboardInterrupt:
         report(ctx, CliError("interrupted", code="interrupted", exit_code=EXIT_INTERRUPTED), as_json=as_json)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # `tokenroute keys list | head -1`: the reader left; end quietly.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+    except BrokenPipeError:  # `tokenroute keys list | head -1`: the reader left; end quietly
+        release_stdout(ctx)
         return EXIT_OK
+    except (OSError, ValueError) as exc:  # only output reaches here (files raise CliError): stdout is closed
+        release_stdout(ctx)
+        report(ctx, CliError(f"cannot write the output: {describe(exc)}", code="output_failed"), as_json=as_json)
+        return EXIT_USER
+
+
+def release_stdout(ctx: Context) -> None:
+    """Point a failed stdout at the null device, so Python's flush at exit cannot fail again."""
+    if ctx.stdout is not sys.stdout:
+        return
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass  # no file descriptor: nothing is flushed to it at exit
+
+
+def check_text(argv: Sequence[str], env: Mapping[str, str]) -> None:
+    """Arguments and settings must be text: invalid UTF-8 arrives as lone
+    surrogates that no server, file or terminal should receive. (Words after
+    `--` are left alone: they may belong to another program.)"""
+    for word in argv[: argv.index("--")] if "--" in argv else argv:
+        if not is_utf8(word):
+            raise CliError(f"the argument {word.encode('utf-8', 'replace').decode()!r} is not valid UTF-8 text")
+    for name in TEXT_SETTINGS:
+        if not is_utf8(env.get(name, "")):
+            raise CliError(f"{name} is not valid UTF-8 text", code="config")
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+TEXT_SETTINGS = ("TOKENROUTE_API_URL", "TOKENROUTE_API_KEY", "TOKENROUTE_TIMEOUT", "TOKENROUTE_JSON")
 
 
 if __name__ == "__main__":

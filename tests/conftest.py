@@ -115,10 +115,31 @@ class Cli:
             "client_id": "tokenroute-cli",
             "resource": self.gateway.resource,
         }
-        self.config_dir.mkdir(mode=0o700, exist_ok=True)
-        self.credentials.write_text(json.dumps(creds))
-        self.credentials.chmod(0o600)
+        self.write_login(creds)
         return creds
+
+    def write_login(self, creds: dict[str, Any]) -> None:
+        """Store `creds` as the gateway's login in credentials.json, as tokenroute writes it."""
+        self.config_dir.mkdir(mode=0o700, exist_ok=True)
+        self.credentials.write_text(json.dumps({"version": 2, "logins": {self.gateway.url: creds}}, indent=2))
+        self.credentials.chmod(0o600)
+
+    def stored_login(self) -> dict[str, Any]:
+        """The gateway's login as credentials.json holds it."""
+        return json.loads(self.credentials.read_text())["logins"][self.gateway.url]
+
+    def cache_key(self, key: str, key_id: str = "-") -> None:
+        """Cache `key` for the gateway in last_key.txt, as `keys create` does."""
+        self.config_dir.mkdir(mode=0o700, exist_ok=True)
+        self.last_key.write_text(f"# cached keys\n{self.gateway.url} {key} {key_id}\n")
+        self.last_key.chmod(0o600)
+
+    def cached_key(self) -> str | None:
+        """The key last_key.txt holds for the gateway, None when it holds none."""
+        if not self.last_key.exists():
+            return None
+        lines = [line.split() for line in self.last_key.read_text().splitlines() if not line.startswith("#")]
+        return next((words[1] for words in lines if words[0] == self.gateway.url), None)
 
     def script(self, *argv: str, env: dict[str, str] | None = None, timeout: float = 60) -> Result:
         """Run the installed console script in a subprocess."""

@@ -15,6 +15,7 @@ import argparse
 import json
 import re
 import secrets
+import socket
 import string
 import sys
 import threading
@@ -223,6 +224,10 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+class _Server6(_Server):
+    address_family = socket.AF_INET6  # host "::1": an IPv6 literal in the URL
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"  # one request per connection: no client waits on keep-alive
     server: _Server
@@ -276,9 +281,9 @@ class _ServerThread:
     """A _Server serving on a daemon thread."""
 
     def __init__(self, app: Any, host: str, port: int) -> None:
-        self._server = _Server((host, port), _Handler)
+        self._server = (_Server6 if ":" in host else _Server)((host, port), _Handler)
         self._server.app = app
-        self.url = "http://%s:%d" % (host, self._server.server_address[1])
+        self.url = "http://%s:%d" % ("[%s]" % host if ":" in host else host, self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.01},
                                         daemon=True)
         self._thread.start()

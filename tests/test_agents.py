@@ -218,7 +218,7 @@ def test_resume_after_approval_logs_in_and_removes_the_pending_code(cli: Cli, ga
     gateway.approve()
     result = cli.run("login", "--resume")
     assert (result.code, result.out) == (0, "OK logged in\n")
-    assert json.loads(cli.credentials.read_text())["api_url"] == gateway.url
+    assert cli.stored_login()["api_url"] == gateway.url
     assert files_holding(cli, code) == []
     assert cli.run("whoami").code == 0
 
@@ -352,7 +352,7 @@ def test_login_force_starts_a_new_device_flow(cli: Cli, gateway: FakeGateway) ->
     result = cli.run("login", "--force")
     assert (result.code, result.out) == (0, "OK logged in\n")
     assert "/oidc/device/auth" in device_flow_requests(gateway)
-    assert json.loads(cli.credentials.read_text())["access_token"] != old["access_token"]
+    assert cli.stored_login()["access_token"] != old["access_token"]
 
 
 # ---------------------------------------------------------------- doctor
@@ -438,7 +438,7 @@ def test_doctor_refreshes_an_expired_access_token(cli: Cli, gateway: FakeGateway
     assert result.code == 0, result
     assert check(report, "login")["status"] == "ok"
     assert gateway.refresh_count == 1
-    assert json.loads(cli.credentials.read_text())["access_token"] != old["access_token"]
+    assert cli.stored_login()["access_token"] != old["access_token"]
 
 
 def test_doctor_reports_a_rejected_api_key(cli: Cli) -> None:
@@ -465,7 +465,7 @@ def test_doctor_names_the_key_from_the_env(cli: Cli, api_key: str) -> None:
 
 def test_doctor_names_the_key_from_the_cache(cli: Cli, api_key: str) -> None:
     cli.config_dir.mkdir(mode=0o700)
-    cli.last_key.write_text(api_key + "\n")
+    cli.cache_key(api_key)
     cli.last_key.chmod(0o600)
     _, report = doctor(cli)
     item = check(report, "api key")

@@ -74,7 +74,7 @@ def days_ago(days: int) -> float:
 
 
 def stored(cli: Any) -> dict[str, Any]:
-    return json.loads(cli.credentials.read_text())
+    return cli.stored_login()
 
 
 def login_prompt(gateway: Any, user_code: str) -> str:
@@ -295,7 +295,7 @@ def test_login_without_refresh_token_still_works(cli, gateway):
 
 def test_expired_login_without_refresh_token_asks_for_login(cli, gateway):
     creds = cli.login(expires_in=0)
-    cli.credentials.write_text(json.dumps(dict(creds, refresh_token="")))
+    cli.write_login(dict(creds, refresh_token=""))
 
     result = cli.run("whoami")
 
@@ -379,15 +379,15 @@ def test_logout_removes_credentials(cli, gateway):
 
     result = cli.run("logout")
 
-    assert (result.code, result.out) == (0, "OK logged out\n")
+    assert (result.code, result.out) == (0, f"OK logged out of {gateway.url}\n")
     assert not cli.credentials.exists()
     assert gateway.requests == []
 
 
-def test_logout_when_logged_out_exits_0(cli):
+def test_logout_when_logged_out_exits_0(cli, gateway):
     result = cli.run("logout")
 
-    assert (result.code, result.out) == (0, "Not logged in; nothing to do\n")
+    assert (result.code, result.out) == (0, f"Not logged in to {gateway.url}; nothing to do\n")
 
 
 def test_commands_after_logout_ask_for_login(cli, gateway):
@@ -397,7 +397,7 @@ def test_commands_after_logout_ask_for_login(cli, gateway):
     result = cli.run("whoami")
 
     assert result.code == 1
-    assert result.err == "error: not logged in; run `tokenroute login`\n"
+    assert result.err == f"error: not logged in to {gateway.url}; run `tokenroute login`\n"
     assert gateway.requests == []
 
 
@@ -477,7 +477,7 @@ def test_persistent_401_exits_1_with_login_hint(cli, gateway):
 
 def test_rejected_refresh_exits_1_session_expired(cli, gateway):
     creds = cli.login(expires_in=0)
-    cli.credentials.write_text(json.dumps(dict(creds, refresh_token="not-a-live-refresh-token")))
+    cli.write_login(dict(creds, refresh_token="not-a-live-refresh-token"))
 
     result = cli.run("whoami")
 
@@ -490,7 +490,7 @@ def test_rejected_refresh_exits_1_session_expired(cli, gateway):
 
 def test_rejected_refresh_json_error(cli, gateway):
     creds = cli.login(expires_in=0)
-    cli.credentials.write_text(json.dumps(dict(creds, refresh_token="not-a-live-refresh-token")))
+    cli.write_login(dict(creds, refresh_token="not-a-live-refresh-token"))
 
     result = cli.run("whoami", "--json")
 
@@ -503,7 +503,7 @@ def test_rejected_refresh_json_error(cli, gateway):
 
 def test_login_after_session_expired_starts_a_new_login(cli, gateway):
     creds = cli.login(expires_in=0)
-    cli.credentials.write_text(json.dumps(dict(creds, refresh_token="not-a-live-refresh-token")))
+    cli.write_login(dict(creds, refresh_token="not-a-live-refresh-token"))
     assert cli.run("whoami").err == "error: session expired; run `tokenroute login`\n"
     on_poll(cli, 1, gateway.approve)
 
@@ -530,6 +530,7 @@ def test_whoami_human(cli, gateway, api_key):
         "logto_sub:    logto_xyz\n"
         "balance_usd:  5.00\n"
         "status:       active\n"
+        f"gateway:      {gateway.url}\n"
     )
     assert result.err == ""
 
@@ -610,7 +611,7 @@ def test_keys_create_shows_raw_once_and_caches_it(cli, gateway):
     assert result.err == (
         f"Save this key now: it is shown only once. Cached in {cli.last_key} for env, test and models.\n"
     )
-    assert cli.last_key.read_text() == key["raw"] + "\n"
+    assert cli.cached_key() == key["raw"]
     request = sent(gateway, "POST", "/api/v1/me/keys")[0]
     assert request.json == {"name": "laptop"}
     assert request.header("Content-Type") == "application/json"
@@ -626,7 +627,7 @@ def test_keys_create_json_returns_the_new_key(cli, gateway):
     key = next(k for k in gateway.keys.values() if k["name"] == "fieryeye")
     assert result.json() == key
     assert result.json()["raw"].startswith("sk-tr-")
-    assert cli.last_key.read_text() == key["raw"] + "\n"
+    assert cli.cached_key() == key["raw"]
 
 
 def test_keys_create_no_cache_leaves_no_file(cli, gateway):
@@ -730,7 +731,8 @@ def test_revoked_key_exits_1(cli, gateway, api_key):
 
     assert (result.code, result.out) == (1, "")
     assert result.err == (
-        "error: Invalid API key; check the key (tokenroute keys list) or pass another with --key\n"
+        "error: Invalid API key; the gateway rejected the API key (revoked or unknown): pass another with --key, "
+        "or create one; run `tokenroute keys create --name NAME`\n"
     )
 
 
@@ -861,7 +863,7 @@ def test_no_key_exits_1_with_hint(cli, gateway, command):
 
     assert (result.code, result.out) == (1, "")
     assert result.err == (
-        "error: no API key: pass --key, set TOKENROUTE_API_KEY, or create one; "
+        f"error: no API key for {gateway.url}: pass --key, set TOKENROUTE_API_KEY, or create one; "
         "run `tokenroute keys create --name NAME`\n"
     )
     assert gateway.requests == []
@@ -884,7 +886,7 @@ def three_keys(cli, gateway):
     """One key for each source: --key, TOKENROUTE_API_KEY and last_key.txt."""
     flag, env, cached = (gateway.add_key(name=n)["raw"] for n in ("flag", "env", "cached"))
     cli.config_dir.mkdir(mode=0o700)
-    cli.last_key.write_text(cached + "\n")
+    cli.cache_key(cached)
     return {"flag": flag, "env": env, "cached": cached}
 
 
@@ -1294,7 +1296,7 @@ def test_script_keys_create_separates_key_from_note(cli, gateway):
     key = next(k for k in gateway.keys.values() if k["name"] == "laptop")
     assert result.json()["raw"] == key["raw"]
     assert result.err.startswith("Save this key now")
-    assert cli.last_key.read_text() == key["raw"] + "\n"
+    assert cli.cached_key() == key["raw"]
     assert mode(cli.last_key) == 0o600
 
 

@@ -562,7 +562,9 @@ def check_files(folder: Path, planted: dict[str, bytes], *, logout: bool) -> lis
     for name in ("credentials.json", "pending_login.json"):
         path = folder / name
         if not path.exists():
-            if name == "credentials.json" and name in planted and not looks_valid(planted[name]) and not logout:
+            set_aside = [p.read_bytes() for p in folder.glob(name + ".damaged-*") if p.is_file()]
+            damaged = name in planted and not looks_valid(planted[name])
+            if name == "credentials.json" and damaged and not logout and planted[name] not in set_aside:
                 problems.append(f"damaged {name} was deleted")
             continue
         content = path.read_bytes()
@@ -576,11 +578,19 @@ def check_files(folder: Path, planted: dict[str, bytes], *, logout: bool) -> lis
     last_key = folder / "last_key.txt"
     if last_key.exists():
         content = last_key.read_bytes()
-        if content != planted.get("last_key.txt") and not (
-            content.endswith(b"\n") and tokenroute.is_plausible_key(content[:-1].decode("utf-8", "replace"))
-        ):
+        if content != planted.get("last_key.txt") and not is_key_cache(content):
             problems.append(f"last_key.txt holds {content[:40]!r}")
     return problems
+
+
+def is_key_cache(content: bytes) -> bool:
+    """A header line, then "GATEWAY KEY ID" lines of plausible keys, newline-terminated."""
+    lines = content.decode("utf-8", "replace").split("\n")
+    rows = [line.split(" ") for line in lines[1:-1]]
+    return (
+        lines[0].startswith("# ") and lines[-1] == "" and len(lines) > 2
+        and all(len(row) == 3 and tokenroute.is_plausible_key(row[1]) for row in rows)
+    )
 
 
 def looks_valid(content: bytes) -> bool:
