@@ -554,9 +554,10 @@ def is_plausible_key(key: str) -> bool:
 
 
 def read_key_cache(ctx: Context) -> dict[str, tuple[str, str]]:
-    """Cached keys by gateway, as (key, id); "" is an earlier release's bare key."""
+    """Cached keys by gateway, as (key, id); "" is an earlier release's bare key.
+    An unreadable cache holds no usable key: the next `keys create` replaces it."""
     keys = {}
-    for line in (read_text_file(last_key_path(ctx)) or "").splitlines():
+    for line in (peek_text_file(last_key_path(ctx)) or "").splitlines():
         words = line.split()
         if len(words) == 1 and is_plausible_key(words[0]):
             keys[""] = (words[0], "")
@@ -609,7 +610,7 @@ def resolve_api_key(ctx: Context, flag: str | None, api_url: str) -> tuple[str, 
     else:
         adopt_earlier_releases(ctx, api_url)
         keys = read_key_cache(ctx)
-        key, source = keys.get(api_url, ("", ""))[0], last_key_path(ctx)
+        key, source = keys.get(api_url, keys.get("", ("", "")))[0], last_key_path(ctx)  # "": not taken over yet
         if not key:
             others = ", ".join(url for url in keys if url)
             elsewhere = f" (the cached keys are for {others})" if others else ""
@@ -647,12 +648,16 @@ def adopt_earlier_releases(ctx: Context, api_url: str) -> None:
     """
     if not earlier_release_files(ctx, api_url):
         return
-    with CredentialsLock(ctx):
-        took = adopt_login(ctx, api_url) + adopt_key(ctx, api_url)
-        folder = config_dir(ctx)
-        if paradigx_dir(ctx) is not None and os.name == "posix" and os.stat(folder).st_mode & 0o077:
-            os.chmod(folder, 0o700)  # 0.1.0 made it with the umask, usually 0755
-            took.append(f"made {folder} private (0700)")
+    try:
+        with CredentialsLock(ctx):
+            took = adopt_login(ctx, api_url) + adopt_key(ctx, api_url)
+            folder = config_dir(ctx)
+            if paradigx_dir(ctx) is not None and os.name == "posix" and os.stat(folder).st_mode & 0o077:
+                os.chmod(folder, 0o700)  # 0.1.0 made it with the umask, usually 0755
+                took.append(f"made {folder} private (0700)")
+    except (CliError, OSError) as error:  # a read-only home: the earlier files stay, and still serve
+        note(ctx, f"warning: could not take over the earlier release's files: {getattr(error, 'message', error)}")
+        return
     if took:
         note(ctx, f"Upgraded from an earlier tokenroute, for {api_url}: {'; '.join(took)}.")
 
@@ -1532,17 +1537,22 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def usable_login(ctx: Context, api_url: str) -> dict[str, Any] | None:
-    """This gateway's stored login, None when there is none; a credentials file
-    that cannot be used (damaged, unreadable, a folder, another user's) is set
-    aside, so that `login` always gets the user out."""
+    """This gateway's stored login, None when there is none."""
+    adopt_earlier_releases(ctx, api_url)
+    return replaceable_logins(ctx).get(api_url)
+
+
+def replaceable_logins(ctx: Context) -> dict[str, dict[str, Any]]:
+    """The stored logins, for `login` and `logout`: a credentials file that cannot
+    be used (damaged, unreadable, a folder, another user's) is set aside, so
+    that they always get the user out."""
     try:
-        return require_credentials(ctx, api_url)
+        return read_logins(ctx)
     except CliError as error:
-        if error.code in ("credentials_corrupt", "credentials_unreadable"):
-            set_aside(ctx, credentials_path(ctx), f"could not be used ({error.message.partition('; ')[0]})")
-        elif error.code != "auth_required":
+        if error.code not in ("credentials_corrupt", "credentials_unreadable"):
             raise
-    return None
+        set_aside(ctx, credentials_path(ctx), f"could not be used ({error.message.partition('; ')[0]})")
+        return {}
 
 
 def check_writable(ctx: Context) -> None:
@@ -1664,13 +1674,10 @@ def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
     api_url, _ = api_url_setting(ctx, args.api_url)
     adopt_earlier_releases(ctx, api_url)  # so no copy of its refresh token stays behind
     with CredentialsLock(ctx):
-        try:
-            logins = read_logins(ctx)
-        except CliError:  # damaged: forgetting it is what the user asked for
-            logins = {api_url: {}} if args.all else {}
-            remove_file(credentials_path(ctx))
+        logins = replaceable_logins(ctx)
         gone = list(logins) if args.all else [url for url in logins if url == api_url]
-        write_logins(ctx, {url: login for url, login in logins.items() if url not in gone})
+        if gone:
+            write_logins(ctx, {url: login for url, login in logins.items() if url not in gone})
         remove_file(pending_login_path(ctx))
         keys = read_key_cache(ctx)
         if args.forget_key:
