@@ -311,6 +311,33 @@ def test_a_tokenroute_python_older_than_3_9_is_an_error(package: Path, tmp_path:
     )
 
 
+def run_launcher_as_on_windows(package: Path, *args: str, env: dict[str, str], node: str,
+                               tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """The launcher believing it runs on Windows (process.platform), to test its Windows choices here."""
+    preload = tmp_path / "as-windows.js"
+    preload.write_text('Object.defineProperty(process, "platform", { value: "win32" });\n')
+    return subprocess.run(
+        [node, "-r", str(preload), str(package / "bin" / "tokenroute.js"), *args],
+        capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL,
+    )
+
+
+@posix_only
+def test_launcher_on_windows_runs_py_dash_3_first(
+    package: Path, bin_without_python: Path, tmp_path: Path
+) -> None:
+    tried = tmp_path / "py-args"
+    write_stub(bin_without_python / "py", f'#!/bin/sh\necho "$1" > "{tried}"\nshift\nexec "{sys.executable}" "$@"\n')
+    write_stub(bin_without_python / "python", "#!/bin/sh\necho wrong python\nexit 3\n")
+    env = clean_env(tmp_path, PATH=str(bin_without_python))
+
+    result = run_launcher_as_on_windows(package, "--version", env=env, node=str(bin_without_python / "node"),
+                                        tmp_path=tmp_path)
+
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"tokenroute {cli_version()}\n", "")
+    assert tried.read_text() == "-3\n"
+
+
 @posix_only
 def test_tokenroute_python_is_tried_first_and_started_once(
     package: Path, tmp_path: Path
