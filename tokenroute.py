@@ -147,8 +147,8 @@ def is_tty(stream: TextIO | None) -> bool:
 
 def prepare_output_stream(stream: TextIO) -> None:
     """Never raise on text the console cannot encode (cp1252 on Windows), and end
-    lines with LF everywhere: Windows would write CRLF, and a .env line read by
-    docker or sh would keep the CR in its value."""
+    lines with LF everywhere: Windows would write CRLF, and `sh` reading a .env
+    or `eval "$(tokenroute env --export)"` would keep the CR in a value."""
     if hasattr(stream, "reconfigure"):
         stream.reconfigure(errors="replace", newline="\n")
 
