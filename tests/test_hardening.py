@@ -1063,6 +1063,7 @@ def test_damaged_credentials_exit_1_naming_the_file_and_are_kept(cli, gateway, c
     assert gateway.requests == []
 
 
+@posix_modes
 @skip_as_root
 def test_unreadable_credentials_exit_1_naming_the_file_and_are_kept(cli, gateway):
     creds = cli.login()
@@ -1117,6 +1118,7 @@ def test_home_that_is_not_a_folder_is_a_clear_error(cli, gateway, tmp_path, argv
     assert str(not_a_folder) in result.err and "TOKENROUTE_CONFIG_DIR" in result.err
 
 
+@posix_modes
 @skip_as_root
 def test_read_only_config_dir_is_a_clear_error(cli, gateway):
     cli.login()
