@@ -126,8 +126,7 @@ class Context:
     @classmethod
     def from_process(cls) -> Context:
         for stream in (sys.stdout, sys.stderr):
-            if hasattr(stream, "reconfigure"):  # a cp1252 console never raises
-                stream.reconfigure(errors="replace")
+            prepare_output_stream(stream)
         return cls(
             env=os.environ,
             stdout=sys.stdout or ClosedStream(),  # None when started with stdout closed (>&-)
@@ -160,6 +159,14 @@ def is_tty(stream: TextIO | None) -> bool:
     return stream is not None and stream.isatty()
 
 
+def prepare_output_stream(stream: TextIO) -> None:
+    """Never raise on text the console cannot encode (cp1252 on Windows), and end
+    lines with LF everywhere: Windows would write CRLF, and `sh` reading a .env
+    or `eval "$(tokenroute env --export)"` would keep the CR in a value."""
+    if hasattr(stream, "reconfigure"):
+        stream.reconfigure(errors="replace", newline="\n")
+
+
 def open_in_system_browser(url: str) -> bool:
     graphical = sys.platform in ("darwin", "win32") or any(
         os.environ.get(name) for name in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER")
@@ -178,13 +185,20 @@ def config_dir(ctx: Context) -> str:
     explicit = ctx.env.get("TOKENROUTE_CONFIG_DIR")
     if explicit:
         return explicit
-    home = ctx.env.get("HOME") or ctx.env.get("USERPROFILE")
+    home = home_folder(ctx.env, windows=os.name == "nt")
     if not home:
         raise CliError(
             "cannot find your home directory; set HOME or TOKENROUTE_CONFIG_DIR",
             code="config",
         )
     return os.path.join(home, ".tokenroute")
+
+
+def home_folder(env: Mapping[str, str], *, windows: bool) -> str | None:
+    """The home folder as Python's expanduser finds it: USERPROFILE first on Windows
+    (where HOME, if set at all, is often a Git Bash or Cygwin one), HOME elsewhere."""
+    names = ("USERPROFILE", "HOME") if windows else ("HOME", "USERPROFILE")
+    return next((env[name] for name in names if env.get(name)), None)
 
 
 def credentials_path(ctx: Context) -> str:
@@ -361,13 +375,13 @@ def replace_file(path: str, text: str, *, mode: int) -> None:
     the target; a symlink planted at the target is replaced, not followed.
     """
     tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(tmp, flags, mode)
     except OSError as exc:
         raise file_error("cannot write", path, exc) from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:  # the same bytes on Windows
             if hasattr(os, "fchmod"):
                 os.fchmod(handle.fileno(), mode)  # a umask may have taken bits of a shared file's mode
             handle.write(text)
@@ -2014,8 +2028,6 @@ def check_api_key(ctx: Context, args: argparse.Namespace, api_url: str) -> Check
 
 
 def check_files(ctx: Context) -> list[Check]:
-    import shlex
-
     try:
         paths = [config_dir(ctx), credentials_path(ctx), last_key_path(ctx), pending_login_path(ctx)]
     except CliError as error:
@@ -2029,13 +2041,25 @@ def check_files(ctx: Context) -> list[Check]:
         except OSError as error:
             checks.append(Check("files", "problem", f"{path}: {error.strerror}"))
             continue
-        if os.name != "posix" or not mode & 0o077:
-            checks.append(Check("files", "ok", f"{path} ({oct(mode)[2:]}, private)"))
-        else:
-            wanted = "700" if os.path.isdir(path) else "600"
-            fix = f"chmod {wanted} {shlex.quote(path)}"
-            checks.append(Check("files", "problem", f"{path} is readable by others ({oct(mode)[2:]})", fix=fix))
+        checks.append(file_access_check(path, mode, is_dir=os.path.isdir(path), posix=os.name == "posix"))
     return checks or [Check("files", "ok", "no credential files yet")]
+
+
+def file_access_check(path: str, mode: int, *, is_dir: bool, posix: bool) -> Check:
+    """Whether others can read a credential file, with the fix.
+
+    Windows has no owner/group/other modes (os.stat shows 666 or 444): who may
+    read a file is its ACL, inherited from the folder, and under the user's
+    profile that is the user, SYSTEM and Administrators. tokenroute sets no ACL.
+    """
+    import shlex
+
+    if not posix:
+        return Check("files", "ok", f"{path} (access follows the folder's Windows ACL)")
+    if not mode & 0o077:
+        return Check("files", "ok", f"{path} ({oct(mode)[2:]}, private)")
+    fix = f"chmod {'700' if is_dir else '600'} {shlex.quote(path)}"
+    return Check("files", "problem", f"{path} is readable by others ({oct(mode)[2:]})", fix=fix)
 
 
 def cmd_completion(args: argparse.Namespace, ctx: Context) -> int:

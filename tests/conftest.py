@@ -25,6 +25,9 @@ import tokenroute  # noqa: E402
 from fake_gateway import FakeGateway  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+POSIX = os.name == "posix"
+# For tests whose whole point is a POSIX file mode; elsewhere the mode check is `if POSIX:`.
+posix_modes = pytest.mark.skipif(not POSIX, reason="Windows has no POSIX file modes: access is by ACL (README, Windows)")
 
 
 class Result:
@@ -70,7 +73,9 @@ class Cli:
         self.home = tmp_path / "home"
         self.home.mkdir()
         self.config_dir = self.home / ".tokenroute"
-        self.env: dict[str, str] = {"HOME": str(self.home), "TOKENROUTE_API_URL": gateway.url}
+        # USERPROFILE too: on Windows it comes before HOME, and subprocesses inherit the real one.
+        self.env: dict[str, str] = {"HOME": str(self.home), "USERPROFILE": str(self.home),
+                                    "TOKENROUTE_API_URL": gateway.url}
         self.clock = Clock()
         self.opened: list[str] = []
 

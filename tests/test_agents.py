@@ -711,7 +711,7 @@ def test_completion_mentions_every_command_of_the_parser(cli: Cli, shell: str) -
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
 def test_bash_completion_passes_bash_n(cli: Cli, tmp_path: Path) -> None:
     path = tmp_path / "tokenroute.bash"
-    path.write_text(completion_script(cli, "bash"))
+    path.write_bytes(completion_script(cli, "bash").encode())  # LF, as the shell reads it, on Windows too
     done = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, timeout=30)
     assert (done.returncode, done.stderr) == (0, "")
 
@@ -722,7 +722,7 @@ def bash_complete(cli: Cli, tmp_path: Path, *words: str) -> list[str]:
     match = re.search(r"complete -F (\S+) tokenroute", script)
     assert match is not None, script
     path = tmp_path / "tokenroute.bash"
-    path.write_text(script)
+    path.write_bytes(script.encode())
     line = " ".join(words)
     program = (
         'source "$1"; shift; COMP_WORDS=("$@"); COMP_CWORD=$(( $# - 1 )); '
@@ -762,7 +762,7 @@ def test_bash_completes_option_values(cli: Cli, tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
 def test_zsh_completion_passes_zsh_n(cli: Cli, tmp_path: Path) -> None:
     path = tmp_path / "_tokenroute"
-    path.write_text(completion_script(cli, "zsh"))
+    path.write_bytes(completion_script(cli, "zsh").encode())  # LF, as the shell reads it, on Windows too
     done = subprocess.run(["zsh", "-n", str(path)], capture_output=True, text=True, timeout=30)
     assert (done.returncode, done.stderr) == (0, "")
 
@@ -770,7 +770,7 @@ def test_zsh_completion_passes_zsh_n(cli: Cli, tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")
 def test_fish_completion_passes_fish_n(cli: Cli, tmp_path: Path) -> None:
     path = tmp_path / "tokenroute.fish"
-    path.write_text(completion_script(cli, "fish"))
+    path.write_bytes(completion_script(cli, "fish").encode())  # LF, as the shell reads it, on Windows too
     done = subprocess.run(["fish", "--no-execute", str(path)], capture_output=True, text=True, timeout=30)
     assert (done.returncode, done.stderr) == (0, "")
 

@@ -557,7 +557,7 @@ def check_files(folder: Path, planted: dict[str, bytes], *, logout: bool) -> lis
     for path in folder.iterdir():
         if path.name.endswith(".tmp"):
             problems.append(f"temp file left behind: {path.name}")
-        if path.is_file() and stat.S_IMODE(path.stat().st_mode) != 0o600:
+        if os.name == "posix" and path.is_file() and stat.S_IMODE(path.stat().st_mode) != 0o600:
             problems.append(f"{path.name} has mode {oct(stat.S_IMODE(path.stat().st_mode))}")
     for name in ("credentials.json", "pending_login.json"):
         path = folder / name

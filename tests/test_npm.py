@@ -21,6 +21,8 @@ NODE = shutil.which("node")
 NPM = shutil.which("npm")
 if NODE is None:
     pytest.skip("node is not on PATH", allow_module_level=True)
+if not (REPO / "npm").is_dir():
+    pytest.skip("npm/ is not here (an sdist leaves it out)", allow_module_level=True)
 
 sys.path.insert(0, str(TESTS))
 from fake_gateway import FakeGateway  # noqa: E402
@@ -269,20 +271,71 @@ def test_launcher_falls_through_an_old_python_to_the_next_one(
     assert tried.exists()
 
 
-@posix_only
-def test_launcher_moves_on_from_a_missing_tokenroute_python(
-    package: Path, bin_without_python: Path, tmp_path: Path
-) -> None:
-    write_stub(bin_without_python / "python3", f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-    env = clean_env(
-        tmp_path, PATH=str(bin_without_python), TOKENROUTE_PYTHON=str(tmp_path / "no-such-python"),
-    )
+def refused(chosen: object, reason: str) -> str:
+    return f"error: TOKENROUTE_PYTHON={chosen} {reason}; point it at Python 3.9 or newer, or unset it\n"
 
-    result = run_launcher(package, "--version", env=env, node=str(bin_without_python / "node"))
+
+def test_a_missing_tokenroute_python_is_an_error_not_a_fallback(package: Path, tmp_path: Path) -> None:
+    # python3 on PATH works: running it instead would hide the typo.
+    missing = tmp_path / "no-such-python"
+    env = clean_env(tmp_path, TOKENROUTE_PYTHON=str(missing))
+
+    result = run_launcher(package, "--version", env=env)
 
     assert (result.returncode, result.stdout, result.stderr) == (
-        0, f"tokenroute {cli_version()}\n", "",
+        1, "", refused(missing, "cannot be run (ENOENT)"),
     )
+
+
+def test_a_tokenroute_python_that_is_a_folder_is_an_error(package: Path, tmp_path: Path) -> None:
+    env = clean_env(tmp_path, TOKENROUTE_PYTHON=str(tmp_path))
+
+    result = run_launcher(package, "--version", env=env)
+
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.startswith(f"error: TOKENROUTE_PYTHON={tmp_path} cannot be run (E")
+    assert result.stderr.endswith("; point it at Python 3.9 or newer, or unset it\n")
+
+
+def test_a_tokenroute_python_older_than_3_9_is_an_error(package: Path, tmp_path: Path) -> None:
+    # This interpreter made to report 3.8.18, so the launcher's own check runs.
+    fake_old = tmp_path / "fake-old"
+    fake_old.mkdir()
+    (fake_old / "sitecustomize.py").write_text('import sys\nsys.version_info = (3, 8, 18, "final", 0)\n')
+    env = clean_env(tmp_path, TOKENROUTE_PYTHON=sys.executable, PYTHONPATH=str(fake_old))
+
+    result = run_launcher(package, "--version", env=env)
+
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1, "", refused(sys.executable, "is not Python 3.9 or newer"),
+    )
+
+
+def run_launcher_as_on_windows(package: Path, *args: str, env: dict[str, str], node: str,
+                               tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """The launcher believing it runs on Windows (process.platform), to test its Windows choices here."""
+    preload = tmp_path / "as-windows.js"
+    preload.write_text('Object.defineProperty(process, "platform", { value: "win32" });\n')
+    return subprocess.run(
+        [node, "-r", str(preload), str(package / "bin" / "tokenroute.js"), *args],
+        capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL,
+    )
+
+
+@posix_only
+def test_launcher_on_windows_runs_py_dash_3_first(
+    package: Path, bin_without_python: Path, tmp_path: Path
+) -> None:
+    tried = tmp_path / "py-args"
+    write_stub(bin_without_python / "py", f'#!/bin/sh\necho "$1" > "{tried}"\nshift\nexec "{sys.executable}" "$@"\n')
+    write_stub(bin_without_python / "python", "#!/bin/sh\necho wrong python\nexit 3\n")
+    env = clean_env(tmp_path, PATH=str(bin_without_python))
+
+    result = run_launcher_as_on_windows(package, "--version", env=env, node=str(bin_without_python / "node"),
+                                        tmp_path=tmp_path)
+
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"tokenroute {cli_version()}\n", "")
+    assert tried.read_text() == "-3\n"
 
 
 @posix_only

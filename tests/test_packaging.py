@@ -176,7 +176,9 @@ def test_import_walk_sees_imports_inside_functions(tmp_path: Path) -> None:
 
 
 def find_python39() -> str | None:
-    """A working Python 3.9: `python3.9` on PATH, else one installed by pyenv."""
+    """A working Python 3.9: this one, `python3.9` on PATH, else one installed by pyenv."""
+    if sys.version_info[:2] == (3, 9):
+        return sys.executable
     root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
     candidates = [shutil.which("python3.9")] + sorted(glob.glob(os.path.join(root, "versions", "3.9*", "bin", "python3.9")))
     for candidate in candidates:

@@ -52,10 +52,21 @@ const CODE = [
   "sys.exit(tokenroute.main())",
 ].join("\n");
 
+// TOKENROUTE_PYTHON, when set, is the only candidate: a typo in it must not
+// quietly run another Python.
+const CHOSEN = process.env.TOKENROUTE_PYTHON || "";
+
 function candidates() {
-  const found = process.env.TOKENROUTE_PYTHON ? [[process.env.TOKENROUTE_PYTHON]] : [];
-  if (process.platform === "win32") return found.concat([["py", "-3"], ["python"], ["python3"]]);
-  return found.concat([["python3"], ["python"]]);
+  if (CHOSEN) return [[CHOSEN]];
+  if (process.platform === "win32") return [["py", "-3"], ["python"], ["python3"]];
+  return [["python3"], ["python"]];
+}
+
+function refuseChosen(reason) {
+  process.stderr.write(
+    `error: TOKENROUTE_PYTHON=${CHOSEN} ${reason}; point it at Python 3.9 or newer, or unset it\n`
+  );
+  process.exit(1);
 }
 
 if (!fs.existsSync(SCRIPT)) {
@@ -91,9 +102,10 @@ function run(remaining) {
   const argv = [...args, "-c", CODE, ...process.argv.slice(2)];
   try {
     child = childProcess.spawn(cmd, argv, { stdio: "inherit" });
-  } catch {
+  } catch (err) {
     // Some spawn failures (ENOTDIR, ENAMETOOLONG, ...) throw instead of
     // emitting "error": this candidate cannot run, try the next.
+    if (CHOSEN) refuseChosen(`cannot be run (${err.code || err.message})`);
     child = null;
     run(rest);
     return;
@@ -104,6 +116,7 @@ function run(remaining) {
     if (done) return;
     if (current.pid === undefined) {
       // Not started (ENOENT, EACCES, ...): try the next candidate.
+      if (CHOSEN) refuseChosen(`cannot be run (${err.code || err.message})`);
       done = true;
       child = null;
       run(rest);
@@ -119,6 +132,7 @@ function run(remaining) {
     if (signal === null) {
       const skip = code === TOO_OLD ||
         (process.platform === "win32" && code === WINDOWS_STORE_STUB);
+      if (skip && CHOSEN) refuseChosen("is not Python 3.9 or newer");
       if (skip) run(rest);
       else process.exit(code);
       return;

@@ -1,0 +1,158 @@
+"""Release steps that .github/workflows/release.yml runs, and that run the same here.
+
+    python .ci/release.py check [vX.Y.Z]   the tag, __version__ and npm/package.json agree
+    python .ci/release.py build [DIR]      sdist, wheel built from it, npm tarball, SHA256SUMS
+    python .ci/release.py notes VERSION    that version's CHANGELOG.md section
+
+`build` is offline: it needs flit_core installed next to this Python (the
+test set-up installs it) and, unless --no-npm, npm on PATH.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class ReleaseError(Exception):
+    pass
+
+
+def cli_version(repo: Path = REPO) -> str:
+    source = (repo / "tokenroute.py").read_text(encoding="utf-8")
+    match = re.search(r'^__version__ = "([^"]+)"$', source, re.MULTILINE)
+    if match is None:
+        raise ReleaseError('tokenroute.py has no __version__ = "..." line')
+    return match.group(1)
+
+
+def npm_package(repo: Path = REPO) -> dict:
+    return json.loads((repo / "npm" / "package.json").read_text(encoding="utf-8"))
+
+
+def check(tag: str | None, *, repo: Path = REPO, github_repository: str | None = None) -> str:
+    """The release version, once the tag, __version__ and npm/package.json agree."""
+    version = cli_version(repo)
+    package = npm_package(repo)
+    if package.get("version") != version:
+        raise ReleaseError(f"npm/package.json version {package.get('version')} != tokenroute.py __version__ {version}")
+    if tag is not None and tag != "v" + version:
+        raise ReleaseError(f"tag {tag} != v{version} (tokenroute.py __version__ and npm/package.json)")
+    if github_repository:
+        # npm refuses a provenance statement for a package that names another repository.
+        wanted = f"git+https://github.com/{github_repository}.git"
+        url = (package.get("repository") or {}).get("url")
+        if url != wanted:
+            raise ReleaseError(f'npm/package.json "repository": {{"url": "{wanted}"}} is needed for npm provenance (has {url})')
+    return version
+
+
+def build(out: Path, *, npm: bool = True, repo: Path = REPO) -> list[Path]:
+    """Build every release file into `out`; returns the files SHA256SUMS covers."""
+    version = check(None, repo=repo)
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "python").mkdir(parents=True)
+    sdist = build_sdist(repo, out / "python")
+    wheel = build_wheel_from_sdist(sdist, out / "python")
+    if npm:
+        (out / "npm").mkdir()
+        run(["npm", "pack", "--pack-destination", str(out / "npm")], cwd=repo / "npm", shell=os.name == "nt")
+        (repo / "npm" / "tokenroute.py").unlink(missing_ok=True)  # prepack's copy: keep the tree clean
+    single = out / "tokenroute.py"
+    shutil.copyfile(repo / "tokenroute.py", single)
+    covered = [single, sdist, wheel]
+    lines = [f"{sha256(path)}  {path.name}\n" for path in covered]
+    (out / "SHA256SUMS").write_bytes("".join(lines).encode())
+    for path in covered:
+        if not path.name.startswith(("tokenroute.py", f"tokenroute-{version}")):
+            raise ReleaseError(f"unexpected file name {path.name}")
+    return covered
+
+
+def build_sdist(repo: Path, out: Path) -> Path:
+    """The sdist by flit_core's PEP 517 hook, as any build front end would call it."""
+    code = "import sys, flit_core.buildapi as b; print(b.build_sdist(sys.argv[1]))"
+    name = run([sys.executable, "-c", code, str(out)], cwd=repo).strip().splitlines()[-1]
+    return out / name
+
+
+def build_wheel_from_sdist(sdist: Path, out: Path) -> Path:
+    """The wheel built from the unpacked sdist, offline: what PyPI users install."""
+    with tempfile.TemporaryDirectory() as scratch:
+        with tarfile.open(sdist) as archive:
+            safe_extract(archive, Path(scratch))
+        [tree] = Path(scratch).iterdir()
+        run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+             "--disable-pip-version-check", "--quiet", "-w", str(out), str(tree)])
+    [wheel] = out.glob("*.whl")
+    return wheel
+
+
+def safe_extract(archive: tarfile.TarFile, target: Path) -> None:
+    for member in archive.getmembers():
+        where = (target / member.name).resolve()
+        if not (member.isfile() or member.isdir()) or target.resolve() not in where.parents:
+            raise ReleaseError(f"unexpected sdist member {member.name}")
+    if hasattr(tarfile, "data_filter"):  # Python 3.12, and security releases of 3.9-3.11
+        archive.extractall(target, filter="data")
+    else:
+        archive.extractall(target)  # members checked above
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def notes(version: str, *, repo: Path = REPO) -> str:
+    """The CHANGELOG.md section of `version`, without its heading."""
+    text = (repo / "CHANGELOG.md").read_text(encoding="utf-8")
+    match = re.search(rf"^## {re.escape(version)}\b.*?\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
+    if match is None or not match.group(1).strip():
+        raise ReleaseError(f"CHANGELOG.md has no section for {version}")
+    return match.group(1).strip() + "\n"
+
+
+def run(argv: list[str], *, cwd: Path | None = None, shell: bool = False) -> str:
+    command = subprocess.list2cmdline(argv) if shell else argv  # npm is npm.cmd on Windows
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, shell=shell)
+    if done.returncode != 0:
+        raise ReleaseError(f"{' '.join(argv)} failed:\n{done.stdout}{done.stderr}")
+    return done.stdout
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=".ci/release.py", description=__doc__.splitlines()[0])
+    steps = parser.add_subparsers(dest="step", required=True)
+    steps.add_parser("check").add_argument("tag", nargs="?")
+    build_step = steps.add_parser("build")
+    build_step.add_argument("out", nargs="?", default="dist", type=Path)
+    build_step.add_argument("--no-npm", action="store_true", help="skip npm pack")
+    steps.add_parser("notes").add_argument("version")
+    args = parser.parse_args(argv)
+    try:
+        if args.step == "check":
+            print(check(args.tag, github_repository=os.environ.get("GITHUB_REPOSITORY")))
+        elif args.step == "build":
+            for path in build(args.out, npm=not args.no_npm):
+                print(path)
+        else:
+            sys.stdout.write(notes(args.version))
+    except ReleaseError as error:
+        print(f"release: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

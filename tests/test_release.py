@@ -1,0 +1,196 @@
+"""Release (issue 12): the steps .github/workflows/release.yml runs, run here.
+
+`.ci/release.py` checks that the tag, __version__ and npm/package.json
+agree, builds the sdist, the wheel from that sdist, and SHA256SUMS for the
+single-file download; these tests run it the way the workflow does.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tokenroute
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+RELEASE = REPO / ".ci" / "release.py"
+if not RELEASE.exists():
+    pytest.skip(".ci/release.py is not here (an sdist leaves it out)", allow_module_level=True)
+
+VERSION = tokenroute.__version__
+VERSION_LINE = f"tokenroute {VERSION}\n"
+
+
+def load_release() -> Any:
+    spec = importlib.util.spec_from_file_location("release", RELEASE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+release = load_release()
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENROUTE_", "PYTHON", "GITHUB_"))}
+    return {**env, "PIP_NO_INPUT": "1", **extra}
+
+
+def run(argv: list[Any], *, cwd: Path | None = None, env: dict[str, str] | None = None,
+        timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in argv], cwd=cwd, env=env or clean_env(), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def venv_bin(venv: Path, name: str) -> Path:
+    folder = "Scripts" if os.name == "nt" else "bin"
+    return venv / folder / (name + (".exe" if os.name == "nt" else ""))
+
+
+# ---------------------------------------------------------------- versions
+
+
+def test_npm_package_version_is_the_cli_version() -> None:
+    assert release.npm_package()["version"] == VERSION
+    assert release.cli_version() == VERSION
+
+
+def test_release_check_accepts_the_tag_of_the_version() -> None:
+    done = run([sys.executable, RELEASE, "check", f"v{VERSION}"])
+
+    assert (done.returncode, done.stdout, done.stderr) == (0, VERSION + "\n", "")
+
+
+def test_release_check_refuses_a_tag_that_is_not_the_version() -> None:
+    done = run([sys.executable, RELEASE, "check", "v0.0.1"])
+
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == f"release: error: tag v0.0.1 != v{VERSION} (tokenroute.py __version__ and npm/package.json)\n"
+
+
+def test_release_check_refuses_an_npm_version_that_differs(tmp_path: Path) -> None:
+    (tmp_path / "npm").mkdir()
+    shutil.copyfile(REPO / "tokenroute.py", tmp_path / "tokenroute.py")
+    (tmp_path / "npm" / "package.json").write_text('{"version": "0.0.0-other"}', encoding="utf-8")
+
+    with pytest.raises(release.ReleaseError, match=f"npm/package.json version 0.0.0-other != .* {VERSION}"):
+        release.check(f"v{VERSION}", repo=tmp_path)
+
+
+def test_release_notes_are_the_changelog_section_of_the_version() -> None:
+    done = run([sys.executable, RELEASE, "notes", VERSION])
+
+    assert (done.returncode, done.stderr) == (0, "")
+    assert "Upgrading from 0.1.0 or 0.2.0" in done.stdout
+    assert not done.stdout.startswith("## ")
+
+
+# ---------------------------------------------------------------- the build
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`.ci/release.py build` into a temp folder (npm pack is tested in test_npm.py)."""
+    if importlib.util.find_spec("flit_core") is None:
+        pytest.skip("flit_core is not installed in the test interpreter (pip install flit_core)")
+    out = tmp_path_factory.mktemp("release") / "dist"
+    done = run([sys.executable, RELEASE, "build", out, "--no-npm"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out
+
+
+def test_build_makes_the_sdist_the_wheel_and_the_single_file(built: Path) -> None:
+    assert sorted(p.name for p in (built / "python").iterdir()) == [
+        f"tokenroute-{VERSION}-py3-none-any.whl", f"tokenroute-{VERSION}.tar.gz"]
+    assert (built / "tokenroute.py").read_bytes() == (REPO / "tokenroute.py").read_bytes()
+
+
+def test_sdist_contains_the_module_and_the_tests(built: Path) -> None:
+    with tarfile.open(built / "python" / f"tokenroute-{VERSION}.tar.gz") as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    expected = {"tokenroute.py", "pyproject.toml", "README.md", "CHANGELOG.md", "PKG-INFO", "tests/conftest.py",
+                "tests/fake_gateway.py"}
+    assert expected <= names
+    assert {p.relative_to(REPO).as_posix() for p in TESTS.glob("test_*.py")} <= names
+    assert not [n for n in names if n.startswith(("npm/", ".ci/", ".github/"))]
+
+
+def test_wheel_is_built_from_the_sdist_and_holds_the_module(built: Path) -> None:
+    with zipfile.ZipFile(built / "python" / f"tokenroute-{VERSION}-py3-none-any.whl") as wheel:
+        assert wheel.read("tokenroute.py") == (REPO / "tokenroute.py").read_bytes()
+
+
+def test_wheel_from_the_sdist_installs_in_a_fresh_venv(built: Path, tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    assert run([sys.executable, "-m", "venv", venv]).returncode == 0
+    wheel = built / "python" / f"tokenroute-{VERSION}-py3-none-any.whl"
+    pip = run([venv_bin(venv, "python"), "-m", "pip", "install", "--no-index", "--no-deps",
+               "--disable-pip-version-check", wheel])
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+
+    done = run([venv_bin(venv, "tokenroute"), "--version"])
+
+    assert (done.returncode, done.stdout, done.stderr) == (0, VERSION_LINE, "")
+
+
+def test_the_unpacked_sdist_collects_its_tests(built: Path, tmp_path: Path) -> None:
+    with tarfile.open(built / "python" / f"tokenroute-{VERSION}.tar.gz") as archive:
+        release.safe_extract(archive, tmp_path)
+    tree = tmp_path / f"tokenroute-{VERSION}"
+
+    done = run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"], cwd=tree)
+
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr
+    assert "tests/test_parsing.py: " in done.stdout and "error" not in done.stdout.lower()
+
+
+# ---------------------------------------------------------------- the single-file download
+
+
+def download(built: Path, folder: Path) -> Path:
+    """What a user fetching only tokenroute.py and SHA256SUMS from the release has."""
+    folder.mkdir()
+    for name in ("tokenroute.py", "SHA256SUMS"):
+        shutil.copyfile(built / name, folder / name)
+    return folder
+
+
+def test_sha256sums_cover_every_release_file(built: Path) -> None:
+    lines = (built / "SHA256SUMS").read_text(encoding="ascii").splitlines()
+    sums = dict(reversed(line.split("  ", 1)) for line in lines)
+    files = {"tokenroute.py": built / "tokenroute.py"}
+    files.update({p.name: p for p in (built / "python").iterdir()})
+    assert sorted(sums) == sorted(files)
+    assert all(release.sha256(files[name]) == digest for name, digest in sums.items())
+
+
+@pytest.mark.skipif(shutil.which("sha256sum") is None, reason="sha256sum (GNU coreutils) is not installed")
+def test_single_file_download_checks_with_sha256sum(built: Path, tmp_path: Path) -> None:
+    folder = download(built, tmp_path / "download")
+
+    done = run(["sha256sum", "-c", "--ignore-missing", "SHA256SUMS"], cwd=folder)
+
+    assert (done.returncode, done.stdout, done.stderr) == (0, "tokenroute.py: OK\n", "")
+    (folder / "tokenroute.py").write_bytes((folder / "tokenroute.py").read_bytes() + b"# tampered\n")
+    assert run(["sha256sum", "-c", "--ignore-missing", "SHA256SUMS"], cwd=folder).returncode == 1
+
+
+def test_single_file_download_runs_as_a_script_and_as_a_module(built: Path, tmp_path: Path) -> None:
+    folder = download(built, tmp_path / "download")
+    env = clean_env(TOKENROUTE_CONFIG_DIR=str(tmp_path / "config"))
+
+    script = run([sys.executable, "tokenroute.py", "--version"], cwd=folder, env=env)
+    module = run([sys.executable, "-m", "tokenroute", "--version"], cwd=folder, env=env)
+
+    assert (script.returncode, script.stdout, script.stderr) == (0, VERSION_LINE, "")
+    assert (module.returncode, module.stdout, module.stderr) == (0, VERSION_LINE, "")
