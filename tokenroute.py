@@ -1095,13 +1095,7 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
         raise CliError("--no-wait starts a login and --resume finishes one: give one of them", code="usage")
     if args.resume:
         return resume_login(args, ctx, api_url)
-    try:
-        creds = load_credentials(ctx)
-    except CliError as error:
-        if error.code != "credentials_corrupt":
-            raise
-        creds = None  # logging in replaces a damaged file
-    if creds is not None and creds["api_url"] == api_url and not args.force and login_still_valid(ctx, api_url):
+    if not args.force and logged_in(ctx, api_url):
         if args.json:
             render_json(ctx, {"status": "logged_in", "api_url": api_url})
         else:
@@ -1117,6 +1111,31 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
         open_url_for_person(ctx, pending["verification_uri_complete"])
     answer = poll_device_flow(ctx, pending, first_wait=pending["interval"])
     return finish_login(args, ctx, pending, answer)
+
+
+def logged_in(ctx: Context, api_url: str) -> bool:
+    """Whether a stored login for `api_url` still works (`login` without --force stops there)."""
+    try:
+        creds = load_credentials(ctx)
+    except CliError as error:
+        if error.code != "credentials_corrupt":
+            raise
+        creds = None  # logging in replaces a damaged file
+    return creds is not None and creds["api_url"] == api_url and login_still_valid(ctx, api_url)
+
+
+def login_start(ctx: Context, api_url: str, *, force: bool = False) -> dict[str, Any]:
+    """`login --no-wait`: start a login for a person to approve, unless one still works."""
+    if not force and logged_in(ctx, api_url):
+        return {"status": "logged_in", "api_url": api_url}
+    pending = start_device_flow(ctx, api_url)
+    write_private_file(ctx, pending_login_path(ctx), json_text(pending))
+    return pending_view(pending)
+
+
+def login_finish(ctx: Context, api_url: str, *, timeout: float | None = None) -> dict[str, Any]:
+    """`login --resume`: wait up to `timeout` seconds for the approval, then save the login."""
+    return save_login(ctx, *await_login(ctx, api_url, timeout=timeout))
 
 
 def load_pending_login(ctx: Context, api_url: str) -> dict[str, Any]:
@@ -1161,10 +1180,15 @@ def login_still_valid(ctx: Context, api_url: str) -> bool:
 
 
 def resume_login(args: argparse.Namespace, ctx: Context, api_url: str) -> int:
+    return finish_login(args, ctx, *await_login(ctx, api_url, timeout=args.timeout))
+
+
+def await_login(ctx: Context, api_url: str, *, timeout: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The pending login and the identity provider's grant, once approved within `timeout` seconds."""
     pending = load_pending_login(ctx, api_url)
     path = pending_login_path(ctx)
     try:
-        answer = poll_device_flow(ctx, pending, first_wait=0, timeout=args.timeout)
+        answer = poll_device_flow(ctx, pending, first_wait=0, timeout=timeout)
     except CliError as exc:
         if exc.exit_code == EXIT_SERVER:
             remove_file(path)
@@ -1177,13 +1201,18 @@ def resume_login(args: argparse.Namespace, ctx: Context, api_url: str) -> int:
             payload={"pending": pending_view(pending)},
         )
     remove_file(path)
-    return finish_login(args, ctx, pending, answer)
+    return pending, answer
+
+
+def save_login(ctx: Context, pending: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+    save_credentials(ctx, credentials_from_grant(ctx, pending, answer))
+    return {"status": "logged_in", "api_url": pending["api_url"]}
 
 
 def finish_login(args: argparse.Namespace, ctx: Context, pending: dict[str, Any], answer: dict[str, Any]) -> int:
-    save_credentials(ctx, credentials_from_grant(ctx, pending, answer))
+    login = save_login(ctx, pending, answer)
     if args.json:
-        render_json(ctx, {"status": "logged_in", "api_url": pending["api_url"]})
+        render_json(ctx, login)
     else:
         ctx.stdout.write("OK logged in\n")
     return EXIT_OK
@@ -1228,9 +1257,13 @@ def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
 ME_FIELDS = ("id", "display_name", "email", "logto_sub", "balance_usd", "status")
 
 
+def whoami(ctx: Context, api_url: str) -> dict[str, Any]:
+    return call_account(ctx, api_url, "GET", "/api/v1/me")
+
+
 def cmd_whoami(args: argparse.Namespace, ctx: Context) -> int:
     api_url, _ = api_url_setting(ctx, args.api_url)
-    me = call_account(ctx, api_url, "GET", "/api/v1/me")
+    me = whoami(ctx, api_url)
     if args.json:
         render_json(ctx, me)
     else:
@@ -1238,24 +1271,63 @@ def cmd_whoami(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
+def balance(ctx: Context, api_url: str) -> dict[str, Any]:
+    return call_account(ctx, api_url, "GET", "/api/v1/balance")
+
+
 def cmd_balance(args: argparse.Namespace, ctx: Context) -> int:
     api_url, _ = api_url_setting(ctx, args.api_url)
-    balance = call_account(ctx, api_url, "GET", "/api/v1/balance")
+    credit = balance(ctx, api_url)
     if args.json:
-        render_json(ctx, balance)
+        render_json(ctx, credit)
     else:
-        render_fields(ctx, balance, ("balance_usd", "currency"))
+        render_fields(ctx, credit, ("balance_usd", "currency"))
     return EXIT_OK
 
 
-def cmd_keys_create(args: argparse.Namespace, ctx: Context) -> int:
-    api_url, _ = api_url_setting(ctx, args.api_url)
+def create_key(ctx: Context, api_url: str, *, name: str, no_cache: bool = False) -> dict[str, Any]:
+    """`keys create`: a new key, cached in last_key.txt (unless `no_cache`) before anyone sees it.
+
+    A key that cannot be cached is still the only copy: the KeyNotCached error carries it.
+    """
     key = call_account(
-        ctx, api_url, "POST", "/api/v1/me/keys", json_body={"name": args.name}, idempotency_key=os.urandom(16).hex()
+        ctx, api_url, "POST", "/api/v1/me/keys", json_body={"name": name}, idempotency_key=os.urandom(16).hex()
     )
     raw = key.get("raw")
     if not isinstance(raw, str) or not raw:
         raise server_error("the gateway created a key but sent no raw value")
+    if no_cache:
+        return key
+    if not is_plausible_key(raw):
+        raise KeyNotCached(key, server_error("the gateway sent a key that is not an sk-tr- token; not cached"))
+    try:
+        write_private_file(ctx, last_key_path(ctx), raw + "\n")
+    except CliError as exc:
+        raise KeyNotCached(key, exc) from None
+    return key
+
+
+class KeyNotCached(CliError):
+    """A key was created but could not be cached; `key` is its only copy."""
+
+    def __init__(self, key: dict[str, Any], reason: CliError) -> None:
+        super().__init__(
+            f"the key was created but not cached: {reason.message}",
+            code=reason.code,
+            exit_code=reason.exit_code,
+            payload={"key": key},
+        )
+        self.key = key
+        self.reason = reason
+
+
+def cmd_keys_create(args: argparse.Namespace, ctx: Context) -> int:
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    try:
+        key, not_cached = create_key(ctx, api_url, name=args.name, no_cache=args.no_cache), None
+    except KeyNotCached as error:
+        key, not_cached = error.key, error.reason
+    raw = key["raw"]
     if args.json:
         render_json(ctx, key)
     else:
@@ -1264,12 +1336,9 @@ def cmd_keys_create(args: argparse.Namespace, ctx: Context) -> int:
     if args.no_cache:
         note(ctx, "Save this key now: it is shown only once (not cached: --no-cache).")
         return EXIT_OK
-    if not is_plausible_key(raw):  # shown above all the same: it is the only copy
-        raise server_error("the gateway sent a key that is not an sk-tr- token; not cached")
-    try:
-        write_private_file(ctx, last_key_path(ctx), raw + "\n")
-    except CliError as exc:
-        raise CliError(f"the key above was created but not cached: {exc.message}", code=exc.code) from None
+    if not_cached is not None:  # shown above all the same: it is the only copy
+        raise CliError(f"the key above was created but not cached: {not_cached.message}", code=not_cached.code,
+                       exit_code=not_cached.exit_code)
     note(ctx, f"Save this key now: it is shown only once. Cached in {last_key_path(ctx)} for env, test and models.")
     return EXIT_OK
 
@@ -1277,10 +1346,14 @@ def cmd_keys_create(args: argparse.Namespace, ctx: Context) -> int:
 KEY_COLUMNS = ("id", "name", "key_prefix", "status", "balance_usd", "created_at")
 
 
+def list_keys(ctx: Context, api_url: str) -> list[dict[str, Any]]:
+    keys = call_account(ctx, api_url, "GET", "/api/v1/me/keys", kind=list)
+    return [key for key in keys if isinstance(key, dict)]
+
+
 def cmd_keys_list(args: argparse.Namespace, ctx: Context) -> int:
     api_url, _ = api_url_setting(ctx, args.api_url)
-    keys = call_account(ctx, api_url, "GET", "/api/v1/me/keys", kind=list)
-    keys = [key for key in keys if isinstance(key, dict)]
+    keys = list_keys(ctx, api_url)
     if args.json:
         render_json(ctx, keys)
     elif not keys:
@@ -1290,13 +1363,17 @@ def cmd_keys_list(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
-def cmd_keys_revoke(args: argparse.Namespace, ctx: Context) -> int:
+def revoke_key(ctx: Context, api_url: str, *, id: str) -> dict[str, Any]:
     from urllib.parse import quote
 
+    if id in (".", ".."):
+        raise CliError(f"{id!r} is not a key id (see tokenroute keys list)")
+    return call_account(ctx, api_url, "DELETE", "/api/v1/me/keys/" + quote(id, safe=""))
+
+
+def cmd_keys_revoke(args: argparse.Namespace, ctx: Context) -> int:
     api_url, _ = api_url_setting(ctx, args.api_url)
-    if args.id in (".", ".."):
-        raise CliError(f"{args.id!r} is not a key id (see tokenroute keys list)")
-    key = call_account(ctx, api_url, "DELETE", "/api/v1/me/keys/" + quote(args.id, safe=""))
+    key = revoke_key(ctx, api_url, id=args.id)
     if args.json:
         render_json(ctx, key)
     else:
@@ -1304,19 +1381,26 @@ def cmd_keys_revoke(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
-def cmd_topup(args: argparse.Namespace, ctx: Context) -> int:
-    api_url, _ = api_url_setting(ctx, args.api_url)
+def topup(ctx: Context, api_url: str, *, amount: str) -> dict[str, Any]:
+    """`topup`: a Stripe Checkout session for a person to pay; it never pays by itself."""
     session = call_account(
         ctx,
         api_url,
         "POST",
         "/api/v1/topup",
-        json_body={"amount_usd": args.amount},
+        json_body={"amount_usd": amount},
         idempotency_key=os.urandom(16).hex(),
     )
     url = session.get("checkout_url")
     if not isinstance(url, str) or not url:
         raise server_error("the gateway sent no checkout URL")
+    return session
+
+
+def cmd_topup(args: argparse.Namespace, ctx: Context) -> int:
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    session = topup(ctx, api_url, amount=args.amount)
+    url = session["checkout_url"]
     if args.json:
         render_json(ctx, session)
         return EXIT_OK
@@ -1330,13 +1414,17 @@ def cmd_topup(args: argparse.Namespace, ctx: Context) -> int:
 USAGE_FIELDS = ("range_days", "total_requests", "total_tokens_in", "total_tokens_out", "total_cost_usd")
 
 
+def usage(ctx: Context, api_url: str, *, days: int = 30) -> dict[str, Any]:
+    return call_account(ctx, api_url, "GET", f"/api/v1/me/usage?days={days}")
+
+
 def cmd_usage(args: argparse.Namespace, ctx: Context) -> int:
     api_url, _ = api_url_setting(ctx, args.api_url)
-    usage = call_account(ctx, api_url, "GET", f"/api/v1/me/usage?days={args.days}")
+    spend = usage(ctx, api_url, days=args.days)
     if args.json:
-        render_json(ctx, usage)
+        render_json(ctx, spend)
     else:
-        render_fields(ctx, usage, USAGE_FIELDS)
+        render_fields(ctx, spend, USAGE_FIELDS)
     return EXIT_OK
 
 
@@ -1348,13 +1436,18 @@ SHELL_FORMATS = {
 }
 
 
-def cmd_env(args: argparse.Namespace, ctx: Context) -> int:
-    """Print the two variables an OpenAI SDK needs, nothing else on stdout."""
-    key, _ = resolve_api_key(ctx, args.key)
-    api_url, _ = api_url_setting(ctx, args.api_url)
+def env_values(ctx: Context, api_url: str, *, key: str | None = None) -> dict[str, str]:
+    """The two variables an OpenAI SDK needs: the API key and the gateway's /v1 URL."""
+    key, _ = resolve_api_key(ctx, key)
     if not is_env_safe(api_url):
         raise CliError("the API URL holds characters a shell or .env file would misread")
-    variables = {"OPENAI_API_KEY": key, "OPENAI_BASE_URL": api_url + "/v1"}
+    return {"OPENAI_API_KEY": key, "OPENAI_BASE_URL": api_url + "/v1"}
+
+
+def cmd_env(args: argparse.Namespace, ctx: Context) -> int:
+    """Print the two variables an OpenAI SDK needs, nothing else on stdout."""
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    variables = env_values(ctx, api_url, key=args.key)
     if args.json:
         render_json(ctx, variables)
         return EXIT_OK
@@ -1371,23 +1464,29 @@ def is_env_safe(value: str) -> bool:
     return bool(value) and set(value) <= ENV_SAFE_CHARS
 
 
-def cmd_test(args: argparse.Namespace, ctx: Context) -> int:
-    key, _ = resolve_api_key(ctx, args.key)
-    api_url, _ = api_url_setting(ctx, args.api_url)
+def try_chat(ctx: Context, api_url: str, *, model: str = DEFAULT_MODEL, key: str | None = None) -> dict[str, Any]:
+    """`test`: one tiny chat completion, end to end."""
+    key, _ = resolve_api_key(ctx, key)
     completion = call_api(
         ctx,
         "POST",
         api_url + "/v1/chat/completions",
         key=key,
         json_body={
-            "model": args.model,
+            "model": model,
             "messages": [{"role": "user", "content": "Reply with the single word OK."}],
             "max_tokens": 5,
         },
     )
-    reply = chat_reply(completion)
+    return {"ok": True, "model": model, "reply": chat_reply(completion), "usage": completion.get("usage")}
+
+
+def cmd_test(args: argparse.Namespace, ctx: Context) -> int:
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    result = try_chat(ctx, api_url, model=args.model, key=args.key)
+    reply = result["reply"]
     if args.json:
-        render_json(ctx, {"ok": True, "model": args.model, "reply": reply, "usage": completion.get("usage")})
+        render_json(ctx, result)
     else:
         ctx.stdout.write(f"OK connected ({sanitize(args.model)})\n  reply: {sanitize(reply)}\n")
     return EXIT_OK
@@ -1406,14 +1505,18 @@ def chat_reply(completion: dict[str, Any]) -> str:
 MODEL_COLUMNS = ("id", "owned_by", "complexity_tier", "input_usd_per_1k", "output_usd_per_1k")
 
 
-def cmd_models(args: argparse.Namespace, ctx: Context) -> int:
-    key, _ = resolve_api_key(ctx, args.key)
-    api_url, _ = api_url_setting(ctx, args.api_url)
+def list_models(ctx: Context, api_url: str, *, key: str | None = None) -> list[dict[str, Any]]:
+    key, _ = resolve_api_key(ctx, key)
     listing = call_api(ctx, "GET", api_url + "/v1/models", key=key)
     models = listing.get("data")
     if not isinstance(models, list):
         raise server_error("the gateway's model list has no data")
-    models = [model for model in models if isinstance(model, dict)]
+    return [model for model in models if isinstance(model, dict)]
+
+
+def cmd_models(args: argparse.Namespace, ctx: Context) -> int:
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    models = list_models(ctx, api_url, key=args.key)
     if args.json:
         render_json(ctx, models)
     else:
@@ -1440,8 +1543,8 @@ class Check:
         return {"name": self.name, "status": self.status, "detail": self.detail, "fix": self.fix}
 
 
-def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
-    """Check everything that decides whether tokenroute works here."""
+def run_checks(ctx: Context, args: argparse.Namespace | Args) -> list[Check]:
+    """Check everything that decides whether tokenroute works here (`args`: api_url and key)."""
     checks = [check_python()]
     try:
         api_url, source = api_url_setting(ctx, args.api_url)
@@ -1450,11 +1553,25 @@ def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
     else:
         checks.append(Check("api url", "ok", f"{api_url} (from {source})"))
         checks += [check_gateway(ctx, api_url), check_login(ctx, api_url), check_api_key(ctx, args, api_url)]
-    checks += check_files(ctx)
+    return checks + check_files(ctx)
+
+
+def doctor(ctx: Context, api_url: str | None, *, key: str | None = None) -> dict[str, Any]:
+    """`doctor`; `api_url` is the --api-url flag (or None): checking the setting is part of it."""
+    return doctor_report(run_checks(ctx, Args(api_url=api_url, key=key)))
+
+
+def doctor_report(checks: list[Check]) -> dict[str, Any]:
+    return {"ok": not any(check.status == "problem" for check in checks), "checks": [c.as_dict() for c in checks]}
+
+
+def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
+    """Check everything that decides whether tokenroute works here."""
+    checks = run_checks(ctx, args)
     problems = [check.exit_code or EXIT_USER for check in checks if check.status == "problem"]
     code = next((c for c in (EXIT_NETWORK, EXIT_SERVER) if c in problems), EXIT_USER if problems else EXIT_OK)
     if args.json:
-        render_json(ctx, {"ok": not problems, "checks": [check.as_dict() for check in checks]})
+        render_json(ctx, doctor_report(checks))
     else:
         width = max(len(check.name) for check in checks)
         for check in checks:
@@ -1904,16 +2021,21 @@ def parse_args(argv: Sequence[str], ctx: Context) -> argparse.Namespace | Args:
 # ------------------------------------------------------------------ main ---
 
 
+def error_body(error: CliError) -> dict[str, Any]:
+    """The object of a `--json` error, and of an MCP tool's error result."""
+    body: dict[str, Any] = {"code": error.code, "message": sanitize(redact(error.message)), "status": error.status}
+    if error.next:
+        body["next"] = error.next
+    body.update(error.payload or {})
+    return body
+
+
 def report(ctx: Context, error: CliError, *, as_json: bool) -> None:
     message = sanitize(redact(error.message))
     if as_json:
         import json
 
-        body: dict[str, Any] = {"code": error.code, "message": message, "status": error.status}
-        if error.next:
-            body["next"] = error.next
-        body.update(error.payload or {})
-        ctx.stderr.write(json.dumps({"error": body}) + "\n")
+        ctx.stderr.write(json.dumps({"error": error_body(error)}) + "\n")
     else:
         hint = f"; run `{error.next}`" if error.next else ""
         ctx.stderr.write(f"error: {message}{hint}\n")
