@@ -608,7 +608,7 @@ def proxy_settings(env: Mapping[str, str]) -> dict[str, str]:
     return proxies
 
 
-def within_deadline(work: Callable[[], Response], *, seconds: float, host: str) -> Response:
+def within_deadline(work: Callable[[], Any], *, seconds: float, host: str) -> Any:
     """Run one exchange on a helper thread and stop waiting after `seconds`.
 
     Socket timeouts bound each read, not a whole answer: a server that
@@ -1732,6 +1732,357 @@ def fish_completion(tree: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------- mcp ---
+# `tokenroute mcp`: the operations above as MCP tools over stdio (JSON-RPC 2.0,
+# one message a line). The server is dual-era: a request whose `_meta` names a
+# 2026-07-28 protocol version is served on its own (that revision has no
+# handshake), and `initialize` opens the older handshake for the hosts that
+# still speak it. Nothing here runs or is imported unless `mcp` does.
+
+MCP_MODERN_VERSIONS = ("2026-07-28",)
+MCP_HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")  # newest first
+MCP_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
+MCP_CAPABILITIES_KEY = "io.modelcontextprotocol/clientCapabilities"
+MCP_INSTRUCTIONS = (
+    "Your tokenroute LLM gateway account: balance, spend, API keys, models and top-up links. "
+    "When a tool answers auth_required or session_expired, call login_start, show the user its URL and "
+    "code, then call login_finish. topup never pays: hand its checkout URL to the user."
+)
+
+
+def cmd_mcp(args: argparse.Namespace, ctx: Context) -> int:
+    """Serve MCP on stdin/stdout until stdin closes; only protocol messages go to stdout."""
+    if ctx.stdin_tty:
+        note(ctx, "tokenroute mcp speaks MCP on stdin and stdout: add it to your MCP host (see the README).")
+    server = McpServer(ctx, args.api_url)
+    for line in iter(sys.stdin.buffer.readline, b""):
+        reply = server.handle(line)
+        if reply is not None:
+            ctx.stdout.write(reply + "\n")
+            ctx.stdout.flush()
+    return EXIT_OK
+
+
+class McpError(Exception):
+    """A JSON-RPC error answer: a message the server cannot act on (not a tool's failure)."""
+
+    def __init__(self, code: int, message: str, data: object = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+class McpTool:
+    """An operation as an MCP tool; the options of `command` (in COMMANDS) named in `arguments` are its input."""
+
+    def __init__(
+        self,
+        name: str,
+        command: str,
+        operation: Callable[..., Any],
+        arguments: Sequence[str] = (),
+        *,
+        guide: str = "",
+        read_only: bool = False,
+        destructive: bool = False,
+        idempotent: bool = False,
+        local: bool = False,
+        wait: str | None = None,
+        checks_url: bool = False,
+        same_as: str = "",
+    ) -> None:
+        self.name = name
+        self.command = next(c for c in COMMANDS if c.name == command)
+        self.operation = operation
+        self.arguments = tuple(arguments)
+        self.guide = guide
+        self.annotations = {"readOnlyHint": read_only, "openWorldHint": not local}
+        if not read_only:
+            self.annotations.update(destructiveHint=destructive, idempotentHint=idempotent)
+        self.wait = wait  # the argument that is a waiting time: bounded by TOKENROUTE_TIMEOUT
+        self.checks_url = checks_url  # gets the --api-url flag to check, not the URL it names
+        self.same_as = f"tokenroute {same_as or command} --json"
+
+    def options(self) -> dict[str, dict[str, Any]]:
+        """The settings of each argument's option; a positional one is required."""
+        found = {
+            dest_of(flags[0]): dict(settings, required=settings.get("required") or not flags[0].startswith("-"))
+            for flags, settings in self.command.options
+        }
+        return {name: found[name] for name in self.arguments}
+
+    def definition(self) -> dict[str, Any]:
+        options = self.options()
+        schema = {
+            "type": "object",
+            "properties": {name: argument_schema(settings) for name, settings in options.items()},
+            "additionalProperties": False,
+        }
+        required = [name for name, settings in options.items() if settings["required"]]
+        if required:
+            schema["required"] = required
+        summary = self.command.summary
+        return {
+            "name": self.name,
+            "description": f"{summary[:1].upper()}{summary[1:]}. {self.guide} Same data as `{self.same_as}`.",
+            "inputSchema": schema,
+            "annotations": self.annotations,
+        }
+
+    def values(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """The operation's keyword arguments; bad JSON types are bad params, bad values a usage error."""
+        options = self.options()
+        unknown = sorted(set(arguments) - set(options))
+        if unknown:
+            raise McpError(-32602, f"Invalid arguments for tool {self.name}: unknown argument {unknown[0]!r}")
+        values = {}
+        for name, settings in options.items():
+            if name not in arguments:
+                if settings["required"]:
+                    raise McpError(-32602, f"Invalid arguments for tool {self.name}: missing {name!r}")
+                continue
+            value = arguments[name]
+            types = argument_schema(settings)["type"]
+            if not is_json_type(value, types if isinstance(types, list) else [types]):
+                raise McpError(-32602, f"Invalid arguments for tool {self.name}: {name} must be a {types}")
+            try:
+                values[name] = settings["type"](str(value)) if "type" in settings else value
+            except BadValue as error:
+                raise CliError(f"{name}: {error}", code="usage") from None
+        return values
+
+    def run(self, ctx: Context, api_url: str | None, values: dict[str, Any]) -> Any:
+        if not self.checks_url:
+            api_url, _ = api_url_setting(ctx, api_url)
+        return self.operation(ctx, api_url, **values)
+
+
+def mcp_tools() -> dict[str, McpTool]:
+    tools = (
+        McpTool("whoami", "whoami", whoami, read_only=True, guide="Money is a decimal string."),
+        McpTool("balance", "balance", balance, read_only=True, guide="Money is a decimal string."),
+        McpTool("usage", "usage", usage, ["days"], read_only=True, guide="Only successful requests count."),
+        McpTool("models", "models", list_models, ["key"], read_only=True, guide="Prices are USD per 1k tokens."),
+        McpTool("keys_list", "keys list", list_keys, read_only=True, guide="Raw key values are never listed."),
+        McpTool(
+            "keys_create", "keys create", create_key, ["name", "no_cache"],
+            guide="The raw key is returned only this once; unless no_cache, it is cached for env, test and models.",
+        ),
+        McpTool(
+            "keys_revoke", "keys revoke", revoke_key, ["id"], destructive=True, idempotent=True,
+            guide="Every later call with that key fails.",
+        ),
+        McpTool(
+            "topup", "topup", topup, ["amount"],
+            guide="Returns a Stripe Checkout URL and never pays: give the URL to the user, who pays in a browser.",
+        ),
+        McpTool("env", "env", env_values, ["key"], read_only=True, local=True, guide="Values for an OpenAI SDK."),
+        McpTool("test", "test", try_chat, ["model", "key"], guide="Spends a fraction of a cent of credit."),
+        McpTool("doctor", "doctor", doctor, ["key"], read_only=True, checks_url=True, guide="Each check has its fix."),
+        McpTool(
+            "login_start", "login", login_start, ["force"], same_as="login --no-wait",
+            guide="Returns the URL and code for the user to approve (or status logged_in); then call login_finish.",
+        ),
+        McpTool(
+            "login_finish", "login", login_finish, ["timeout"], wait="timeout", same_as="login --resume",
+            guide="Waits for the approval at most timeout seconds (default and limit TOKENROUTE_TIMEOUT, 30); "
+            "on login_pending, call it again.",
+        ),
+    )
+    return {tool.name: tool for tool in tools}
+
+
+def argument_schema(settings: dict[str, Any]) -> dict[str, Any]:
+    """The JSON Schema of one option's value."""
+    if settings.get("action") == "store_true":
+        schema: dict[str, Any] = {"type": "boolean", "default": False}
+    else:
+        schema = dict(
+            {
+                parse_amount: {"type": ["string", "number"]},
+                parse_days: {"type": "integer", "minimum": 1, "maximum": 365},
+                non_empty: {"type": "string", "minLength": 1},
+                positive_seconds: {"type": "number", "minimum": 0},
+            }.get(settings.get("type"), {"type": "string"})
+        )
+        if "choices" in settings:
+            schema["enum"] = list(settings["choices"])
+        if settings.get("default") is not None:
+            schema["default"] = settings["default"]
+    schema["description"] = settings.get("help", "")
+    return schema
+
+
+def is_json_type(value: object, types: Sequence[str]) -> bool:
+    if isinstance(value, bool):
+        return "boolean" in types
+    kinds = {"string": str, "integer": int, "number": (int, float), "boolean": bool}
+    return any(isinstance(value, kinds[name]) for name in types)
+
+
+class McpServer:
+    """Answers MCP messages, one line in, at most one line out; a failing tool never ends it."""
+
+    def __init__(self, ctx: Context, api_url: str | None) -> None:
+        self.ctx = ctx
+        self.api_url = api_url  # the --api-url flag, resolved per call like any command's
+        self.handshake_version: str | None = None
+        self.tools = mcp_tools()
+
+    def handle(self, line: bytes) -> str | None:
+        import json
+
+        if not line.strip():
+            return None
+        try:
+            message = json.loads(line.decode("utf-8"), parse_constant=reject_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return rpc_answer(None, error=McpError(-32700, "Parse error: not a JSON message in UTF-8"))
+        request_id = message.get("id") if isinstance(message, dict) else None
+        valid_id = isinstance(request_id, (str, int)) and not isinstance(request_id, bool)
+        if isinstance(message, dict) and "method" not in message and ("result" in message or "error" in message):
+            return None  # a response: this server sends no requests
+        if (
+            not isinstance(message, dict)
+            or message.get("jsonrpc") != "2.0"
+            or not isinstance(message.get("method"), str)
+            or ("id" in message and not valid_id)
+            or not isinstance(message.get("params", {}), (dict, list))
+        ):
+            return rpc_answer(request_id if valid_id else None, error=McpError(-32600, "Invalid Request"))
+        if "id" not in message:
+            return None  # notifications (initialized, cancelled, ...) need nothing from this server
+        try:
+            return rpc_answer(request_id, result=self.answer(message["method"], message.get("params", {})))
+        except McpError as error:
+            return rpc_answer(request_id, error=error)
+        except Exception:  # a bug answering one request must not end the server
+            import traceback
+
+            traceback.print_exc(file=self.ctx.stderr)
+            return rpc_answer(request_id, error=McpError(-32603, "Internal error"))
+
+    def answer(self, method: str, params: dict[str, Any] | list[Any]) -> dict[str, Any]:
+        if not isinstance(params, dict):
+            raise McpError(-32602, "Invalid params: an object is required")
+        meta = params.get("_meta")
+        version = meta.get(MCP_VERSION_KEY) if isinstance(meta, dict) else None
+        if method == "initialize":
+            requested = params.get("protocolVersion")
+            if not isinstance(requested, str):
+                raise McpError(-32602, "Invalid params: initialize needs a protocolVersion")
+            self.handshake_version = requested if requested in MCP_HANDSHAKE_VERSIONS else MCP_HANDSHAKE_VERSIONS[0]
+            return {
+                "protocolVersion": self.handshake_version,
+                "capabilities": {"tools": {"listChanged": False}},
+                "serverInfo": mcp_server_info(),
+                "instructions": MCP_INSTRUCTIONS,
+            }
+        modern = version in MCP_MODERN_VERSIONS
+        if version is not None and not modern and version not in MCP_HANDSHAKE_VERSIONS:
+            supported = [*MCP_MODERN_VERSIONS, *MCP_HANDSHAKE_VERSIONS]
+            raise McpError(-32022, "Unsupported protocol version", {"supported": supported, "requested": version})
+        if modern and not isinstance(meta.get(MCP_CAPABILITIES_KEY), dict):
+            raise McpError(-32602, f"Invalid params: _meta lacks {MCP_CAPABILITIES_KEY}")
+        result = self.dispatch(method, params, version or self.handshake_version or MCP_HANDSHAKE_VERSIONS[0])
+        if modern or method == "server/discover":
+            result.update(resultType="complete", _meta={"io.modelcontextprotocol/serverInfo": mcp_server_info()})
+        return result
+
+    def dispatch(self, method: str, params: dict[str, Any], version: str) -> dict[str, Any]:
+        cacheable = {"ttlMs": 3_600_000, "cacheScope": "public"} if version in MCP_MODERN_VERSIONS else {}
+        if method == "ping":
+            return {}
+        if method == "server/discover":
+            return {
+                "supportedVersions": [*MCP_MODERN_VERSIONS, *MCP_HANDSHAKE_VERSIONS],
+                "capabilities": {"tools": {}},
+                "instructions": MCP_INSTRUCTIONS,
+                "ttlMs": 3_600_000,
+                "cacheScope": "public",
+            }
+        if method == "tools/list":
+            return {"tools": [tool.definition() for tool in self.tools.values()], **cacheable}
+        if method == "tools/call":
+            name, arguments = params.get("name"), params.get("arguments")
+            if not isinstance(name, str) or name not in self.tools:
+                raise McpError(-32602, f"Unknown tool: {name}")
+            if not isinstance(arguments, (dict, type(None))):
+                raise McpError(-32602, f"Invalid arguments for tool {name}: an object is required")
+            return self.call(self.tools[name], arguments or {}, version)
+        raise McpError(-32601, f"Method not found: {method}")
+
+    def call(self, tool: McpTool, arguments: dict[str, Any], version: str) -> dict[str, Any]:
+        """A tool's result: the operation's --json data, or its --json error with isError."""
+        import io
+        import json
+
+        ctx = Context(env=self.ctx.env, stdout=io.StringIO(), stderr=io.StringIO())  # no terminal: no prompt
+        try:
+            values = tool.values(arguments)
+            seconds = timeout_setting(ctx)
+            if tool.wait is not None:
+                values[tool.wait] = min(values.get(tool.wait, seconds), seconds)
+                seconds += values[tool.wait]
+            data = within_deadline(lambda: tool.run(ctx, self.api_url, values), seconds=seconds, host="the gateway")
+            try:
+                text = json_text(data)
+            except (ValueError, RecursionError):  # NaN or absurd nesting from the server
+                raise server_error("the gateway's answer cannot be shown as JSON") from None
+        except CliError as error:
+            body = error_body(error)
+            return {"content": [{"type": "text", "text": json.dumps({"error": body})}], "structuredContent": body,
+                    "isError": True}
+        content = [{"type": "text", "text": text}]
+        guide = mcp_result_guide(ctx, tool.name, data, values)
+        if guide:
+            content.append({"type": "text", "text": guide})
+        # Before 2026-07-28, structured content had to be an object: a list goes under "items".
+        structured = data if isinstance(data, dict) or version in MCP_MODERN_VERSIONS else {"items": data}
+        return {"content": content, "structuredContent": structured, "isError": False}
+
+
+def mcp_result_guide(ctx: Context, tool: str, data: Any, values: dict[str, Any]) -> str | None:
+    """What the agent should do with a result, next to its JSON."""
+    if tool == "topup":
+        return (
+            f"Give this checkout URL to the user, who pays {show(data.get('amount_usd'))} USD in a browser; "
+            f"nothing is paid until they do: {show(data['checkout_url'])}"
+        )
+    if tool == "login_start" and data["status"] == "pending":
+        return (
+            f"Ask the user to open {show(data['verification_uri_complete'])} and approve the code "
+            f"{show(data['user_code'])} (or enter it at {show(data['verification_uri'])}), then call login_finish."
+        )
+    if tool == "keys_create":
+        cached = "not cached (no_cache)" if values.get("no_cache") else f"cached in {last_key_path(ctx)}"
+        return f"The raw key is shown only this once; {cached}."
+    return None
+
+
+def mcp_server_info() -> dict[str, str]:
+    return {"name": "tokenroute", "version": __version__}
+
+
+def reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def rpc_answer(request_id: object, *, result: object = None, error: McpError | None = None) -> str:
+    import json
+
+    message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id}
+    if error is None:
+        message["result"] = result
+    else:
+        message["error"] = {"code": error.code, "message": error.message}
+        if error.data is not None:
+            message["error"]["data"] = error.data
+    return json.dumps(message, allow_nan=False)
+
+
+
 # ---------------------------------------------------------------- parser ---
 
 
@@ -1854,7 +2205,7 @@ COMMANDS = (
     Command(
         "completion", cmd_completion, "print a shell completion script", "tokenroute completion bash > tokenroute.bash",
         option("shell", choices=("bash", "zsh", "fish")),
-    ),
+    ),    Command("mcp", cmd_mcp, "serve your account as MCP tools on stdin/stdout", "claude mcp add tokenroute -- tokenroute mcp"),
 )
 
 
