@@ -1822,10 +1822,10 @@ class McpTool:
         required = [name for name, settings in options.items() if settings["required"]]
         if required:
             schema["required"] = required
-        summary = self.command.summary
+        summary = self.command.summary[:1].upper() + self.command.summary[1:] + "."
         return {
             "name": self.name,
-            "description": f"{summary[:1].upper()}{summary[1:]}. {self.guide} Same data as `{self.same_as}`.",
+            "description": " ".join(filter(None, (summary, self.guide, f"Same data as `{self.same_as}`."))),
             "inputSchema": schema,
             "annotations": self.annotations,
         }
@@ -1844,8 +1844,9 @@ class McpTool:
                 continue
             value = arguments[name]
             types = argument_schema(settings)["type"]
-            if not is_json_type(value, types if isinstance(types, list) else [types]):
-                raise McpError(-32602, f"Invalid arguments for tool {self.name}: {name} must be a {types}")
+            types = types if isinstance(types, list) else [types]
+            if not is_json_type(value, types):
+                raise McpError(-32602, f"Invalid arguments for tool {self.name}: {name} must be {' or '.join(types)}")
             try:
                 values[name] = settings["type"](str(value)) if "type" in settings else value
             except BadValue as error:

@@ -298,7 +298,7 @@ def test_a_bad_value_is_a_usage_error_result(ready: Cli) -> None:
     "name, arguments, message",
     [
         ("nope", {}, "Unknown tool: nope"),
-        ("usage", {"days": "7"}, "Invalid arguments for tool usage: days must be a integer"),
+        ("usage", {"days": "7"}, "Invalid arguments for tool usage: days must be integer"),
         ("usage", {"weeks": 1}, "Invalid arguments for tool usage: unknown argument 'weeks'"),
         ("keys_create", {}, "Invalid arguments for tool keys_create: missing 'name'"),
     ],
