@@ -1904,7 +1904,7 @@ def argument_schema(settings: dict[str, Any]) -> dict[str, Any]:
                 parse_amount: {"type": ["string", "number"]},
                 parse_days: {"type": "integer", "minimum": 1, "maximum": 365},
                 non_empty: {"type": "string", "minLength": 1},
-                positive_seconds: {"type": "number", "minimum": 0},
+                positive_seconds: {"type": "number", "minimum": 0, "maximum": 86400},
             }.get(settings.get("type"), {"type": "string"})
         )
         if "choices" in settings:
