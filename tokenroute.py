@@ -1028,7 +1028,7 @@ def proxy_settings(env: Mapping[str, str]) -> dict[str, str]:
     return proxies
 
 
-def within_deadline(work: Callable[[], Response], *, seconds: float, host: str) -> Response:
+def within_deadline(work: Callable[[], Any], *, seconds: float, host: str) -> Any:
     """Run one exchange on a helper thread and stop waiting after `seconds`.
 
     Socket timeouts bound each read, not a whole answer: a server that
@@ -1530,8 +1530,7 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
         raise CliError("--no-wait starts a login and --resume finishes one: give one of them", code="usage")
     if args.resume:
         return resume_login(args, ctx, api_url)
-    creds = usable_login(ctx, api_url)
-    if creds is not None and not args.force and login_still_valid(ctx, api_url):
+    if not args.force and logged_in(ctx, api_url):
         if args.json:
             render_json(ctx, {"status": "logged_in", "api_url": api_url})
         else:
@@ -1586,6 +1585,26 @@ def save_pending_login(ctx: Context, pending: dict[str, Any]) -> None:
     write_private_file(ctx, path, json_text(pending))
 
 
+def logged_in(ctx: Context, api_url: str) -> bool:
+    """Whether a stored login for `api_url` still works (`login` without --force stops there)."""
+    return usable_login(ctx, api_url) is not None and login_still_valid(ctx, api_url)
+
+
+def login_start(ctx: Context, api_url: str, *, force: bool = False) -> dict[str, Any]:
+    """`login --no-wait`: start a login for a person to approve, unless one still works."""
+    if not force and logged_in(ctx, api_url):
+        return {"status": "logged_in", "api_url": api_url}
+    check_writable(ctx)
+    pending = start_device_flow(ctx, api_url)
+    save_pending_login(ctx, pending)
+    return pending_view(pending)
+
+
+def login_finish(ctx: Context, api_url: str, *, timeout: float | None = None) -> dict[str, Any]:
+    """`login --resume`: wait up to `timeout` seconds for the approval, then save the login."""
+    return store_login(ctx, *await_login(ctx, api_url, timeout=timeout))
+
+
 def load_pending_login(ctx: Context, api_url: str) -> dict[str, Any]:
     import json
 
@@ -1628,10 +1647,15 @@ def login_still_valid(ctx: Context, api_url: str) -> bool:
 
 
 def resume_login(args: argparse.Namespace, ctx: Context, api_url: str) -> int:
+    return finish_login(args, ctx, *await_login(ctx, api_url, timeout=args.timeout))
+
+
+def await_login(ctx: Context, api_url: str, *, timeout: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The pending login and the identity provider's grant, once approved within `timeout` seconds."""
     pending = load_pending_login(ctx, api_url)
     path = pending_login_path(ctx)
     try:
-        answer = poll_device_flow(ctx, pending, first_wait=0, timeout=args.timeout)
+        answer = poll_device_flow(ctx, pending, first_wait=0, timeout=timeout)
     except CliError as exc:
         if exc.exit_code == EXIT_SERVER:
             remove_file(path)
@@ -1644,14 +1668,19 @@ def resume_login(args: argparse.Namespace, ctx: Context, api_url: str) -> int:
             payload={"pending": pending_view(pending)},
         )
     remove_file(path)
-    return finish_login(args, ctx, pending, answer)
+    return pending, answer
+
+
+def store_login(ctx: Context, pending: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+    with CredentialsLock(ctx):
+        save_login(ctx, credentials_from_grant(ctx, pending, answer))
+    return {"status": "logged_in", "api_url": pending["api_url"]}
 
 
 def finish_login(args: argparse.Namespace, ctx: Context, pending: dict[str, Any], answer: dict[str, Any]) -> int:
-    with CredentialsLock(ctx):
-        save_login(ctx, credentials_from_grant(ctx, pending, answer))
+    login = store_login(ctx, pending, answer)
     if args.json:
-        render_json(ctx, {"status": "logged_in", "api_url": pending["api_url"]})
+        render_json(ctx, login)
     else:
         ctx.stdout.write("OK logged in\n")
     return EXIT_OK
@@ -1712,9 +1741,13 @@ def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
 ME_FIELDS = ("id", "display_name", "email", "logto_sub", "balance_usd", "status")
 
 
+def whoami(ctx: Context, api_url: str) -> dict[str, Any]:
+    return call_account(ctx, api_url, "GET", "/api/v1/me")
+
+
 def cmd_whoami(args: argparse.Namespace, ctx: Context) -> int:
     api_url, _ = api_url_setting(ctx, args.api_url)
-    me = call_account(ctx, api_url, "GET", "/api/v1/me")
+    me = whoami(ctx, api_url)
     if args.json:
         render_json(ctx, me)
     else:
@@ -1722,36 +1755,64 @@ def cmd_whoami(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
+def balance(ctx: Context, api_url: str) -> dict[str, Any]:
+    return call_account(ctx, api_url, "GET", "/api/v1/balance")
+
+
 def cmd_balance(args: argparse.Namespace, ctx: Context) -> int:
     api_url, _ = api_url_setting(ctx, args.api_url)
-    balance = call_account(ctx, api_url, "GET", "/api/v1/balance")
+    credit = balance(ctx, api_url)
     if args.json:
-        render_json(ctx, balance)
+        render_json(ctx, credit)
     else:
-        render_fields(ctx, balance, ("balance_usd", "currency"))
+        render_fields(ctx, credit, ("balance_usd", "currency"))
     return EXIT_OK
+
+
+def create_key(ctx: Context, api_url: str, *, name: str, no_cache: bool = False) -> dict[str, Any]:
+    """`keys create`: a new key, cached in last_key.txt (unless `no_cache`) before anyone sees it.
+
+    A key that cannot be cached is still the only copy: the KeyNotCached error carries it.
+    """
+    key = call_account(
+        ctx, api_url, "POST", "/api/v1/me/keys", json_body={"name": name}, idempotency_key=os.urandom(16).hex()
+    )
+    raw = key.get("raw")
+    if not isinstance(raw, str) or not raw:
+        raise server_error("the gateway created a key but sent no raw value")
+    if no_cache:
+        return key
+    if not is_plausible_key(raw):
+        raise KeyNotCached(key, server_error("the gateway sent a key that is not an sk-tr- token; not cached"))
+    try:
+        cache_key(ctx, api_url, raw, sanitize(str(key.get("id", ""))))
+    except CliError as exc:
+        raise KeyNotCached(key, exc) from None
+    return key
+
+
+class KeyNotCached(CliError):
+    """A key was created but could not be cached; `key` is its only copy."""
+
+    def __init__(self, key: dict[str, Any], reason: CliError) -> None:
+        super().__init__(
+            f"the key was created but not cached: {reason.message}",
+            code=reason.code,
+            exit_code=reason.exit_code,
+            payload={"key": key},
+        )
+        self.key = key
+        self.reason = reason
 
 
 def cmd_keys_create(args: argparse.Namespace, ctx: Context) -> int:
     """Create a key, cache it, then show it: a key that cannot be shown is never lost."""
     api_url, _ = api_url_setting(ctx, args.api_url)
-    key = call_account(
-        ctx, api_url, "POST", "/api/v1/me/keys", json_body={"name": args.name}, idempotency_key=os.urandom(16).hex()
-    )
-    raw = key.get("raw")
-    if not isinstance(raw, str) or not raw:
-        raise server_error("the gateway created a key but sent no raw value")
-    key_id = sanitize(str(key.get("id", "")))
-    cached: CliError | None = None
-    if args.no_cache:
-        pass
-    elif not is_plausible_key(raw):  # shown all the same: it is the only copy
-        cached = server_error("the gateway sent a key that is not an sk-tr- token; not cached")
-    else:
-        try:
-            cache_key(ctx, api_url, raw, key_id)
-        except CliError as error:
-            cached = CliError(f"the key above was created but not cached: {error.message}", code=error.code)
+    try:
+        key, not_cached = create_key(ctx, api_url, name=args.name, no_cache=args.no_cache), None
+    except KeyNotCached as error:
+        key, not_cached = error.key, error.reason
+    raw = key["raw"]
     try:
         if args.json:
             render_json(ctx, key)
@@ -1760,13 +1821,15 @@ def cmd_keys_create(args: argparse.Namespace, ctx: Context) -> int:
             ctx.stdout.write(f"key: {sanitize(raw)}\n")
         ctx.stdout.flush()
     except (OSError, ValueError) as exc:  # stdout closed, or its reader left
-        raise undelivered_key(ctx, exc, key_id, cached=not args.no_cache and cached is None) from None
-    if cached is not None:
-        raise cached
+        key_id = sanitize(str(key.get("id", "")))
+        raise undelivered_key(ctx, exc, key_id, cached=not args.no_cache and not_cached is None) from None
     if args.no_cache:
         note(ctx, "Save this key now: it is shown only once (not cached: --no-cache).")
-    else:
-        note(ctx, f"Save this key now: it is shown only once. Cached in {last_key_path(ctx)} for env, test and models.")
+        return EXIT_OK
+    if not_cached is not None:  # shown above all the same: it is the only copy
+        raise CliError(f"the key above was created but not cached: {not_cached.message}", code=not_cached.code,
+                       exit_code=not_cached.exit_code)
+    note(ctx, f"Save this key now: it is shown only once. Cached in {last_key_path(ctx)} for env, test and models.")
     return EXIT_OK
 
 
@@ -1788,10 +1851,14 @@ def undelivered_key(ctx: Context, exc: Exception, key_id: str, *, cached: bool) 
 KEY_COLUMNS = ("id", "name", "key_prefix", "status", "balance_usd", "created_at")
 
 
+def list_keys(ctx: Context, api_url: str) -> list[dict[str, Any]]:
+    keys = call_account(ctx, api_url, "GET", "/api/v1/me/keys", kind=list)
+    return [key for key in keys if isinstance(key, dict)]
+
+
 def cmd_keys_list(args: argparse.Namespace, ctx: Context) -> int:
     api_url, _ = api_url_setting(ctx, args.api_url)
-    keys = call_account(ctx, api_url, "GET", "/api/v1/me/keys", kind=list)
-    keys = [key for key in keys if isinstance(key, dict)]
+    keys = list_keys(ctx, api_url)
     if args.json:
         render_json(ctx, keys)
     elif not keys:
@@ -1801,37 +1868,48 @@ def cmd_keys_list(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
-def cmd_keys_revoke(args: argparse.Namespace, ctx: Context) -> int:
+def revoke_key(ctx: Context, api_url: str, *, id: str) -> dict[str, Any]:
     from urllib.parse import quote
 
-    api_url, _ = api_url_setting(ctx, args.api_url)
-    if args.id in (".", ".."):
-        raise CliError(f"{args.id!r} is not a key id (see tokenroute keys list)")
-    key = call_account(ctx, api_url, "DELETE", "/api/v1/me/keys/" + quote(args.id, safe=""))
+    if id in (".", ".."):
+        raise CliError(f"{id!r} is not a key id (see tokenroute keys list)")
+    key = call_account(ctx, api_url, "DELETE", "/api/v1/me/keys/" + quote(id, safe=""))
     prefix = key.get("key_prefix")
-    uncached = forget_cached_key(ctx, api_url, key_id=args.id, prefix=prefix if isinstance(prefix, str) else None)
+    if forget_cached_key(ctx, api_url, key_id=id, prefix=prefix if isinstance(prefix, str) else None):
+        note(ctx, f"Removed it from the key cache ({last_key_path(ctx)}).")
+    return key
+
+
+def cmd_keys_revoke(args: argparse.Namespace, ctx: Context) -> int:
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    key = revoke_key(ctx, api_url, id=args.id)
     if args.json:
         render_json(ctx, key)
     else:
         ctx.stdout.write(f"OK revoked {show(key.get('id', args.id))} ({show(key.get('name'))})\n")
-    if uncached:
-        note(ctx, f"Removed it from the key cache ({last_key_path(ctx)}).")
     return EXIT_OK
 
 
-def cmd_topup(args: argparse.Namespace, ctx: Context) -> int:
-    api_url, _ = api_url_setting(ctx, args.api_url)
+def topup(ctx: Context, api_url: str, *, amount: str) -> dict[str, Any]:
+    """`topup`: a Stripe Checkout session for a person to pay; it never pays by itself."""
     session = call_account(
         ctx,
         api_url,
         "POST",
         "/api/v1/topup",
-        json_body={"amount_usd": args.amount},
+        json_body={"amount_usd": amount},
         idempotency_key=os.urandom(16).hex(),
     )
     url = session.get("checkout_url")
     if not isinstance(url, str) or not url:
         raise server_error("the gateway sent no checkout URL")
+    return session
+
+
+def cmd_topup(args: argparse.Namespace, ctx: Context) -> int:
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    session = topup(ctx, api_url, amount=args.amount)
+    url = session["checkout_url"]
     if args.json:
         render_json(ctx, session)
         return EXIT_OK
@@ -1845,13 +1923,17 @@ def cmd_topup(args: argparse.Namespace, ctx: Context) -> int:
 USAGE_FIELDS = ("range_days", "total_requests", "total_tokens_in", "total_tokens_out", "total_cost_usd")
 
 
+def usage(ctx: Context, api_url: str, *, days: int = 30) -> dict[str, Any]:
+    return call_account(ctx, api_url, "GET", f"/api/v1/me/usage?days={days}")
+
+
 def cmd_usage(args: argparse.Namespace, ctx: Context) -> int:
     api_url, _ = api_url_setting(ctx, args.api_url)
-    usage = call_account(ctx, api_url, "GET", f"/api/v1/me/usage?days={args.days}")
+    spend = usage(ctx, api_url, days=args.days)
     if args.json:
-        render_json(ctx, usage)
+        render_json(ctx, spend)
     else:
-        render_fields(ctx, usage, USAGE_FIELDS)
+        render_fields(ctx, spend, USAGE_FIELDS)
     return EXIT_OK
 
 
@@ -1863,13 +1945,18 @@ SHELL_FORMATS = {
 }
 
 
+def env_values(ctx: Context, api_url: str, *, key: str | None = None) -> dict[str, str]:
+    """The two variables an OpenAI SDK needs: the API key and the gateway's /v1 URL."""
+    key, _ = resolve_api_key(ctx, key, api_url)
+    if not is_env_safe(api_url):
+        raise CliError("the API URL holds characters a shell or .env file would misread")
+    return {"OPENAI_API_KEY": key, "OPENAI_BASE_URL": api_url + "/v1"}
+
+
 def cmd_env(args: argparse.Namespace, ctx: Context) -> int:
     """Print the two variables an OpenAI SDK needs, nothing else on stdout."""
     api_url, _ = api_url_setting(ctx, args.api_url)
-    key, _ = resolve_api_key(ctx, args.key, api_url)
-    if not is_env_safe(api_url):
-        raise CliError("the API URL holds characters a shell or .env file would misread")
-    variables = {"OPENAI_API_KEY": key, "OPENAI_BASE_URL": api_url + "/v1"}
+    variables = env_values(ctx, api_url, key=args.key)
     if args.json:
         render_json(ctx, variables)
         return EXIT_OK
@@ -1893,23 +1980,29 @@ def shell_word(value: str) -> str:
     return value if set(value) <= ENV_SAFE_CHARS else f"'{value}'"
 
 
-def cmd_test(args: argparse.Namespace, ctx: Context) -> int:
-    api_url, _ = api_url_setting(ctx, args.api_url)
-    key, _ = resolve_api_key(ctx, args.key, api_url)
+def try_chat(ctx: Context, api_url: str, *, model: str = DEFAULT_MODEL, key: str | None = None) -> dict[str, Any]:
+    """`test`: one tiny chat completion, end to end."""
+    key, _ = resolve_api_key(ctx, key, api_url)
     completion = call_api(
         ctx,
         "POST",
         api_url + "/v1/chat/completions",
         key=key,
         json_body={
-            "model": args.model,
+            "model": model,
             "messages": [{"role": "user", "content": "Reply with the single word OK."}],
             "max_tokens": 5,
         },
     )
-    reply = chat_reply(completion)
+    return {"ok": True, "model": model, "reply": chat_reply(completion), "usage": completion.get("usage")}
+
+
+def cmd_test(args: argparse.Namespace, ctx: Context) -> int:
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    result = try_chat(ctx, api_url, model=args.model, key=args.key)
+    reply = result["reply"]
     if args.json:
-        render_json(ctx, {"ok": True, "model": args.model, "reply": reply, "usage": completion.get("usage")})
+        render_json(ctx, result)
     else:
         ctx.stdout.write(f"OK connected ({sanitize(args.model)})\n  reply: {sanitize(reply)}\n")
     return EXIT_OK
@@ -1928,14 +2021,18 @@ def chat_reply(completion: dict[str, Any]) -> str:
 MODEL_COLUMNS = ("id", "owned_by", "complexity_tier", "input_usd_per_1k", "output_usd_per_1k")
 
 
-def cmd_models(args: argparse.Namespace, ctx: Context) -> int:
-    api_url, _ = api_url_setting(ctx, args.api_url)
-    key, _ = resolve_api_key(ctx, args.key, api_url)
+def list_models(ctx: Context, api_url: str, *, key: str | None = None) -> list[dict[str, Any]]:
+    key, _ = resolve_api_key(ctx, key, api_url)
     listing = call_api(ctx, "GET", api_url + "/v1/models", key=key)
     models = listing.get("data")
     if not isinstance(models, list):
         raise server_error("the gateway's model list has no data")
-    models = [model for model in models if isinstance(model, dict)]
+    return [model for model in models if isinstance(model, dict)]
+
+
+def cmd_models(args: argparse.Namespace, ctx: Context) -> int:
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    models = list_models(ctx, api_url, key=args.key)
     if args.json:
         render_json(ctx, models)
     else:
@@ -1962,8 +2059,8 @@ class Check:
         return {"name": self.name, "status": self.status, "detail": self.detail, "fix": self.fix}
 
 
-def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
-    """Check everything that decides whether tokenroute works here."""
+def run_checks(ctx: Context, args: argparse.Namespace | Args) -> list[Check]:
+    """Check everything that decides whether tokenroute works here (`args`: api_url and key)."""
     checks = [check_python()]
     try:
         api_url, source = api_url_setting(ctx, args.api_url)
@@ -1972,11 +2069,25 @@ def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
     else:
         checks.append(Check("api url", "ok", f"{api_url} (from {source})"))
         checks += [check_gateway(ctx, api_url), check_login(ctx, api_url), check_api_key(ctx, args, api_url)]
-    checks += check_files(ctx)
+    return checks + check_files(ctx)
+
+
+def doctor(ctx: Context, api_url: str | None, *, key: str | None = None) -> dict[str, Any]:
+    """`doctor`; `api_url` is the --api-url flag (or None): checking the setting is part of it."""
+    return doctor_report(run_checks(ctx, Args(api_url=api_url, key=key)))
+
+
+def doctor_report(checks: list[Check]) -> dict[str, Any]:
+    return {"ok": not any(check.status == "problem" for check in checks), "checks": [c.as_dict() for c in checks]}
+
+
+def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
+    """Check everything that decides whether tokenroute works here."""
+    checks = run_checks(ctx, args)
     problems = [check.exit_code or EXIT_USER for check in checks if check.status == "problem"]
     code = next((c for c in (EXIT_NETWORK, EXIT_SERVER) if c in problems), EXIT_USER if problems else EXIT_OK)
     if args.json:
-        render_json(ctx, {"ok": not problems, "checks": [check.as_dict() for check in checks]})
+        render_json(ctx, doctor_report(checks))
     else:
         width = max(len(check.name) for check in checks)
         for check in checks:
@@ -2147,6 +2258,358 @@ def fish_completion(tree: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------- mcp ---
+# `tokenroute mcp`: the operations above as MCP tools over stdio (JSON-RPC 2.0,
+# one message a line). The server is dual-era: a request whose `_meta` names a
+# 2026-07-28 protocol version is served on its own (that revision has no
+# handshake), and `initialize` opens the older handshake for the hosts that
+# still speak it. Nothing here runs or is imported unless `mcp` does.
+
+MCP_MODERN_VERSIONS = ("2026-07-28",)
+MCP_HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")  # newest first
+MCP_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
+MCP_CAPABILITIES_KEY = "io.modelcontextprotocol/clientCapabilities"
+MCP_INSTRUCTIONS = (
+    "Your tokenroute LLM gateway account: balance, spend, API keys, models and top-up links. "
+    "When a tool answers auth_required or session_expired, call login_start, show the user its URL and "
+    "code, then call login_finish. topup never pays: hand its checkout URL to the user."
+)
+
+
+def cmd_mcp(args: argparse.Namespace, ctx: Context) -> int:
+    """Serve MCP on stdin/stdout until stdin closes; only protocol messages go to stdout."""
+    if ctx.stdin_tty:
+        note(ctx, "tokenroute mcp speaks MCP on stdin and stdout: add it to your MCP host (see the README).")
+    server = McpServer(ctx, args.api_url)
+    for line in iter(sys.stdin.buffer.readline, b""):
+        reply = server.handle(line)
+        if reply is not None:
+            ctx.stdout.write(reply + "\n")
+            ctx.stdout.flush()
+    return EXIT_OK
+
+
+class McpError(Exception):
+    """A JSON-RPC error answer: a message the server cannot act on (not a tool's failure)."""
+
+    def __init__(self, code: int, message: str, data: object = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+class McpTool:
+    """An operation as an MCP tool; the options of `command` (in COMMANDS) named in `arguments` are its input."""
+
+    def __init__(
+        self,
+        name: str,
+        command: str,
+        operation: Callable[..., Any],
+        arguments: Sequence[str] = (),
+        *,
+        guide: str = "",
+        read_only: bool = False,
+        destructive: bool = False,
+        idempotent: bool = False,
+        local: bool = False,
+        wait: str | None = None,
+        checks_url: bool = False,
+        same_as: str = "",
+    ) -> None:
+        self.name = name
+        self.command = next(c for c in COMMANDS if c.name == command)
+        self.operation = operation
+        self.arguments = tuple(arguments)
+        self.guide = guide
+        self.annotations = {"readOnlyHint": read_only, "openWorldHint": not local}
+        if not read_only:
+            self.annotations.update(destructiveHint=destructive, idempotentHint=idempotent)
+        self.wait = wait  # the argument that is a waiting time: bounded by TOKENROUTE_TIMEOUT
+        self.checks_url = checks_url  # gets the --api-url flag to check, not the URL it names
+        self.same_as = f"tokenroute {same_as or command} --json"
+
+    def options(self) -> dict[str, dict[str, Any]]:
+        """The settings of each argument's option; a positional one is required."""
+        found = {
+            dest_of(flags[0]): dict(settings, required=settings.get("required") or not flags[0].startswith("-"))
+            for flags, settings in self.command.options
+        }
+        return {name: found[name] for name in self.arguments}
+
+    def definition(self) -> dict[str, Any]:
+        options = self.options()
+        schema = {
+            "type": "object",
+            "properties": {name: argument_schema(settings) for name, settings in options.items()},
+            "additionalProperties": False,
+        }
+        required = [name for name, settings in options.items() if settings["required"]]
+        if required:
+            schema["required"] = required
+        summary = self.command.summary[:1].upper() + self.command.summary[1:] + "."
+        return {
+            "name": self.name,
+            "description": " ".join(filter(None, (summary, self.guide, f"Same data as `{self.same_as}`."))),
+            "inputSchema": schema,
+            "annotations": self.annotations,
+        }
+
+    def values(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """The operation's keyword arguments; bad JSON types are bad params, bad values a usage error."""
+        options = self.options()
+        unknown = sorted(set(arguments) - set(options))
+        if unknown:
+            raise McpError(-32602, f"Invalid arguments for tool {self.name}: unknown argument {unknown[0]!r}")
+        values = {}
+        for name, settings in options.items():
+            if name not in arguments:
+                if settings["required"]:
+                    raise McpError(-32602, f"Invalid arguments for tool {self.name}: missing {name!r}")
+                continue
+            value = arguments[name]
+            types = argument_schema(settings)["type"]
+            types = types if isinstance(types, list) else [types]
+            if not is_json_type(value, types):
+                raise McpError(-32602, f"Invalid arguments for tool {self.name}: {name} must be {' or '.join(types)}")
+            try:
+                values[name] = settings["type"](str(value)) if "type" in settings else value
+            except BadValue as error:
+                raise CliError(f"{name}: {error}", code="usage") from None
+        return values
+
+    def run(self, ctx: Context, api_url: str | None, values: dict[str, Any]) -> Any:
+        if not self.checks_url:
+            api_url, _ = api_url_setting(ctx, api_url)
+        return self.operation(ctx, api_url, **values)
+
+
+def mcp_tools() -> dict[str, McpTool]:
+    tools = (
+        McpTool("whoami", "whoami", whoami, read_only=True, guide="Money is a decimal string."),
+        McpTool("balance", "balance", balance, read_only=True, guide="Money is a decimal string."),
+        McpTool("usage", "usage", usage, ["days"], read_only=True, guide="Only successful requests count."),
+        McpTool("models", "models", list_models, ["key"], read_only=True, guide="Prices are USD per 1k tokens."),
+        McpTool("keys_list", "keys list", list_keys, read_only=True, guide="Raw key values are never listed."),
+        McpTool(
+            "keys_create", "keys create", create_key, ["name", "no_cache"],
+            guide="The raw key is returned only this once; unless no_cache, it is cached for env, test and models.",
+        ),
+        McpTool(
+            "keys_revoke", "keys revoke", revoke_key, ["id"], destructive=True, idempotent=True,
+            guide="Every later call with that key fails.",
+        ),
+        McpTool(
+            "topup", "topup", topup, ["amount"],
+            guide="Returns a Stripe Checkout URL and never pays: give the URL to the user, who pays in a browser.",
+        ),
+        McpTool("env", "env", env_values, ["key"], read_only=True, local=True, guide="Values for an OpenAI SDK."),
+        McpTool("test", "test", try_chat, ["model", "key"], guide="Spends a fraction of a cent of credit."),
+        McpTool("doctor", "doctor", doctor, ["key"], read_only=True, checks_url=True, guide="Each check has its fix."),
+        McpTool(
+            "login_start", "login", login_start, ["force"], same_as="login --no-wait",
+            guide="Returns the URL and code for the user to approve (or status logged_in); then call login_finish.",
+        ),
+        McpTool(
+            "login_finish", "login", login_finish, ["timeout"], wait="timeout", same_as="login --resume",
+            guide="Waits for the approval at most timeout seconds (default and limit TOKENROUTE_TIMEOUT, 30); "
+            "on login_pending, call it again.",
+        ),
+    )
+    return {tool.name: tool for tool in tools}
+
+
+def argument_schema(settings: dict[str, Any]) -> dict[str, Any]:
+    """The JSON Schema of one option's value."""
+    if settings.get("action") == "store_true":
+        schema: dict[str, Any] = {"type": "boolean", "default": False}
+    else:
+        schema = dict(
+            {
+                parse_amount: {"type": ["string", "number"]},
+                parse_days: {"type": "integer", "minimum": 1, "maximum": 365},
+                non_empty: {"type": "string", "minLength": 1},
+                positive_seconds: {"type": "number", "minimum": 0, "maximum": 86400},
+            }.get(settings.get("type"), {"type": "string"})
+        )
+        if "choices" in settings:
+            schema["enum"] = list(settings["choices"])
+        if settings.get("default") is not None:
+            schema["default"] = settings["default"]
+    schema["description"] = settings.get("help", "")
+    return schema
+
+
+def is_json_type(value: object, types: Sequence[str]) -> bool:
+    if isinstance(value, bool):
+        return "boolean" in types
+    kinds = {"string": str, "integer": int, "number": (int, float), "boolean": bool}
+    return any(isinstance(value, kinds[name]) for name in types)
+
+
+class McpServer:
+    """Answers MCP messages, one line in, at most one line out; a failing tool never ends it."""
+
+    def __init__(self, ctx: Context, api_url: str | None) -> None:
+        self.ctx = ctx
+        self.api_url = api_url  # the --api-url flag, resolved per call like any command's
+        self.handshake_version: str | None = None
+        self.tools = mcp_tools()
+
+    def handle(self, line: bytes) -> str | None:
+        import json
+
+        if not line.strip():
+            return None
+        try:
+            message = json.loads(line.decode("utf-8"), parse_constant=reject_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return rpc_answer(None, error=McpError(-32700, "Parse error: not a JSON message in UTF-8"))
+        request_id = message.get("id") if isinstance(message, dict) else None
+        valid_id = isinstance(request_id, (str, int)) and not isinstance(request_id, bool)
+        if isinstance(message, dict) and "method" not in message and ("result" in message or "error" in message):
+            return None  # a response: this server sends no requests
+        if (
+            not isinstance(message, dict)
+            or message.get("jsonrpc") != "2.0"
+            or not isinstance(message.get("method"), str)
+            or ("id" in message and not valid_id)
+            or not isinstance(message.get("params", {}), (dict, list))
+        ):
+            return rpc_answer(request_id if valid_id else None, error=McpError(-32600, "Invalid Request"))
+        if "id" not in message:
+            return None  # notifications (initialized, cancelled, ...) need nothing from this server
+        try:
+            return rpc_answer(request_id, result=self.answer(message["method"], message.get("params", {})))
+        except McpError as error:
+            return rpc_answer(request_id, error=error)
+        except Exception:  # a bug answering one request must not end the server
+            import traceback
+
+            traceback.print_exc(file=self.ctx.stderr)
+            return rpc_answer(request_id, error=McpError(-32603, "Internal error"))
+
+    def answer(self, method: str, params: dict[str, Any] | list[Any]) -> dict[str, Any]:
+        if not isinstance(params, dict):
+            raise McpError(-32602, "Invalid params: an object is required")
+        meta = params.get("_meta")
+        version = meta.get(MCP_VERSION_KEY) if isinstance(meta, dict) else None
+        if method == "initialize":
+            requested = params.get("protocolVersion")
+            if not isinstance(requested, str):
+                raise McpError(-32602, "Invalid params: initialize needs a protocolVersion")
+            self.handshake_version = requested if requested in MCP_HANDSHAKE_VERSIONS else MCP_HANDSHAKE_VERSIONS[0]
+            return {
+                "protocolVersion": self.handshake_version,
+                "capabilities": {"tools": {"listChanged": False}},
+                "serverInfo": mcp_server_info(),
+                "instructions": MCP_INSTRUCTIONS,
+            }
+        modern = version in MCP_MODERN_VERSIONS
+        if version is not None and not modern and version not in MCP_HANDSHAKE_VERSIONS:
+            supported = [*MCP_MODERN_VERSIONS, *MCP_HANDSHAKE_VERSIONS]
+            raise McpError(-32022, "Unsupported protocol version", {"supported": supported, "requested": version})
+        if modern and not isinstance(meta.get(MCP_CAPABILITIES_KEY), dict):
+            raise McpError(-32602, f"Invalid params: _meta lacks {MCP_CAPABILITIES_KEY}")
+        result = self.dispatch(method, params, version or self.handshake_version or MCP_HANDSHAKE_VERSIONS[0])
+        if modern or method == "server/discover":
+            result.update(resultType="complete", _meta={"io.modelcontextprotocol/serverInfo": mcp_server_info()})
+        return result
+
+    def dispatch(self, method: str, params: dict[str, Any], version: str) -> dict[str, Any]:
+        cacheable = {"ttlMs": 3_600_000, "cacheScope": "public"} if version in MCP_MODERN_VERSIONS else {}
+        if method == "ping":
+            return {}
+        if method == "server/discover":
+            return {
+                "supportedVersions": [*MCP_MODERN_VERSIONS, *MCP_HANDSHAKE_VERSIONS],
+                "capabilities": {"tools": {}},
+                "instructions": MCP_INSTRUCTIONS,
+                "ttlMs": 3_600_000,
+                "cacheScope": "public",
+            }
+        if method == "tools/list":
+            return {"tools": [tool.definition() for tool in self.tools.values()], **cacheable}
+        if method == "tools/call":
+            name, arguments = params.get("name"), params.get("arguments")
+            if not isinstance(name, str) or name not in self.tools:
+                raise McpError(-32602, f"Unknown tool: {name}")
+            if not isinstance(arguments, (dict, type(None))):
+                raise McpError(-32602, f"Invalid arguments for tool {name}: an object is required")
+            return self.call(self.tools[name], arguments or {}, version)
+        raise McpError(-32601, f"Method not found: {method}")
+
+    def call(self, tool: McpTool, arguments: dict[str, Any], version: str) -> dict[str, Any]:
+        """A tool's result: the operation's --json data, or its --json error with isError."""
+        import io
+        import json
+
+        ctx = Context(env=self.ctx.env, stdout=io.StringIO(), stderr=io.StringIO())  # no terminal: no prompt
+        try:
+            values = tool.values(arguments)
+            seconds = timeout_setting(ctx)
+            if tool.wait is not None:
+                values[tool.wait] = min(values.get(tool.wait, seconds), seconds)
+                seconds += values[tool.wait]
+            data = within_deadline(lambda: tool.run(ctx, self.api_url, values), seconds=seconds, host="the gateway")
+            try:
+                text = json_text(data)
+            except (ValueError, RecursionError):  # NaN or absurd nesting from the server
+                raise server_error("the gateway's answer cannot be shown as JSON") from None
+        except CliError as error:
+            body = error_body(error)
+            return {"content": [{"type": "text", "text": json.dumps({"error": body})}], "structuredContent": body,
+                    "isError": True}
+        content = [{"type": "text", "text": text}]
+        guide = mcp_result_guide(ctx, tool.name, data, values)
+        if guide:
+            content.append({"type": "text", "text": guide})
+        # Before 2026-07-28, structured content had to be an object: a list goes under "items".
+        structured = data if isinstance(data, dict) or version in MCP_MODERN_VERSIONS else {"items": data}
+        return {"content": content, "structuredContent": structured, "isError": False}
+
+
+def mcp_result_guide(ctx: Context, tool: str, data: Any, values: dict[str, Any]) -> str | None:
+    """What the agent should do with a result, next to its JSON."""
+    if tool == "topup":
+        return (
+            f"Give this checkout URL to the user, who pays {show(data.get('amount_usd'))} USD in a browser; "
+            f"nothing is paid until they do: {show(data['checkout_url'])}"
+        )
+    if tool == "login_start" and data["status"] == "pending":
+        return (
+            f"Ask the user to open {show(data['verification_uri_complete'])} and approve the code "
+            f"{show(data['user_code'])} (or enter it at {show(data['verification_uri'])}), then call login_finish."
+        )
+    if tool == "keys_create":
+        cached = "not cached (no_cache)" if values.get("no_cache") else f"cached in {last_key_path(ctx)}"
+        return f"The raw key is shown only this once; {cached}."
+    return None
+
+
+def mcp_server_info() -> dict[str, str]:
+    return {"name": "tokenroute", "version": __version__}
+
+
+def reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def rpc_answer(request_id: object, *, result: object = None, error: McpError | None = None) -> str:
+    import json
+
+    message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id}
+    if error is None:
+        message["result"] = result
+    else:
+        message["error"] = {"code": error.code, "message": error.message}
+        if error.data is not None:
+            message["error"]["data"] = error.data
+    return json.dumps(message, allow_nan=False)
+
+
+
 # ---------------------------------------------------------------- parser ---
 
 
@@ -2273,7 +2736,7 @@ COMMANDS = (
     Command(
         "completion", cmd_completion, "print a shell completion script", "tokenroute completion bash > tokenroute.bash",
         option("shell", choices=("bash", "zsh", "fish")),
-    ),
+    ),    Command("mcp", cmd_mcp, "serve your account as MCP tools on stdin/stdout", "claude mcp add tokenroute -- tokenroute mcp"),
 )
 
 
@@ -2440,16 +2903,21 @@ def parse_args(argv: Sequence[str], ctx: Context) -> argparse.Namespace | Args:
 # ------------------------------------------------------------------ main ---
 
 
+def error_body(error: CliError) -> dict[str, Any]:
+    """The object of a `--json` error, and of an MCP tool's error result."""
+    body: dict[str, Any] = {"code": error.code, "message": sanitize(redact(error.message)), "status": error.status}
+    if error.next:
+        body["next"] = error.next
+    body.update(error.payload or {})
+    return body
+
+
 def report(ctx: Context, error: CliError, *, as_json: bool) -> None:
     message = sanitize(redact(error.message))
     if as_json:
         import json
 
-        body: dict[str, Any] = {"code": error.code, "message": message, "status": error.status}
-        if error.next:
-            body["next"] = error.next
-        body.update(error.payload or {})
-        ctx.stderr.write(json.dumps({"error": body}) + "\n")
+        ctx.stderr.write(json.dumps({"error": error_body(error)}) + "\n")
     else:
         hint = f"; run `{error.next}`" if error.next else ""
         ctx.stderr.write(f"error: {message}{hint}\n")
