@@ -631,11 +631,11 @@ class TrustStore:
         """Load the rest of the default store; False when the context holds all of it already."""
         if self.rest is None:
             return False
-        load, self.rest = self.rest, None
         try:
-            load()
-        except OSError as exc:
+            self.rest()
+        except OSError as exc:  # kept, so that a retry meets the same error
             raise ca_load_error(exc) from None
+        self.rest = None
         return True
 
 
