@@ -645,15 +645,17 @@ def ca_load_error(exc: OSError) -> CliError:
 
 def is_hashed_directory(path: str) -> bool:
     """Whether `path` holds certificates under OpenSSL's subject-hash names (`openssl rehash`)."""
-    hex_digits = frozenset("0123456789abcdef")
     try:
         with os.scandir(path) as entries:
-            return any(
-                e.name[8:9] == "." and set(e.name[:8]) <= hex_digits and e.name[9:].isascii() and e.name[9:].isdigit()
-                for e in entries
-            )
+            return any(is_hash_name(entry.name) for entry in entries)
     except OSError:
         return False
+
+
+def is_hash_name(name: str) -> bool:
+    """`5ad8a5d6.0`: a certificate's subject hash and a number (`.r0` names hold CRLs)."""
+    stem, _, number = name.partition(".")
+    return len(stem) == 8 and set(stem) <= set("0123456789abcdef") and number.isascii() and number.isdigit()
 
 
 def https_handler(trust: TrustStore) -> Any:
@@ -782,7 +784,7 @@ def certificate_error(host: str, reason: Any) -> CliError:
     """Say which problem a certificate has, since each has its own fix."""
     code = reason.verify_code
     if code == CERT_EXPIRED:
-        return network_error(f"the TLS certificate of {host} has expired: the gateway must renew it")
+        return network_error(f"the TLS certificate of {host} has expired (or this machine's clock is wrong)")
     if code == CERT_NOT_YET_VALID:
         return network_error(f"the TLS certificate of {host} is not valid yet: check this machine's clock")
     if code in CERT_FOR_ANOTHER_HOST:

@@ -177,7 +177,7 @@ def test_a_ca_in_no_store_is_an_unknown_authority(tls_cli, api_key, env):
 
 @pytest.mark.parametrize(
     "certificate, wanted",
-    [("expired", f"error: the TLS certificate of 127.0.0.1 {EXPIRED}: the gateway must renew it\n"),
+    [("expired", f"error: the TLS certificate of 127.0.0.1 {EXPIRED} (or this machine's clock is wrong)\n"),
      ("other-host", f"error: the TLS certificate presented by 127.0.0.1 {ANOTHER_HOST}\n")],
 )
 def test_an_expired_or_wrong_host_certificate_says_which(make_tls_gateway, tmp_path, certificate, wanted):
@@ -262,3 +262,14 @@ def test_the_context_counter_sees_every_context(tls_contexts: list[ssl.SSLContex
         maker()
 
     assert len(tls_contexts) == 3
+
+
+@pytest.mark.parametrize(
+    "name, hashed",
+    [("5ad8a5d6.0", True), ("ceca6b33.12", True), ("5ad8a5d6.r0", False), ("ca.pem", False),
+     ("5AD8A5D6.0", False), ("5ad8a5d6", False), ("5ad8a5d6.", False), ("5ad8a5d6.0.pem", False)],
+)
+def test_only_openssl_hash_names_make_a_hashed_directory(tmp_path, name, hashed):
+    (tmp_path / name).write_text("")
+
+    assert tokenroute.is_hashed_directory(str(tmp_path)) is hashed
