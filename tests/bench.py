@@ -340,7 +340,8 @@ def compare_https(a: list[str], b: list[str], env_a: dict[str, str], env_b: dict
                   before_a: Callable[[], None] | None = None,
                   before_b: Callable[[], None] | None = None) -> dict[str, float]:
     for _ in range(WARMUP_RUNS):
-        timed(a, env_a, before_a), timed(b, env_b, before_b)
+        timed(a, env_a, before_a)
+        timed(b, env_b, before_b)
     runs = []
     for number in range(pairs):  # paired, and alternating which side goes first
         if number % 2:
