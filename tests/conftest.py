@@ -6,8 +6,11 @@ recording browser; `cli.script(...)` runs the installed console script in a
 subprocess against the same gateway.
 
 `tls_gateway` is the same gateway serving https with a certificate of the
-test CA (tests/tls/, made by tests/make_certs.sh); `tls_cli` drives it with
-SSL_CERT_FILE and SSL_CERT_DIR naming that CA (`TLS.ca_file`, `TLS.ca_dir`).
+test CA (tests/tls/, made by tests/make_certs.sh), whose bundle and hashed
+directory are `tls_gateway.ca_file` and `.ca_dir` (also `TLS.ca_file`,
+`TLS.ca_dir`); `make_tls_gateway("expired")` serves another certificate;
+`tls_cli` drives `tls_gateway` with SSL_CERT_FILE and SSL_CERT_DIR naming
+that CA.
 """
 from __future__ import annotations
 

@@ -373,6 +373,8 @@ class FakeGateway:
         self.host = host
         self.log_requests = log_requests
         self.tls = tls  # a server context (server_tls_context()) to serve https; None serves http
+        self.ca_file = str(TLS_DIR / "ca.pem")  # the test CA that issued server_tls_context()'s certificates,
+        self.ca_dir = str(TLS_DIR / "capath")  # and the same in a hashed directory (SSL_CERT_FILE, SSL_CERT_DIR)
         self.handshakes = {"ok": 0, "failed": 0}  # TLS handshakes, when serving https
         self.url = ""
         self.requests: list[Recorded] = []
@@ -863,7 +865,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("tokenroute fake gateway on %s (logins are approved and top-ups paid at once)" % gateway.url)
         print("  export TOKENROUTE_API_URL=%s" % gateway.url)
         if args.tls:
-            print("  export SSL_CERT_FILE=%s SSL_CERT_DIR=%s" % (TLS_DIR / "ca.pem", TLS_DIR / "capath"))
+            print("  export SSL_CERT_FILE=%s SSL_CERT_DIR=%s" % (gateway.ca_file, gateway.ca_dir))
         print("  seeded API key: %s" % seeded["raw"], flush=True)
         while True:
             time.sleep(3600)
