@@ -595,15 +595,13 @@ def trust_store(ctx: Context) -> TrustStore:
 
 
 class TrustStore:
-    """A TLS context that holds as little of the default CA store as verifies.
+    """A TLS context holding as little of the default CA store as verifies.
 
-    OpenSSL 3.0 parses every certificate of a bundle file as it loads it
-    (45 ms for a system bundle), but reads a hashed directory lazily, one
-    issuer at a time. So where the default store has such a directory, the
-    context starts with the directory alone; when a certificate does not
-    verify, `widen` loads the rest of the default store and the caller tries
-    once more. The directory is part of the default store, so the trust
-    decision is always the default's.
+    OpenSSL 3.0 parses a whole bundle file up front (45 ms for a system's)
+    but reads a hashed directory lazily. So the context starts with the
+    default store's directory alone; when a certificate does not verify,
+    `widen` loads the rest and the caller tries once more. The directory is
+    part of the default store: the trust decision is always the default's.
     """
 
     def __init__(self, env: Mapping[str, str]) -> None:
