@@ -122,6 +122,7 @@ class Context:
         self.sleep = sleep
         self.now = now
         self.open_browser = open_browser or open_in_system_browser
+        self.tls: TrustStore | None = None  # made by the first https request, shared by the rest
 
     @classmethod
     def from_process(cls) -> Context:
@@ -1002,18 +1003,95 @@ def build_opener(ctx: Context, scheme: str, host: str) -> Any:
     proxies.pop("no", None)
     handlers: list[Any] = [RefuseRedirects(), urllib.request.ProxyHandler(proxies)]
     if scheme == "https":
+        handlers.append(https_handler(trust_store(ctx)))
+    return urllib.request.build_opener(*handlers)
+
+
+def trust_store(ctx: Context) -> TrustStore:
+    """The process's one TLS context: loading CA certificates costs more than a handshake."""
+    if ctx.tls is None:
+        ctx.tls = TrustStore(ctx.env)
+    return ctx.tls
+
+
+class TrustStore:
+    """A TLS context holding as little of the default CA store as verifies.
+
+    OpenSSL 3.0 parses a whole bundle file up front (45 ms for a system's)
+    but reads a hashed directory lazily. So the context starts with the
+    default store's directory alone; when a certificate does not verify,
+    `widen` loads the rest and the caller tries once more. The directory is
+    part of the default store: the trust decision is always the default's.
+    """
+
+    def __init__(self, env: Mapping[str, str]) -> None:
         import ssl
 
+        cafile, capath = env.get("SSL_CERT_FILE") or None, env.get("SSL_CERT_DIR") or None
+        self.rest: Callable[[], None] | None = None  # loads the rest of the default store
         try:
-            context = ssl.create_default_context(
-                cafile=ctx.env.get("SSL_CERT_FILE") or None, capath=ctx.env.get("SSL_CERT_DIR") or None
-            )
+            if cafile is None and capath is None:
+                platform_dir = ssl.get_default_verify_paths().openssl_capath
+                if sys.platform == "win32" or not is_hashed_directory(platform_dir):  # Windows: the system store
+                    self.context = ssl.create_default_context()
+                    return
+                self.context = ssl.create_default_context(capath=platform_dir)
+                self.rest = self.context.load_default_certs
+            elif cafile and capath and os.path.isfile(cafile) and is_hashed_directory(capath):
+                self.context = ssl.create_default_context(capath=capath)
+                self.rest = lambda: self.context.load_verify_locations(cafile=cafile)
+            else:  # a bundle alone, or a directory alone: nothing to split
+                self.context = ssl.create_default_context(cafile=cafile, capath=capath)
         except OSError as exc:  # ssl.SSLError included: a missing or unreadable bundle
-            raise network_error(
-                f"cannot load the CA certificates named by SSL_CERT_FILE / SSL_CERT_DIR: {describe(exc)}"
-            ) from None
-        handlers.append(urllib.request.HTTPSHandler(context=context))
-    return urllib.request.build_opener(*handlers)
+            raise ca_load_error(exc) from None
+
+    def widen(self) -> bool:
+        """Load the rest of the default store; False when the context holds all of it already."""
+        if self.rest is None:
+            return False
+        try:
+            self.rest()
+        except OSError as exc:  # kept, so that a retry meets the same error
+            raise ca_load_error(exc) from None
+        self.rest = None
+        return True
+
+
+def ca_load_error(exc: OSError) -> CliError:
+    return network_error(f"cannot load the CA certificates named by SSL_CERT_FILE / SSL_CERT_DIR: {describe(exc)}")
+
+
+def is_hashed_directory(path: str) -> bool:
+    """Whether `path` holds certificates under OpenSSL's subject-hash names (`openssl rehash`)."""
+    try:
+        with os.scandir(path) as entries:
+            return any(is_hash_name(entry.name) for entry in entries)
+    except OSError:
+        return False
+
+
+def is_hash_name(name: str) -> bool:
+    """`5ad8a5d6.0`: a certificate's subject hash and a number (`.r0` names hold CRLs)."""
+    stem, _, number = name.partition(".")
+    return len(stem) == 8 and set(stem) <= set("0123456789abcdef") and number.isascii() and number.isdigit()
+
+
+def https_handler(trust: TrustStore) -> Any:
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    class FallBackToTheFullStore(urllib.request.HTTPSHandler):
+        def https_open(self, req: Any) -> Any:
+            try:
+                return super().https_open(req)
+            except urllib.error.URLError as exc:
+                if not (isinstance(exc.reason, ssl.SSLCertVerificationError) and trust.widen()):
+                    raise
+            # The handshake failed, so nothing was sent: trying again is safe for a POST too.
+            return super().https_open(req)
+
+    return FallBackToTheFullStore(context=trust.context)
 
 
 def proxy_settings(env: Mapping[str, str]) -> dict[str, str]:
@@ -1108,10 +1186,7 @@ def connection_error(host: str, reason: object) -> CliError:
     import ssl
 
     if isinstance(reason, ssl.SSLCertVerificationError):
-        return network_error(
-            f"TLS certificate of {host} could not be verified ({reason.verify_message}); "
-            "behind a proxy with its own CA, set SSL_CERT_FILE to its certificate bundle"
-        )
+        return certificate_error(host, reason)
     if isinstance(reason, socket.gaierror):
         return network_error(f"cannot resolve {host}: check your network and the gateway URL")
     if isinstance(reason, ConnectionRefusedError):
@@ -1119,6 +1194,33 @@ def connection_error(host: str, reason: object) -> CliError:
     if isinstance(reason, (socket.timeout, TimeoutError)):
         return network_error(f"timed out waiting for {host} (TOKENROUTE_TIMEOUT to wait longer)")
     return network_error(f"cannot reach {host}: {describe(reason)}")
+
+
+CERT_EXPIRED, CERT_NOT_YET_VALID = 10, 9  # OpenSSL's X509_V_ERR_* codes
+CERT_FOR_ANOTHER_HOST = (62, 64)  # hostname mismatch, IP address mismatch
+CERT_FROM_UNKNOWN_CA = (2, 18, 19, 20, 21)  # no issuer found, self-signed, unable to verify the leaf
+
+
+def certificate_error(host: str, reason: Any) -> CliError:
+    """Say which problem a certificate has, since each has its own fix."""
+    code = reason.verify_code
+    if code == CERT_EXPIRED:
+        return network_error(f"the TLS certificate of {host} has expired (or this machine's clock is wrong)")
+    if code == CERT_NOT_YET_VALID:
+        return network_error(f"the TLS certificate of {host} is not valid yet: check this machine's clock")
+    if code in CERT_FOR_ANOTHER_HOST:
+        return network_error(
+            f"the TLS certificate presented by {host} is for another host name: check TOKENROUTE_API_URL"
+        )
+    if code in CERT_FROM_UNKNOWN_CA:
+        return network_error(
+            f"the TLS certificate of {host} is signed by an unknown certificate authority; "
+            "behind a proxy with its own CA, set SSL_CERT_FILE to its certificate bundle"
+        )
+    return network_error(
+        f"TLS certificate of {host} could not be verified ({describe(reason.verify_message)}); "
+        "behind a proxy with its own CA, set SSL_CERT_FILE to its certificate bundle"
+    )
 
 
 def describe(reason: object) -> str:

@@ -1,8 +1,9 @@
-"""Start-up and request-overhead benchmark of tokenroute (issue 5); not a pytest test.
+"""Start-up, request-overhead and HTTPS benchmark of tokenroute (issues 5, 10); not a pytest test.
 
-    python tests/bench.py              # 25 pairs per measurement
-    python tests/bench.py --pairs 50   # steadier numbers
-    python tests/bench.py --quick      # 5 pairs: a smoke run, not a measurement
+    python tests/bench.py                # 25 pairs per measurement, both parts
+    python tests/bench.py --pairs 50     # steadier numbers
+    python tests/bench.py --quick        # 5 pairs: a smoke run, not a measurement
+    python tests/bench.py --part https   # only the HTTPS part (--part startup: only the first)
 
 It installs this repository into a uv venv (the targets: what `uvx tokenroute`
 users run) and a pip venv, and also runs `python tokenroute.py` from the tree.
@@ -19,6 +20,21 @@ in separate runs: Linux carries the forking process's peak RSS into the
 child's ru_maxrss across exec, so os.wait4 in this ~25 MiB process would
 report this process, not the child; GNU time is small and waits for its own
 child. Linux only; needs uv (from PyPI, a dev-only tool).
+
+The HTTPS part (issue 10) rebuilds a real machine's trust setup in a temp
+folder: a bundle = the system bundle plus the test CA (tests/tls/ca.pem), a
+hashed directory = the system bundle's certificates plus the test CA, hashed
+by `openssl rehash`; both programs get them as SSL_CERT_FILE and SSL_CERT_DIR
+and talk to the fake gateway serving https with a certificate of that CA.
+It times `tokenroute models` and `balance` against a careful stdlib script
+(one `ssl.create_default_context()`, one `urlopen`, `json.load`), and
+`doctor` and a `balance` that refreshes its access token against today's
+code (tokenroute.py at BASELINE_COMMIT, the commit issue 10 started from),
+and shows `models` against the floor: a process that only imports the
+modules any stdlib HTTPS client needs.
+Both tokenroutes run as `python -c "import tokenroute; tokenroute.main()"`
+from their own folder (bytecode cached, no console-script wrapper), so only
+their code differs. Needs the openssl command and git.
 """
 from __future__ import annotations
 
@@ -32,6 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -44,12 +61,27 @@ WARMUP_RUNS = 3  # the first run of each writes __pycache__, as on a user's mach
 RSS_RUNS = 5
 GNU_TIME = "/usr/bin/time"
 
+HTTPS_LIMITS = {"models": 0.75, "balance": 0.75, "doctor": 0.6, "refresh": 0.6}
+BASELINE_COMMIT = "4b1b3ae"  # main before issue 10: a new TLS context (and bundle load) per request
+
 FETCH_SCRIPT = """\
 import json, sys, urllib.request
 request = urllib.request.Request(sys.argv[1], headers={"Authorization": sys.argv[2]})
 with urllib.request.urlopen(request) as response:
     print(json.loads(response.read()))
 """
+
+CAREFUL_FETCH_SCRIPT = """\
+import json, ssl, sys, urllib.request
+context = ssl.create_default_context()
+request = urllib.request.Request(sys.argv[1], headers={"Authorization": sys.argv[2]})
+with urllib.request.urlopen(request, context=context) as response:
+    print(json.load(response))
+"""
+
+IMPORTS_ONLY = "import json, ssl, urllib.request"  # the floor: what any stdlib HTTPS client loads
+
+RUN_TOKENROUTE = "import sys; sys.path.insert(0, sys.argv.pop(1)); import tokenroute; raise SystemExit(tokenroute.main())"
 
 
 # --------------------------------------------------------------- running ---
@@ -209,12 +241,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=25, help="A/B pairs per measurement (default 25; >= 20 counts)")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: 5 pairs")
+    parser.add_argument("--part", choices=("all", "startup", "https"), default="all")
     args = parser.parse_args(argv)
     pairs = 5 if args.quick else args.pairs
-    if not os.access(GNU_TIME, os.X_OK):
-        raise SystemExit(f"bench: peak RSS needs GNU time at {GNU_TIME} (apt-get install time)")
     if pairs < 20:
         print(f"bench: {pairs} pairs is a smoke run; the targets are judged on >= 20", file=sys.stderr)
+    met = []
+    if args.part in ("all", "startup"):
+        met.append(bench_startup(pairs))
+    if args.part in ("all", "https"):
+        met.append(bench_https(pairs))
+    return 0 if all(met) else 1
+
+
+def bench_startup(pairs: int) -> bool:
+    if not os.access(GNU_TIME, os.X_OK):
+        raise SystemExit(f"bench: peak RSS needs GNU time at {GNU_TIME} (apt-get install time)")
     with tempfile.TemporaryDirectory(prefix="tokenroute-bench-") as tmpdir:
         tmp = Path(tmpdir)
         gateway, env, fetches = start_gateway(tmp)
@@ -248,7 +290,184 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target: {command} peak RSS {extra:+.2f} MiB (<= {RSS_LIMIT_MIB:g} MiB) {verdict(met[-1])}")
     met.append(wheel < WHEEL_LIMIT_BYTES)
     print(f"target: wheel {wheel / 1000:.1f} KB (< {WHEEL_LIMIT_BYTES // 1000} KB) {verdict(met[-1])}")
-    return 0 if all(met) else 1
+    return all(met)
+
+
+# ----------------------------------------------------------------- https ---
+
+
+def trust_setup(tmp: Path, *, with_test_ca_in_directory: bool = True) -> dict[str, str]:
+    """SSL_CERT_FILE and SSL_CERT_DIR of a real machine that also trusts the test CA."""
+    import ssl
+
+    paths = ssl.get_default_verify_paths()
+    system_bundle = Path(paths.cafile or paths.openssl_cafile).resolve()
+    test_ca = (REPO / "tests" / "tls" / "ca.pem").read_text()
+    pems = [block + "-----END CERTIFICATE-----\n"
+            for block in system_bundle.read_text().split("-----END CERTIFICATE-----")[:-1]]
+    folder = tmp / ("trust" if with_test_ca_in_directory else "trust-bundle-only")
+    certs = folder / "certs"
+    certs.mkdir(parents=True)
+    (folder / "bundle.pem").write_text("".join(pems) + test_ca)
+    for number, pem in enumerate(pems):
+        (certs / f"system-{number}.pem").write_text(pem[pem.index("-----BEGIN"):])
+    if with_test_ca_in_directory:
+        (certs / "test-ca.pem").write_text(test_ca)
+    subprocess.run(["openssl", "rehash", str(certs)], check=True, capture_output=True)
+    return {"SSL_CERT_FILE": str(folder / "bundle.pem"), "SSL_CERT_DIR": str(certs)}
+
+
+def write_login(config: Path, gateway: FakeGateway, *, expires_in: int) -> None:
+    tokens = gateway.issue_tokens(expires_in=expires_in)
+    config.parent.mkdir(exist_ok=True)
+    config.mkdir(mode=0o700, exist_ok=True)
+    credentials = config / "credentials.json"
+    credentials.write_text(json.dumps({
+        "api_url": gateway.url,
+        "access_token": tokens["access_token"],
+        "refresh_token": tokens["refresh_token"],
+        "expires_at": time.time() + expires_in,
+        "token_endpoint": gateway.url + "/oidc/token",
+        "client_id": "tokenroute-cli",
+        "resource": gateway.resource,
+    }))
+    credentials.chmod(0o600)
+
+
+def timed(argv: list[str], env: dict[str, str], before: Callable[[], None] | None) -> tuple[float, float]:
+    """Wall time and CPU time (user + system, from wait4) of one child process, in seconds."""
+    if before is not None:
+        before()  # outside the timing
+    start = time.perf_counter()
+    child = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    elapsed = time.perf_counter() - start
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise SystemExit(f"bench: {' '.join(argv)} exited {child.returncode}")
+    return elapsed, usage.ru_utime + usage.ru_stime
+
+
+def compare_https(a: list[str], b: list[str], env_a: dict[str, str], env_b: dict[str, str], pairs: int, *,
+                  before_a: Callable[[], None] | None = None,
+                  before_b: Callable[[], None] | None = None) -> dict[str, float]:
+    """Medians of the pairwise ratios A/B of wall time (the target) and of CPU time.
+
+    On a shared machine the wall time of a ~50 ms process swings with the
+    load; its CPU time much less, so the bench shows both.
+    """
+    for _ in range(WARMUP_RUNS):
+        timed(a, env_a, before_a)
+        timed(b, env_b, before_b)
+    runs = []
+    for number in range(pairs):  # paired, and alternating which side goes first
+        if number % 2:
+            run_b, run_a = timed(b, env_b, before_b), timed(a, env_a, before_a)
+        else:
+            run_a, run_b = timed(a, env_a, before_a), timed(b, env_b, before_b)
+        runs.append((run_a, run_b))
+    ratios = [run_a[0] / run_b[0] for run_a, run_b in runs]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+            "cpu": statistics.median(run_a[1] / run_b[1] for run_a, run_b in runs),
+            "ms_a": 1000 * statistics.median(run_a[0] for run_a, _ in runs),
+            "ms_b": 1000 * statistics.median(run_b[0] for _, run_b in runs),
+            "cpu_ms_a": 1000 * statistics.median(run_a[1] for run_a, _ in runs),
+            "cpu_ms_b": 1000 * statistics.median(run_b[1] for _, run_b in runs)}
+
+
+def bench_https(pairs: int) -> bool:
+    import ssl
+
+    from fake_gateway import server_tls_context
+
+    if shutil.which("openssl") is None:
+        raise SystemExit("bench: the HTTPS part needs the openssl command (openssl rehash)")
+    with tempfile.TemporaryDirectory(prefix="tokenroute-bench-https-") as tmpdir:
+        tmp = Path(tmpdir)
+        trust, bundle_only = trust_setup(tmp), trust_setup(tmp, with_test_ca_in_directory=False)
+        for name, source in (("new", (REPO / "tokenroute.py").read_bytes()),
+                             ("today", subprocess.run(["git", "-C", str(REPO), "show", f"{BASELINE_COMMIT}:tokenroute.py"],
+                                                      check=True, capture_output=True).stdout)):
+            (tmp / name).mkdir()
+            (tmp / name / "tokenroute.py").write_bytes(source)
+        (tmp / "fetch.py").write_text(CAREFUL_FETCH_SCRIPT)
+        gateway = FakeGateway(tls=server_tls_context()).start()
+        try:
+            key = gateway.add_key(name="seed", balance_usd="5.00")["raw"]
+            skip = {"pythondontwritebytecode", "http_proxy", "https_proxy", "all_proxy", "no_proxy"}
+            base = {k: v for k, v in os.environ.items()
+                    if k.lower() not in skip and not k.startswith(("TOKENROUTE_", "SSL_CERT_"))}
+            base.update(TOKENROUTE_API_URL=gateway.url, TOKENROUTE_API_KEY=key, **trust)
+            env = {name: {**base, "TOKENROUTE_CONFIG_DIR": str(tmp / name / "config")}
+                   for name in ("new", "today", "refresh-new", "refresh-today")}
+            for name in ("new", "today"):
+                write_login(tmp / name / "config", gateway, expires_in=86400)
+            token = json.loads((tmp / "new" / "config" / "credentials.json").read_text())["access_token"]
+            python, fetch = sys.executable, str(tmp / "fetch.py")
+
+            def tokenroute(name: str, *argv: str) -> list[str]:
+                return [python, "-c", RUN_TOKENROUTE, str(tmp / name), *argv]
+
+            def expired_login(name: str) -> Callable[[], None]:
+                return lambda: write_login(tmp / name / "config", gateway, expires_in=0)
+
+            version = ssl.OPENSSL_VERSION
+            load = {kind: statistics.median(context_load_ms(**{kind: trust[variable]}) for _ in range(9))
+                    for kind, variable in (("cafile", "SSL_CERT_FILE"), ("capath", "SSL_CERT_DIR"))}
+            print(f"\nHTTPS: {pairs} pairs per row after {WARMUP_RUNS} warm-up runs, alternating which goes first;"
+                  f" {version}; a bundle of {trust_size(trust)} certificates: create_default_context() loading it"
+                  f" {load['cafile']:.1f} ms, loading the hashed directory {load['capath']:.1f} ms;"
+                  f" load average {os.getloadavg()[0]:.1f}\n", flush=True)
+            rows = [
+                ("models", tokenroute("new", "models"), [python, fetch, gateway.url + "/v1/models", "Bearer " + key],
+                 env["new"], env["new"], "careful script", {}),
+                ("balance", tokenroute("new", "balance"),
+                 [python, fetch, gateway.url + "/api/v1/balance", "Bearer " + token], env["new"], env["new"],
+                 "careful script", {}),
+                ("models (floor)", tokenroute("new", "models"), [python, "-c", IMPORTS_ONLY],
+                 env["new"], env["new"], "imports only", {}),
+                ("models (today)", tokenroute("today", "models"),
+                 [python, fetch, gateway.url + "/v1/models", "Bearer " + key], env["today"], env["today"],
+                 "careful script", {}),
+                ("models, CA only in the bundle", tokenroute("new", "models"),
+                 [python, fetch, gateway.url + "/v1/models", "Bearer " + key], {**env["new"], **bundle_only},
+                 {**env["new"], **bundle_only}, "careful script", {}),
+                ("doctor", tokenroute("new", "doctor"), tokenroute("today", "doctor"), env["new"], env["today"],
+                 "today's code", {}),
+                ("refresh", tokenroute("new", "balance"), tokenroute("today", "balance"), env["refresh-new"],
+                 env["refresh-today"], "today's code",
+                 {"before_a": expired_login("refresh-new"), "before_b": expired_login("refresh-today")}),
+            ]
+            results = {}
+            for label, a, b, env_a, env_b, against, hooks in rows:
+                r = results[label] = compare_https(a, b, env_a, env_b, pairs, **hooks)
+                print(f"{label:<30} vs {against:<15} median {r['median']:.2f}x  [{r['min']:.2f}-{r['max']:.2f}]"
+                      f"  {r['ms_a']:6.1f} / {r['ms_b']:6.1f} ms;  CPU {r['cpu']:.2f}x"
+                      f"  {r['cpu_ms_a']:5.1f} / {r['cpu_ms_b']:5.1f} ms", flush=True)
+            handshakes = gateway.handshakes
+        finally:
+            gateway.stop()
+    print(f"(gateway: {handshakes['ok']} handshakes, {handshakes['failed']} refused by a client: the fallbacks)")
+    print("\ntargets (HTTPS; refresh = `balance` with an expired access token):")
+    met = []
+    for label, limit in HTTPS_LIMITS.items():
+        median = results[label]["median"]
+        met.append(median <= limit)
+        print(f"target: {label} median {median:.2f}x (<= {limit}) {verdict(met[-1])}"
+              f"  (CPU time {results[label]['cpu']:.2f}x)")
+    return all(met)
+
+
+def context_load_ms(**where: str) -> float:
+    import ssl
+
+    start = time.perf_counter()
+    ssl.create_default_context(**where)
+    return 1000 * (time.perf_counter() - start)
+
+
+def trust_size(trust: dict[str, str]) -> int:
+    return Path(trust["SSL_CERT_FILE"]).read_text().count("-----BEGIN CERTIFICATE-----")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 Tests start it on a free loopback port and point the CLI at ``gateway.url``;
 run standalone it is an offline sandbox whose logins are approved at once:
 
-    python3 tests/fake_gateway.py [--port 8787] [--host 127.0.0.1]
+    python3 tests/fake_gateway.py [--port 8787] [--host 127.0.0.1] [--tls]
+
+With ``tls=`` (``--tls``) it serves https with a certificate from tests/tls/
+(see tests/make_certs.sh), and counts TLS handshakes, good and failed.
 
 It speaks the HTTP API in shared/spec/gateway-api.md, as strictly as the real
 service, records every request, and can inject faults (errors, delays,
@@ -16,6 +19,7 @@ import json
 import re
 import secrets
 import socket
+import ssl
 import string
 import sys
 import threading
@@ -25,6 +29,7 @@ import uuid
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 from urllib.parse import parse_qs, unquote
 
@@ -214,13 +219,30 @@ def _bearer(request: Recorded) -> Optional[str]:
 # ---------------------------------------------------------------- HTTP plumbing
 
 
+TLS_DIR = Path(__file__).resolve().parent / "tls"
+
+
+def server_tls_context(certificate: str = "localhost") -> ssl.SSLContext:
+    """A server context for tests/tls/<certificate>.pem, which the test CA (tests/tls/ca.pem) issued."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(TLS_DIR / (certificate + ".pem")), str(TLS_DIR / "key.pem"))
+    return context
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     app: Any  # FakeGateway or Recorder: has handle(record, handler) and log_requests
+    tls: Optional[ssl.SSLContext] = None
+
+    def get_request(self) -> Any:
+        connection, address = super().get_request()
+        if self.tls is not None:  # the handshake happens on the handler's thread (see _Handler.setup)
+            connection = self.tls.wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
+        return connection, address
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError, ssl.SSLError)):
             super().handle_error(request, client_address)
 
 
@@ -231,6 +253,16 @@ class _Server6(_Server):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"  # one request per connection: no client waits on keep-alive
     server: _Server
+
+    def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            try:
+                self.request.do_handshake()
+            except OSError:  # ssl.SSLError included: the client refused the certificate
+                self.server.app.count_handshake(ok=False)
+                raise
+            self.server.app.count_handshake(ok=True)
+        super().setup()
 
     def do_GET(self) -> None:
         try:
@@ -280,10 +312,12 @@ class _Handler(BaseHTTPRequestHandler):
 class _ServerThread:
     """A _Server serving on a daemon thread."""
 
-    def __init__(self, app: Any, host: str, port: int) -> None:
+    def __init__(self, app: Any, host: str, port: int, tls: Optional[ssl.SSLContext] = None) -> None:
         self._server = (_Server6 if ":" in host else _Server)((host, port), _Handler)
         self._server.app = app
-        self.url = "http://%s:%d" % ("[%s]" % host if ":" in host else host, self._server.server_address[1])
+        self._server.tls = tls
+        shown = "[%s]" % host if ":" in host else host  # an IPv6 literal in a URL
+        self.url = "%s://%s:%d" % ("https" if tls else "http", shown, self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.01},
                                         daemon=True)
         self._thread.start()
@@ -333,7 +367,8 @@ class FakeGateway:
     def __init__(self, *, auto_approve: bool = False, token_ttl: int = 3600,
                  interval: Optional[int] = None, device_expires_in: int = 600,
                  resource: str = "https://api.tokenroute.io", port: int = 0,
-                 host: str = "127.0.0.1", log_requests: bool = False, auto_pay: bool = False) -> None:
+                 host: str = "127.0.0.1", log_requests: bool = False, auto_pay: bool = False,
+                 tls: Optional[ssl.SSLContext] = None) -> None:
         self.auto_approve = auto_approve
         self.auto_pay = auto_pay  # the sandbox: a checkout is paid the moment it is opened
         self.token_ttl = token_ttl
@@ -343,6 +378,10 @@ class FakeGateway:
         self.port = port
         self.host = host
         self.log_requests = log_requests
+        self.tls = tls  # a server context (server_tls_context()) to serve https; None serves http
+        self.ca_file = str(TLS_DIR / "ca.pem")  # the test CA that issued server_tls_context()'s certificates,
+        self.ca_dir = str(TLS_DIR / "capath")  # and the same in a hashed directory (SSL_CERT_FILE, SSL_CERT_DIR)
+        self.handshakes = {"ok": 0, "failed": 0}  # TLS handshakes, when serving https
         self.url = ""
         self.requests: list[Recorded] = []
         self.recorder = Recorder(host)
@@ -383,7 +422,7 @@ class FakeGateway:
 
     def start(self) -> FakeGateway:
         self._stopping.clear()
-        self._serving = _ServerThread(self, self.host, self.port)
+        self._serving = _ServerThread(self, self.host, self.port, self.tls)
         self.url = self._serving.url
         self.recorder.start()
         return self
@@ -400,6 +439,10 @@ class FakeGateway:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def count_handshake(self, *, ok: bool) -> None:
+        with self._lock:
+            self.handshakes["ok" if ok else "failed"] += 1
 
     # ---- test controls: keys, logins, device codes, checkout
 
@@ -818,14 +861,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Run an offline fake tokenroute gateway.")
     parser.add_argument("--port", type=int, default=8787)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--tls", action="store_true", help="serve https with tests/tls/localhost.pem")
     args = parser.parse_args(argv)
     gateway = FakeGateway(auto_approve=True, auto_pay=True, interval=1, port=args.port, host=args.host,
-                          log_requests=True)
+                          log_requests=True, tls=server_tls_context() if args.tls else None)
     try:
         gateway.start()
         seeded = gateway.add_key()
         print("tokenroute fake gateway on %s (logins are approved and top-ups paid at once)" % gateway.url)
         print("  export TOKENROUTE_API_URL=%s" % gateway.url)
+        if args.tls:
+            print("  export SSL_CERT_FILE=%s SSL_CERT_DIR=%s" % (gateway.ca_file, gateway.ca_dir))
         print("  seeded API key: %s" % seeded["raw"], flush=True)
         while True:
             time.sleep(3600)

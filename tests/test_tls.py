@@ -1,0 +1,275 @@
+"""HTTPS: one TLS context per process, a trust store that loads what it needs, and clear TLS errors.
+
+The gateway serves https with a certificate of the test CA (tests/tls/). The
+machine's trust store is what SSL_CERT_FILE and SSL_CERT_DIR name: the test
+CA in the hashed directory, only in the bundle, or nowhere. The gateway counts
+TLS handshakes, good and failed, so a test sees when the fallback to the full
+store cost one more.
+"""
+from __future__ import annotations
+
+import ssl
+from typing import Any, Callable
+
+import pytest
+from conftest import TLS, Cli
+
+import tokenroute
+
+CA_IN_DIRECTORY = {"SSL_CERT_FILE": TLS.other_ca_file, "SSL_CERT_DIR": TLS.ca_dir}
+CA_IN_BUNDLE_ONLY = {"SSL_CERT_FILE": TLS.ca_file, "SSL_CERT_DIR": TLS.other_ca_dir}
+CA_NOWHERE = {"SSL_CERT_FILE": TLS.other_ca_file, "SSL_CERT_DIR": TLS.other_ca_dir}
+
+UNKNOWN_CA = "is signed by an unknown certificate authority; behind a proxy with its own CA, set SSL_CERT_FILE"
+EXPIRED = "has expired"
+ANOTHER_HOST = "is for another host name: check TOKENROUTE_API_URL"
+
+
+@pytest.fixture
+def tls_contexts(monkeypatch: pytest.MonkeyPatch) -> list[ssl.SSLContext]:
+    """Every ssl.SSLContext made from here on, in any thread.
+
+    `SSLContext.__new__` is a Python function in ssl.py that every context
+    goes through however it is made (create_default_context, SSLContext(),
+    a subclass); wrapping it records each one and changes nothing else, so
+    the count cannot depend on how tokenroute caches. The gateway's server
+    context was made before this fixture ran.
+    """
+    made: list[ssl.SSLContext] = []
+    real_new = ssl.SSLContext.__new__
+
+    def recording_new(cls: type, *args: Any, **kwargs: Any) -> ssl.SSLContext:
+        context = real_new(cls, *args, **kwargs)
+        made.append(context)
+        return context
+
+    monkeypatch.setattr(ssl.SSLContext, "__new__", staticmethod(recording_new))
+    return made
+
+
+@pytest.fixture
+def api_key(tls_gateway: Any) -> str:
+    """A raw key with $5.00 of credit on the TLS gateway."""
+    return str(tls_gateway.add_key(name="seed", balance_usd="5.00")["raw"])
+
+
+def approve_on_second_poll(cli: Cli) -> None:
+    sleeps: list[None] = []
+
+    def hook() -> None:
+        sleeps.append(None)
+        if len(sleeps) == 2:
+            cli.gateway.approve()
+
+    cli.clock.on_sleep.append(hook)
+
+
+# ---------------------------------------------------------------- trust store
+
+
+def test_a_ca_in_the_hashed_directory_verifies_on_the_first_handshake(tls_cli, api_key):
+    result = tls_cli.run("models", "--key", api_key, "--json", env=CA_IN_DIRECTORY)
+
+    assert result.code == 0, result
+    assert [model["id"] for model in result.json()][0] == "openai/gpt-4o-mini"
+    assert tls_cli.gateway.handshakes == {"ok": 1, "failed": 0}
+
+
+def test_a_ca_only_in_the_bundle_verifies_after_one_more_handshake(tls_cli, api_key):
+    result = tls_cli.run("models", "--key", api_key, "--json", env=CA_IN_BUNDLE_ONLY)
+
+    assert result.code == 0, result
+    assert len(result.json()) == 3
+    assert tls_cli.gateway.handshakes == {"ok": 1, "failed": 1}
+
+
+def test_after_the_fallback_the_rest_of_the_command_uses_the_full_store(tls_cli, api_key):
+    tls_cli.login()
+
+    result = tls_cli.run("doctor", env={**CA_IN_BUNDLE_ONLY, "TOKENROUTE_API_KEY": api_key})
+
+    assert result.code == 0, result
+    assert tls_cli.gateway.handshakes == {"ok": 3, "failed": 1}  # discovery, me, models: one fallback
+
+
+def test_a_post_is_sent_once_across_the_fallback(tls_cli):
+    tls_cli.login()
+
+    result = tls_cli.run("keys", "create", "--name", "ci", "--json", env=CA_IN_BUNDLE_ONLY)
+
+    assert result.code == 0, result
+    assert result.json()["raw"].startswith("sk-tr-")
+    assert [r.method for r in tls_cli.gateway.requests] == ["POST"]
+    assert tls_cli.gateway.handshakes == {"ok": 1, "failed": 1}
+
+
+def test_a_bundle_alone_is_loaded_at_once(tls_cli, api_key):
+    # A corporate proxy's CA in SSL_CERT_FILE, no SSL_CERT_DIR: as today, no directory to try first.
+    result = tls_cli.run("models", "--key", api_key, env={"SSL_CERT_FILE": TLS.ca_file, "SSL_CERT_DIR": ""})
+
+    assert result.code == 0, result
+    assert tls_cli.gateway.handshakes == {"ok": 1, "failed": 0}
+
+
+def test_a_directory_without_hashed_names_keeps_the_default_store(tls_cli, api_key, tmp_path):
+    plain = tmp_path / "certs"
+    plain.mkdir()
+    (plain / "ca.pem").write_bytes(open(TLS.ca_file, "rb").read())  # not under its hash: OpenSSL never finds it
+
+    result = tls_cli.run("models", "--key", api_key, env={"SSL_CERT_FILE": TLS.ca_file, "SSL_CERT_DIR": str(plain)})
+
+    assert result.code == 0, result
+    assert tls_cli.gateway.handshakes == {"ok": 1, "failed": 0}  # bundle and directory loaded together
+
+
+def test_a_missing_ssl_cert_file_is_reported_even_when_the_directory_would_do(tls_cli, api_key, tmp_path):
+    env = {"SSL_CERT_FILE": str(tmp_path / "missing.pem"), "SSL_CERT_DIR": TLS.ca_dir}
+
+    result = tls_cli.run("models", "--key", api_key, env=env)
+
+    assert result.code == 2, result
+    assert "cannot load the CA certificates named by SSL_CERT_FILE" in result.err
+    assert tls_cli.gateway.handshakes == {"ok": 0, "failed": 0}
+
+
+def test_an_unreadable_bundle_met_at_the_fallback_exits_2(tls_cli, api_key, tmp_path):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+
+    result = tls_cli.run("models", "--key", api_key, "--json",
+                         env={"SSL_CERT_FILE": str(garbage), "SSL_CERT_DIR": TLS.other_ca_dir})
+
+    assert result.code == 2, result
+    assert result.error()["code"] == "network"
+    assert "cannot load the CA certificates named by SSL_CERT_FILE" in result.error()["message"]
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"SSL_CERT_FILE": TLS.other_ca_file, "SSL_CERT_DIR": TLS.ca_dir}, {"SSL_CERT_DIR": TLS.ca_dir}, {}],
+    ids=["bundle-and-directory", "directory-alone", "platform-store"],
+)
+def test_the_context_verifies_exactly_as_the_default_does(env):
+    context = tokenroute.TrustStore(env).context
+    default = ssl.create_default_context()
+
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname is True
+    assert context.verify_flags == default.verify_flags
+    assert context.options == default.options
+    assert context.minimum_version == default.minimum_version
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("env", [CA_NOWHERE, {}], ids=["ssl-cert-variables", "platform-store"])
+def test_a_ca_in_no_store_is_an_unknown_authority(tls_cli, api_key, env):
+    result = tls_cli.run("models", "--key", api_key, "--json",
+                         env={"SSL_CERT_FILE": "", "SSL_CERT_DIR": "", **env})
+
+    assert result.code == 2, result
+    assert result.out == ""
+    assert result.error()["code"] == "network"
+    assert result.error()["message"] == f"the TLS certificate of 127.0.0.1 {UNKNOWN_CA} to its certificate bundle"
+    assert tls_cli.gateway.requests == []
+
+
+@pytest.mark.parametrize(
+    "certificate, wanted",
+    [("expired", f"error: the TLS certificate of 127.0.0.1 {EXPIRED} (or this machine's clock is wrong)\n"),
+     ("other-host", f"error: the TLS certificate presented by 127.0.0.1 {ANOTHER_HOST}\n")],
+)
+def test_an_expired_or_wrong_host_certificate_says_which(make_tls_gateway, tmp_path, certificate, wanted):
+    cli = Cli(make_tls_gateway(certificate), tmp_path)
+    key = cli.gateway.add_key()["raw"]
+
+    result = cli.run("models", "--key", key, env=TLS.trusted)
+
+    assert (result.code, result.out, result.err) == (2, "", wanted)
+    assert cli.gateway.requests == []
+
+
+@pytest.mark.parametrize(
+    "certificate, env, wanted",
+    [("localhost", CA_NOWHERE, UNKNOWN_CA), ("expired", TLS.trusted, EXPIRED),
+     ("other-host", TLS.trusted, ANOTHER_HOST)],
+    ids=["unknown-ca", "expired", "another-host"],
+)
+def test_the_console_script_says_which_tls_problem_it_is(make_tls_gateway, tmp_path, certificate, env, wanted):
+    gateway = make_tls_gateway(certificate)
+    key = gateway.add_key()["raw"]
+
+    # `test` is a POST, never retried: one attempt (and its fallback), no backoff sleeps.
+    result = Cli(gateway, tmp_path).script("test", "--key", key, "--json", env=env)
+
+    assert result.code == 2, result
+    assert result.out == ""
+    assert result.error()["code"] == "network"
+    assert wanted in result.error()["message"]
+    assert gateway.requests == []
+
+
+# ---------------------------------------------------------------- one context per process
+
+
+def test_doctor_makes_one_tls_context(tls_cli, api_key, tls_contexts):
+    tls_cli.login()
+
+    result = tls_cli.run("doctor", env={"TOKENROUTE_API_KEY": api_key})
+
+    assert result.code == 0, result
+    assert tls_cli.gateway.handshakes == {"ok": 3, "failed": 0}  # discovery, me, models
+    assert len(tls_contexts) == 1
+
+
+@pytest.mark.parametrize("env", [TLS.trusted, CA_IN_BUNDLE_ONLY], ids=["directory", "fallback"])
+def test_login_makes_one_tls_context(tls_cli, tls_contexts, env):
+    approve_on_second_poll(tls_cli)
+
+    result = tls_cli.run("login", "--no-browser", env=env)
+
+    assert result.code == 0, result
+    assert [r.path_only for r in tls_cli.gateway.requests] == [
+        "/api/v1/auth/discovery", "/oidc/device/auth", "/oidc/token", "/oidc/token"]
+    assert len(tls_contexts) == 1
+
+
+def test_an_account_call_that_refreshes_makes_one_tls_context(tls_cli, tls_contexts):
+    tls_cli.login(expires_in=0)
+
+    result = tls_cli.run("balance", "--json")
+
+    assert result.code == 0, result
+    assert tls_cli.gateway.refresh_count == 1
+    assert [r.path_only for r in tls_cli.gateway.requests] == ["/oidc/token", "/api/v1/balance"]
+    assert len(tls_contexts) == 1
+
+
+def test_plain_http_makes_no_tls_context(cli, tls_contexts):
+    result = cli.run("models", "--key", cli.gateway.add_key()["raw"])
+
+    assert result.code == 0, result
+    assert tls_contexts == []
+
+
+def test_the_context_counter_sees_every_context(tls_contexts: list[ssl.SSLContext]) -> None:
+    """Guards the counter itself: each way of making a context is seen once."""
+    makers: list[Callable[[], Any]] = [
+        ssl.create_default_context, lambda: ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), lambda: tokenroute.TrustStore({})]
+
+    for maker in makers:
+        maker()
+
+    assert len(tls_contexts) == 3
+
+
+@pytest.mark.parametrize(
+    "name, hashed",
+    [("5ad8a5d6.0", True), ("ceca6b33.12", True), ("5ad8a5d6.r0", False), ("ca.pem", False),
+     ("5AD8A5D6.0", False), ("5ad8a5d6", False), ("5ad8a5d6.", False), ("5ad8a5d6.0.pem", False)],
+)
+def test_only_openssl_hash_names_make_a_hashed_directory(tmp_path, name, hashed):
+    (tmp_path / name).write_text("")
+
+    assert tokenroute.is_hashed_directory(str(tmp_path)) is hashed
