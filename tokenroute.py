@@ -44,6 +44,8 @@ EXIT_USER = 1
 EXIT_NETWORK = 2
 EXIT_SERVER = 3
 EXIT_INTERRUPTED = 130
+EXIT_NOT_EXECUTABLE = 126  # `run`, as shells report a command
+EXIT_NOT_FOUND = 127
 
 
 # ---------------------------------------------------------------- errors ---
@@ -154,7 +156,26 @@ def open_in_system_browser(url: str) -> bool:
         return False
     import webbrowser
 
-    return webbrowser.open(url)
+    try:
+        browser = webbrowser.get()  # BROWSER first, then what the system offers
+    except webbrowser.Error:
+        return False
+    if is_text_browser(browser):  # it would cover the code the person must read
+        return False
+    return browser.open(url)
+
+
+TEXT_BROWSERS = frozenset({"lynx", "w3m", "links", "links2", "elinks", "www-browser", "browsh", "carbonyl"})
+
+
+def is_text_browser(browser: object) -> bool:
+    """A browser webbrowser runs in the foreground of this terminal (its GenericBrowser)."""
+    import webbrowser
+
+    if type(browser) is not webbrowser.GenericBrowser:  # graphical ones run in the background
+        return False
+    command = (getattr(browser, "basename", "") or "").split()
+    return bool(command) and os.path.basename(command[0]).lower().removesuffix(".exe") in TEXT_BROWSERS
 
 
 # ----------------------------------------------------------------- paths ---
@@ -1052,17 +1073,97 @@ def show(value: object) -> str:
 
 
 def render_fields(ctx: Context, data: dict[str, Any], fields: Sequence[str]) -> None:
-    """`key: value` lines for one object."""
-    width = max(len(name) for name in fields)
-    for name in fields:
-        ctx.stdout.write(f"{name + ':':<{width + 1}} {show(data.get(name))}\n")
+    """`Label: value` lines for one object, labels and values for people."""
+    labels = [FIELD_LABELS.get(name, name) for name in fields]
+    width = max(len(label) for label in labels)
+    for name, label in zip(fields, labels):
+        ctx.stdout.write(f"{label + ':':<{width + 1}} {human(name, data.get(name))}\n")
 
 
 def render_table(ctx: Context, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     cells = [list(headers)] + [[show(value) for value in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    for row in cells:
-        ctx.stdout.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
+    for number, row in enumerate(cells):
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+        ctx.stdout.write((paint(ctx, line, "header", tty=ctx.stdout_tty) if number == 0 else line) + "\n")
+
+
+FIELD_LABELS = {
+    "id": "ID", "display_name": "Name", "email": "Email", "logto_sub": "Subject", "balance_usd": "Balance",
+    "status": "Status", "currency": "Currency", "name": "Name", "key_prefix": "Prefix", "created_at": "Created",
+    "range_days": "Days", "total_requests": "Requests", "total_tokens_in": "Tokens in",
+    "total_tokens_out": "Tokens out", "total_cost_usd": "Cost", "api_url": "Gateway",
+}
+
+
+def human(name: str, value: object) -> str:
+    """A field's value for people: money as dollars and cents, times as dates, counts grouped."""
+    if value is None:
+        return "-"
+    if name.endswith("_usd"):
+        return usd(value)
+    if name.endswith("_at"):
+        return readable_time(value)
+    if isinstance(value, int) and not isinstance(value, bool) and name.startswith("total_"):
+        return f"{value:,}"
+    return show(value)
+
+
+def usd(value: object, *, per: int = 1) -> str:
+    """A server amount (a decimal string) as `$1,234.50`: always cents.
+
+    `per` scales a unit price (per 1k tokens -> per 1M); a price keeps the
+    digits below a cent it has (`$0.075`), an amount is rounded to cents.
+    Anything that is not a number is shown as sent.
+    """
+    from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+
+    try:
+        amount = Decimal(str(value)) * per if isinstance(value, (str, int, float)) else None
+    except InvalidOperation:
+        amount = None
+    if amount is None or isinstance(value, bool) or not amount.is_finite():
+        return show(value)
+    cents = amount.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+    if per != 1 and cents != amount:
+        return f"{'-' if amount < 0 else ''}${abs(amount).normalize():f}"
+    return f"{'-' if cents < 0 else ''}${abs(cents):,.2f}"
+
+
+def readable_time(value: object) -> str:
+    """A server time (ISO 8601 text or Unix seconds) as `2026-11-30 14:02 UTC`."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e11:
+        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(value))
+    if not isinstance(value, str):
+        return show(value)
+    from datetime import datetime, timezone
+
+    text = value.strip()
+    try:  # Python before 3.11 reads neither "Z" nor every fraction
+        moment = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+    except ValueError:
+        return show(value)
+    if moment.tzinfo is None:  # the gateway's times are UTC
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+COLOURS = {"ok": "32", "error": "31", "warning": "33", "problem": "31", "header": "1"}
+
+
+def paint(ctx: Context, text: str, style: str, *, tty: bool) -> str:
+    """`text` in colour, only for a person at a colour terminal (never a pipe or file)."""
+    plain = not tty or os.name == "nt" or ctx.env.get("NO_COLOR") or ctx.env.get("TERM", "") == "dumb"
+    return text if plain or style not in COLOURS else f"\x1b[{COLOURS[style]}m{text}\x1b[0m"
+
+
+def say_ok(ctx: Context, message: str) -> None:
+    ctx.stdout.write(f"{paint(ctx, 'OK', 'ok', tty=ctx.stdout_tty)} {message}\n")
+
+
+def gateway_name(api_url: str) -> str:
+    """The host (and port) people know a gateway by: `api.tokenroute.io`."""
+    return api_url.split("://", 1)[-1].split("/", 1)[0].rpartition("@")[2]
 
 
 def note(ctx: Context, message: str) -> None:
@@ -1105,7 +1206,7 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
         if args.json:
             render_json(ctx, {"status": "logged_in", "api_url": api_url})
         else:
-            ctx.stdout.write(f"OK already logged in to {api_url} (tokenroute login --force to log in again)\n")
+            say_ok(ctx, f"already logged in to {api_url} (tokenroute login --force to log in again)")
         return EXIT_OK
     pending = start_device_flow(ctx, api_url)
     if args.no_wait:
@@ -1185,8 +1286,20 @@ def finish_login(args: argparse.Namespace, ctx: Context, pending: dict[str, Any]
     if args.json:
         render_json(ctx, {"status": "logged_in", "api_url": pending["api_url"]})
     else:
-        ctx.stdout.write("OK logged in\n")
+        say_ok(ctx, logged_in_as(ctx, pending["api_url"]))
     return EXIT_OK
+
+
+def logged_in_as(ctx: Context, api_url: str) -> str:
+    """`logged in as ada@example.com (api.tokenroute.io)`; the login stands even if /me fails."""
+    host = sanitize(gateway_name(api_url))
+    try:
+        email = call_account(ctx, api_url, "GET", "/api/v1/me").get("email")
+    except CliError:
+        email = None
+    if not isinstance(email, str) or not email.strip():
+        return f"logged in ({host})"
+    return f"logged in as {sanitize(email.strip())} ({host})"
 
 
 def pending_view(pending: dict[str, Any]) -> dict[str, Any]:
@@ -1221,11 +1334,14 @@ def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         render_json(ctx, {"logged_out": removed})
     else:
-        ctx.stdout.write("OK logged out\n" if removed else "Not logged in; nothing to do\n")
+        if removed:
+            say_ok(ctx, "logged out")
+        else:
+            ctx.stdout.write("Not logged in; nothing to do\n")
     return EXIT_OK
 
 
-ME_FIELDS = ("id", "display_name", "email", "logto_sub", "balance_usd", "status")
+ME_FIELDS = ("display_name", "email", "balance_usd", "status", "id", "logto_sub")
 
 
 def cmd_whoami(args: argparse.Namespace, ctx: Context) -> int:
@@ -1244,7 +1360,7 @@ def cmd_balance(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         render_json(ctx, balance)
     else:
-        render_fields(ctx, balance, ("balance_usd", "currency"))
+        render_fields(ctx, balance, ("balance_usd",))
     return EXIT_OK
 
 
@@ -1259,8 +1375,8 @@ def cmd_keys_create(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         render_json(ctx, key)
     else:
-        render_fields(ctx, key, ("id", "name", "key_prefix", "balance_usd", "status"))
-        ctx.stdout.write(f"key: {sanitize(raw)}\n")
+        render_fields(ctx, key, ("name", "id", "key_prefix", "balance_usd", "status"))
+        ctx.stdout.write(f"Key:     {sanitize(raw)}\n")
     if args.no_cache:
         note(ctx, "Save this key now: it is shown only once (not cached: --no-cache).")
         return EXIT_OK
@@ -1286,7 +1402,8 @@ def cmd_keys_list(args: argparse.Namespace, ctx: Context) -> int:
     elif not keys:
         note(ctx, "No keys yet. Create one: tokenroute keys create --name NAME")
     else:
-        render_table(ctx, [c.upper() for c in KEY_COLUMNS], [[k.get(c) for c in KEY_COLUMNS] for k in keys])
+        headers = [FIELD_LABELS[column] for column in KEY_COLUMNS]
+        render_table(ctx, headers, [[human(c, k.get(c)) for c in KEY_COLUMNS] for k in keys])
     return EXIT_OK
 
 
@@ -1300,7 +1417,7 @@ def cmd_keys_revoke(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         render_json(ctx, key)
     else:
-        ctx.stdout.write(f"OK revoked {show(key.get('id', args.id))} ({show(key.get('name'))})\n")
+        say_ok(ctx, f"revoked {show(key.get('id', args.id))} ({show(key.get('name'))})")
     return EXIT_OK
 
 
@@ -1321,7 +1438,9 @@ def cmd_topup(args: argparse.Namespace, ctx: Context) -> int:
         render_json(ctx, session)
         return EXIT_OK
     ctx.stdout.write(f"Checkout: {sanitize(url)}\n")
-    note(ctx, f"Open it to pay {show(session.get('amount_usd', args.amount))} USD; credit arrives once paid.")
+    expires = session.get("expires_at")
+    until = f" The link expires {readable_time(expires)}." if expires is not None else ""
+    note(ctx, f"Open it to pay {usd(session.get('amount_usd', args.amount))}; credit arrives once paid.{until}")
     if ctx.person_present and ctx.stdout_tty and not args.no_browser:
         open_url_for_person(ctx, url)
     return EXIT_OK
@@ -1343,6 +1462,8 @@ def cmd_usage(args: argparse.Namespace, ctx: Context) -> int:
 SHELL_FORMATS = {
     "dotenv": "{name}={value}",
     "sh": "export {name}={value}",
+    "bash": "export {name}={value}",
+    "zsh": "export {name}={value}",
     "fish": "set -gx {name} {value}",
     "powershell": "$env:{name} = '{value}'",
 }
@@ -1355,6 +1476,8 @@ def cmd_env(args: argparse.Namespace, ctx: Context) -> int:
     if not is_env_safe(api_url):
         raise CliError("the API URL holds characters a shell or .env file would misread")
     variables = {"OPENAI_API_KEY": key, "OPENAI_BASE_URL": api_url + "/v1"}
+    if getattr(args, "write", None) is not None:
+        return write_env_file(args, ctx, variables)
     if args.json:
         render_json(ctx, variables)
         return EXIT_OK
@@ -1369,6 +1492,181 @@ ENV_SAFE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ
 def is_env_safe(value: str) -> bool:
     """Only characters that every shell and .env reader takes literally, unquoted."""
     return bool(value) and set(value) <= ENV_SAFE_CHARS
+
+
+def write_env_file(args: argparse.Namespace, ctx: Context, variables: dict[str, str]) -> int:
+    """`env --write`: set the variables in a dotenv file in place, once each."""
+    if args.export or args.shell != "dotenv":
+        raise CliError("--write writes dotenv lines: leave out --export and --shell", code="usage")
+    if not all(is_env_safe(value) for value in variables.values()):  # resolve_api_key checks the key already
+        raise CliError("a value holds characters a .env reader would misread")
+    path = os.path.realpath(args.write)  # a symlinked .env is updated at its target
+    try:
+        with open(path, "rb") as handle:
+            old: bytes | None = handle.read()
+    except FileNotFoundError:
+        old = None
+    except OSError as exc:
+        raise CliError(f"cannot read {args.write}: {exc.strerror}") from None
+    if old is not None and old.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise CliError(f"{args.write} is UTF-16 (PowerShell 5.1's >> writes that); save it as UTF-8 first")
+    new, changes = set_dotenv_values(old or b"", variables)
+    if new != old:
+        replace_file(path, new)
+    if args.json:
+        render_json(ctx, {"path": os.path.abspath(args.write), "created": old is None, "changed": new != old})
+    elif old is None:
+        note(ctx, f"Created {args.write} (readable only by you) with {' and '.join(variables)}")
+    elif new != old:
+        note(ctx, f"Updated {args.write}: {', '.join(changes) or 'final newline added'}")
+    else:
+        note(ctx, f"{args.write} already has {' and '.join(variables)}; unchanged")
+    warn_if_committable(ctx, path)
+    return EXIT_OK
+
+
+def set_dotenv_values(text: bytes, variables: dict[str, str]) -> tuple[bytes, list[str]]:
+    """`text` with each variable set once, where it first was; every other line byte for byte.
+
+    Works on bytes so that any encoding, CRLF ending, quoting and comment
+    outside the variables' own lines survives. Returns the new text and what
+    changed, for people.
+    """
+    lines = text.splitlines(keepends=True)
+    eol = b"\r\n" if lines and lines[0].endswith(b"\r\n") else b"\n"
+    if lines and not lines[-1].endswith(b"\n"):
+        lines[-1] += eol
+    changes = []
+    for name, value in variables.items():
+        at = [number for number, line in enumerate(lines) if dotenv_name(line) == name]
+        if not at:
+            lines.append(f"{name}={value}".encode() + eol)
+            changes.append(f"{name} added")
+            continue
+        first = lines[at[0]]
+        prefix = first[: len(first) - len(first.lstrip())]
+        if first.lstrip().startswith(b"export"):
+            prefix += b"export "
+        ending = b"\r\n" if first.endswith(b"\r\n") else b"\n"
+        lines[at[0]] = prefix + f"{name}={value}".encode() + ending
+        if lines[at[0]] != first:
+            changes.append(f"{name} replaced")
+        for number in reversed(at[1:]):
+            del lines[number]
+        if len(at) > 1:
+            changes.append(f"{len(at) - 1} older {name} removed")
+    return b"".join(lines), changes
+
+
+def dotenv_name(line: bytes) -> str | None:
+    """The variable a dotenv line sets (`NAME=`, `export NAME=`, `NAME =`), or None."""
+    words = line.strip().split(b"=", 1)
+    if len(words) < 2:
+        return None
+    name = words[0].strip()
+    if name.startswith(b"export") and name[6:7].isspace():
+        name = name[6:].strip()
+    try:
+        return name.decode("ascii") if name else None
+    except UnicodeDecodeError:
+        return None
+
+
+def replace_file(path: str, data: bytes) -> None:
+    """Atomically replace `path`: a new file is 0600, an existing one keeps its mode."""
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o600
+    folder = os.path.dirname(path)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(tmp, flags, 0o600)
+    except OSError as exc:
+        raise CliError(f"cannot write in {folder or '.'}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)  # after the write: the secret is never in a wider file
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise CliError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def warn_if_committable(ctx: Context, path: str) -> None:
+    """Warn when a git work tree would take the file in `git add .`; silent without git."""
+    import shutil
+    import subprocess
+
+    git = shutil.which("git", path=ctx.env.get("PATH"))
+    if git is None:
+        return
+    folder, name = os.path.split(path)
+    try:
+        done = subprocess.run([git, "check-ignore", "-q", "--", name], cwd=folder or ".", env=dict(ctx.env),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return
+    if done.returncode == 1:  # in a work tree and not ignored (128: not a work tree)
+        warning = paint(ctx, "warning", "warning", tty=ctx.stderr_tty)
+        note(ctx, f"{warning}: {name} holds an API key and git does not ignore it; add it to .gitignore")
+
+
+def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
+    """Run a command with the two variables in its environment: no key in a file."""
+    key, _ = resolve_api_key(ctx, args.key)
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    if not is_env_safe(api_url):  # the same rule as env: what the child gets, env would print
+        raise CliError("the API URL holds characters a shell or .env file would misread")
+    env = {**ctx.env, "OPENAI_API_KEY": key, "OPENAI_BASE_URL": api_url + "/v1"}
+    for stream in (ctx.stdout, ctx.stderr):
+        stream.flush()  # what is buffered here would be lost in the exec
+    if os.name == "posix":
+        replace_process(args.command, env)
+    return run_and_wait(args.command, env)
+
+
+def replace_process(command: Sequence[str], env: dict[str, str]) -> None:
+    """exec the command: no parent left to forward signals to or hold memory; returns only on failure."""
+    try:
+        os.execvpe(command[0], list(command), env)
+    except OSError as exc:
+        raise exec_error(command[0], exc) from None
+
+
+def run_and_wait(command: Sequence[str], env: dict[str, str]) -> int:
+    """Run the command as a child and return its status, a signal death as 128+N like a shell."""
+    import subprocess
+
+    try:
+        child = subprocess.Popen(list(command), env=env)
+    except OSError as exc:
+        raise exec_error(command[0], exc) from None
+    while True:
+        try:
+            status = child.wait()
+            break
+        except KeyboardInterrupt:  # the child got the Ctrl-C too: its exit decides
+            continue
+    return 128 - status if status < 0 else status
+
+
+def exec_error(program: str, exc: OSError) -> CliError:
+    import errno
+
+    name = sanitize(program)
+    if exc.errno == errno.ENOENT:
+        return CliError(f"{name}: command not found", code="command_not_found", exit_code=EXIT_NOT_FOUND)
+    reason = exc.strerror or exc.__class__.__name__
+    return CliError(f"{name}: cannot run it: {reason}", code="command_not_executable", exit_code=EXIT_NOT_EXECUTABLE)
 
 
 def cmd_test(args: argparse.Namespace, ctx: Context) -> int:
@@ -1389,7 +1687,8 @@ def cmd_test(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         render_json(ctx, {"ok": True, "model": args.model, "reply": reply, "usage": completion.get("usage")})
     else:
-        ctx.stdout.write(f"OK connected ({sanitize(args.model)})\n  reply: {sanitize(reply)}\n")
+        say_ok(ctx, f"connected ({sanitize(args.model)})")
+        ctx.stdout.write(f"  reply: {sanitize(reply)}\n")
     return EXIT_OK
 
 
@@ -1417,9 +1716,15 @@ def cmd_models(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         render_json(ctx, models)
     else:
-        headers = ("ID", "PROVIDER", "TIER", "IN/1K USD", "OUT/1K USD")
-        render_table(ctx, headers, [[m.get(c) for c in MODEL_COLUMNS] for m in models])
+        headers = ("Model", "Provider", "Tier", "Input $/1M", "Output $/1M")
+        render_table(ctx, headers, [model_row(model) for model in models])
     return EXIT_OK
+
+
+def model_row(model: dict[str, Any]) -> list[str]:
+    """Prices per million tokens: per 1k they are fractions of a cent."""
+    prices = [usd(model.get(c), per=1000) if model.get(c) is not None else "-" for c in MODEL_COLUMNS[3:]]
+    return [show(model.get(c)) for c in MODEL_COLUMNS[:3]] + prices
 
 
 class Check:
@@ -1458,7 +1763,8 @@ def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
     else:
         width = max(len(check.name) for check in checks)
         for check in checks:
-            ctx.stdout.write(f"{check.status:<8} {check.name:<{width}}  {sanitize(check.detail)}\n")
+            status = paint(ctx, f"{check.status:<8}", check.status, tty=ctx.stdout_tty)
+            ctx.stdout.write(f"{status} {check.name:<{width}}  {sanitize(check.detail)}\n")
             if check.fix:
                 ctx.stdout.write(f"{'':<8} {'':<{width}}  fix: {check.fix}\n")
     return code
@@ -1533,6 +1839,17 @@ def check_files(ctx: Context) -> list[Check]:
 def cmd_completion(args: argparse.Namespace, ctx: Context) -> int:
     tree = command_tree(build_parser())
     ctx.stdout.write({"bash": bash_completion, "zsh": zsh_completion, "fish": fish_completion}[args.shell](tree))
+    return EXIT_OK
+
+
+def cmd_help_topic(args: argparse.Namespace, ctx: Context) -> int:
+    """`tokenroute help [COMMAND...]`: the same text as `COMMAND -h`."""
+    if not args.topic:
+        return cmd_help(args, ctx)
+    error = unknown_command(args.topic)
+    if error is not None:
+        raise error
+    parse_args([*args.topic, "--help"], ctx)  # argparse prints the help and exits 0
     return EXIT_OK
 
 
@@ -1629,9 +1946,14 @@ def parse_amount(text: str) -> str:
     plain = text.strip()
     digits = plain.replace(".", "", 1)
     amount = Decimal(plain) if digits.isdigit() and digits.isascii() else None
-    if amount is None or amount <= 0 or amount.as_tuple().exponent < -2 or amount >= 1_000_000:
+    if amount is None or amount <= 0 or amount.as_tuple().exponent < -2:
         raise BadValue(f"{text!r} is not an amount: give USD as a number above 0 with at most 2 decimals, like 5 or 12.50")
+    if amount > Decimal(MAX_TOPUP):
+        raise BadValue(f"{text!r} is more than the maximum top-up of {MAX_TOPUP} USD")
     return str(amount)
+
+
+MAX_TOPUP = "999999.99"
 
 
 def parse_days(text: str) -> int:
@@ -1687,7 +2009,7 @@ GLOBAL_OPTIONS = (
     option("--json", action="store_true", help="machine-readable JSON output (or TOKENROUTE_JSON=1)"),
     option("--api-url", metavar="URL", help=f"gateway base URL (or TOKENROUTE_API_URL; default {DEFAULT_API_URL})"),
 )
-GROUPS = {"keys": "create, list and revoke API keys"}
+GROUPS = {"keys": ("create, list and revoke API keys", "tokenroute keys create --name laptop")}
 COMMANDS = (
     Command(
         "login", cmd_login, "log in with your browser (device flow)", "tokenroute login",
@@ -1698,6 +2020,11 @@ COMMANDS = (
         option("--timeout", type=positive_seconds, metavar="SECONDS", help="with --resume: stop waiting after this long"),
     ),
     Command("logout", cmd_logout, "forget the stored login", "tokenroute logout"),
+    Command(
+        "run", cmd_run, "run a command with OPENAI_API_KEY and OPENAI_BASE_URL set", "tokenroute run -- python app.py",
+        KEY_OPTION,
+        option("command", nargs="...", metavar="COMMAND", help="the command and its arguments (after --)"),
+    ),
     Command("whoami", cmd_whoami, "show the current user and balance", "tokenroute whoami --json"),
     Command(
         "keys create", cmd_keys_create, "create an sk-tr-* API key (shown once)", "tokenroute keys create --name laptop",
@@ -1724,6 +2051,7 @@ COMMANDS = (
         KEY_OPTION,
         option("--export", action="store_true", help="print `export` lines for eval"),
         option("--shell", choices=tuple(SHELL_FORMATS), default="dotenv", help="output syntax (default dotenv)"),
+        option("--write", nargs="?", const=".env", metavar="FILE", help="set the two variables in FILE (default .env)"),
     ),
     Command(
         "test", cmd_test, "send a tiny chat completion end to end", "tokenroute test --model openai/gpt-4o",
@@ -1737,6 +2065,10 @@ COMMANDS = (
     Command(
         "completion", cmd_completion, "print a shell completion script", "tokenroute completion bash > tokenroute.bash",
         option("shell", choices=("bash", "zsh", "fish")),
+    ),
+    Command(
+        "help", cmd_help_topic, "show the help of a command", "tokenroute help keys create",
+        option("topic", nargs="*", metavar="COMMAND", help="a command, e.g. `keys create`"),
     ),
 )
 
@@ -1771,32 +2103,43 @@ def build_parser() -> argparse.ArgumentParser:
         common.add_argument(*flags, **settings, default=argparse.SUPPRESS)
     parser = Parser(prog="tokenroute", description=DESCRIPTION, epilog=EPILOG, parents=[common])
     parser.add_argument("--version", action="version", version=f"tokenroute {__version__}")
-    groups = {"": parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser, required=True)}
+    # Not required=True: argparse would report a missing command before an
+    # unknown option (`tokenroute --bogus`); parse_args checks both itself.
+    groups = {"": parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)}
+    parser.by_name = {"": parser}  # type: ignore[attr-defined]  # for the usage line of an error
     for command in COMMANDS:
         group, _, name = command.name.rpartition(" ")
         if group not in groups:
-            sub = groups[""].add_parser(group, help=GROUPS[group], description=GROUPS[group], parents=[common])
-            groups[group] = sub.add_subparsers(
-                dest=f"{group}_command", metavar="COMMAND", parser_class=Parser, required=True
+            summary, example = GROUPS[group]
+            sub = groups[""].add_parser(
+                group, help=summary, description=summary, epilog=f"example: {example}", parents=[common]
             )
-        sub = groups[group].add_parser(
-            name,
-            aliases=command.aliases,
-            help=command.summary,
-            description=command.summary,
-            epilog=f"example: {command.example}",
-            parents=[common],
-        )
-        sub.set_defaults(func=command.func)
-        for flags, settings in command.options:
-            if "type" in settings:
-                settings = dict(settings, type=checked(settings["type"]))
-            sub.add_argument(*flags, **settings)
+            parser.by_name[group] = sub  # type: ignore[attr-defined]
+            groups[group] = sub.add_subparsers(dest=f"{group}_command", metavar="COMMAND", parser_class=Parser)
+        # An alias gets a parser of its own, so that its help shows the name typed.
+        for alias in (name, *command.aliases):
+            sub = groups[group].add_parser(
+                alias,
+                help=command.summary if alias == name else f"same as {name}",
+                description=command.summary,
+                epilog=f"example: {command.example.replace(name, alias, 1)}",
+                parents=[common],
+            )
+            parser.by_name[f"{group} {alias}".strip()] = sub  # type: ignore[attr-defined]
+            sub.set_defaults(func=command.func)
+            for flags, settings in command.options:
+                if "type" in settings:
+                    settings = dict(settings, type=checked(settings["type"]))
+                sub.add_argument(*flags, **settings)
     return parser
 
 
 DESCRIPTION = "Command-line client of the tokenroute LLM gateway."
-EPILOG = "Exit codes: 0 ok, 1 user error, 2 network error, 3 server error, 130 interrupted."
+EPILOG = (
+    "example: tokenroute login && tokenroute keys create --name laptop && tokenroute run -- python app.py\n\n"
+    "Exit codes: 0 ok, 1 user error, 2 network error, 3 server error, 130 interrupted;\n"
+    "run: the command's own status (126 not executable, 127 not found)."
+)
 
 
 class Args:
@@ -1815,8 +2158,10 @@ def parse_fast(argv: Sequence[str]) -> Args | None:
     goes to the full parser, which defines the behaviour and its errors.
     """
     words = list(argv)
-    if words in (["--version"], ["-h"], ["--help"]):
+    if words in ([], ["--version"], ["-h"], ["--help"], ["help"]):
         return Args(func=cmd_version if words == ["--version"] else cmd_help, json=False, api_url=None)
+    if words[command_start(words):][:1] == ["run"]:
+        return parse_run(words)
     values: dict[str, Any] = {"json": False, "api_url": None}
     rest = []
     stream = iter(words)
@@ -1861,6 +2206,90 @@ def parse_fast(argv: Sequence[str]) -> Args | None:
     return Args(func=command.func, **values)
 
 
+def command_start(words: Sequence[str]) -> int:
+    """Where the command's name is: after the global options that may come first."""
+    index = 0
+    while index < len(words):
+        if words[index] == "--api-url":
+            index += 2
+        elif words[index] == "--json" or words[index].startswith("--api-url="):
+            index += 1
+        else:
+            break
+    return index
+
+
+def split_run(words: Sequence[str]) -> tuple[list[str], list[str]]:
+    """A `run` line split into tokenroute's words and the child's command line.
+
+    The child's line starts at `--` or at the first word that is not one of
+    run's options, and is passed on verbatim: its `--json` is its own.
+    """
+    index = command_start(words) + 1
+    while index < len(words):
+        word = words[index]
+        if word == "--":
+            return list(words[:index]), list(words[index + 1:])
+        if not word.startswith("-") or word == "-":
+            break
+        index += 2 if word in ("--key", "--api-url") else 1
+    return list(words[:index]), list(words[index:])
+
+
+RUN_USAGE = "usage: tokenroute run [-h] [--json] [--api-url URL] [--key sk-tr-...] [--] COMMAND [ARGS ...]"
+
+
+def parse_run(words: Sequence[str]) -> Args | None:
+    """`run`'s line, parsed by hand: argparse's REMAINDER treats `--` differently
+    from one Python version to the next. Its help goes to argparse (None)."""
+    own, command = split_run(words)
+    values: dict[str, Any] = {"json": False, "api_url": None, "key": None, "command": command}
+    start = command_start(own)
+    stream = iter(own[:start] + own[start + 1:])
+    for word in stream:
+        flag, equals, text = word.partition("=")
+        if word in ("-h", "--help"):
+            return None
+        if word == "--json":
+            values["json"] = True
+        elif flag in ("--key", "--api-url"):
+            value = text if equals else next(stream, None)
+            if value is None:
+                raise CliError(f"argument {flag}: expected one argument", code="usage", usage=RUN_USAGE)
+            values[dest_of(flag)] = value
+        else:
+            raise CliError(f"unrecognized argument: {word} (put the command after --)", code="usage", usage=RUN_USAGE)
+    if not command:
+        raise CliError("run needs a command, like: tokenroute run -- python app.py", code="usage", usage=RUN_USAGE)
+    return Args(func=cmd_run, **values)
+
+
+def own_words(argv: Sequence[str]) -> list[str]:
+    """The words of tokenroute's own command line, without a `run` child's."""
+    words = list(argv)
+    return split_run(words)[0] if words[command_start(words):][:1] == ["run"] else words
+
+
+def unknown_command(words: Sequence[str]) -> CliError | None:
+    """A command name nobody defined, with the nearest one that exists."""
+    paths = [path for command in COMMANDS for path in names_of(command)]
+    start = command_start(words)
+    for depth, word in enumerate(words[start:start + 2]):
+        known = list(dict.fromkeys(path[depth] for path in paths if path[:depth] == list(words[start:start + depth])
+                                   and len(path) > depth))
+        if not known or word.startswith("-"):
+            return None
+        if word not in known:
+            import difflib
+
+            group = " ".join(words[start:start + depth] + [""])
+            nearest = difflib.get_close_matches(word, known, n=1)
+            hint = f"; did you mean `{group}{nearest[0]}`?" if nearest else ""
+            usage = f"usage: tokenroute {group}[-h] [--json] [--api-url URL] {'' if group else '[--version] '}COMMAND ..."
+            return CliError(f"unknown command {sanitize(group + word)!r}{hint}", code="usage", usage=usage)
+    return None
+
+
 def names_of(command: Command) -> list[list[str]]:
     """The words that name a command, once per alias."""
     group, _, name = command.name.rpartition(" ")
@@ -1892,10 +2321,22 @@ def parse_args(argv: Sequence[str], ctx: Context) -> argparse.Namespace | Args:
     fast = parse_fast(argv)
     if fast is not None:
         return fast
+    error = unknown_command(argv)
+    if error is not None:
+        raise error
     import contextlib
 
+    parser = build_parser()
     with contextlib.redirect_stdout(ctx.stdout):  # a command's --help
-        args = build_parser().parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
+    name = " ".join(filter(None, (getattr(args, "command", None), getattr(args, "keys_command", None))))
+    usage = parser.by_name[name].format_usage().strip()
+    if extras:
+        plural = "s" if len(extras) > 1 else ""
+        raise CliError(f"unrecognized argument{plural}: {' '.join(extras)}", code="usage", usage=usage)
+    if not hasattr(args, "func"):
+        where = f"tokenroute {name}".strip()
+        raise CliError(f"{where} needs a COMMAND (see `{where} -h`)", code="usage", usage=usage)
     args.json = getattr(args, "json", False)
     args.api_url = getattr(args, "api_url", None)
     return args
@@ -1916,7 +2357,7 @@ def report(ctx: Context, error: CliError, *, as_json: bool) -> None:
         ctx.stderr.write(json.dumps({"error": body}) + "\n")
     else:
         hint = f"; run `{error.next}`" if error.next else ""
-        ctx.stderr.write(f"error: {message}{hint}\n")
+        ctx.stderr.write(f"{paint(ctx, 'error', 'error', tty=ctx.stderr_tty)}: {message}{hint}\n")
         if error.usage:
             ctx.stderr.write(error.usage + "\n")
     ctx.stderr.flush()
@@ -1925,7 +2366,7 @@ def report(ctx: Context, error: CliError, *, as_json: bool) -> None:
 def main(argv: Sequence[str] | None = None, ctx: Context | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ctx = ctx or Context.from_process()
-    as_json = "--json" in argv or env_flag(ctx.env.get("TOKENROUTE_JSON"))
+    as_json = "--json" in own_words(argv) or env_flag(ctx.env.get("TOKENROUTE_JSON"))
     try:
         args = parse_args(argv, ctx)
         args.json = args.json or as_json

@@ -39,7 +39,7 @@ from fake_gateway import FakeGateway  # noqa: E402
 
 TIME_LIMITS = {"--version": 1.15, "env": 1.15, "--help": 2.3, "models": 1.05, "balance": 1.05}
 RSS_LIMIT_MIB = 1.0
-WHEEL_LIMIT_BYTES = 30_000
+WHEEL_LIMIT_BYTES = 40_000  # 30_000 before issue 9 (run, env --write, readable output)
 WARMUP_RUNS = 3  # the first run of each writes __pycache__, as on a user's machine
 RSS_RUNS = 5
 GNU_TIME = "/usr/bin/time"

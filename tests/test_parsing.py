@@ -38,7 +38,7 @@ AGREEING = [
 
 # Lines the fast path must leave to argparse: it defines their errors and output.
 LEFT_TO_ARGPARSE = [
-    [],
+    ["--json"],
     ["keys"],
     ["keys", "revoke", "key_1"],
     ["completion", "bash"],
