@@ -169,12 +169,8 @@ TEXT_BROWSERS = frozenset({"lynx", "w3m", "links", "links2", "elinks", "www-brow
 
 
 def is_text_browser(browser: object) -> bool:
-    """A browser webbrowser runs in the foreground of this terminal (its GenericBrowser)."""
-    import webbrowser
-
-    if type(browser) is not webbrowser.GenericBrowser:  # graphical ones run in the background
-        return False
-    command = (getattr(browser, "basename", "") or "").split()
+    """A browser that runs inside this terminal (webbrowser knows them by name)."""
+    command = (getattr(browser, "basename", None) or getattr(browser, "name", "") or "").split()
     return bool(command) and os.path.basename(command[0]).lower().removesuffix(".exe") in TEXT_BROWSERS
 
 

@@ -3,7 +3,7 @@
 Tests start it on a free loopback port and point the CLI at ``gateway.url``;
 run standalone it is an offline sandbox whose logins are approved at once:
 
-    python3 tests/fake_gateway.py [--port 8787] [--host 127.0.0.1]
+    python3 tests/fake_gateway.py [--port 8787] [--host 127.0.0.1]   # --port 0: any free port
 
 It speaks the HTTP API in shared/spec/gateway-api.md, as strictly as the real
 service, records every request, and can inject faults (errors, delays,
@@ -12,6 +12,7 @@ hangs, dropped or truncated responses, redirects). Standard library only.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import re
 import secrets
@@ -811,13 +812,20 @@ def _without_raw(key: dict[str, str]) -> dict[str, str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Run an offline fake tokenroute gateway.")
-    parser.add_argument("--port", type=int, default=8787)
+    parser.add_argument("--port", type=int, default=8787, help="the port (default 8787; 0 picks a free one)")
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
     gateway = FakeGateway(auto_approve=True, auto_pay=True, interval=1, port=args.port, host=args.host,
                           log_requests=True)
     try:
-        gateway.start()
+        try:
+            gateway.start()
+        except OSError as exc:  # most often: the port is taken (another sandbox still running?)
+            reason = "is in use" if exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", 0)) else \
+                "cannot be used: %s" % (exc.strerror or exc)
+            print("fake_gateway: %s:%d %s; pick another with --port N (--port 0 picks a free one)"
+                  % (args.host, args.port, reason), file=sys.stderr)
+            return 1
         seeded = gateway.add_key()
         print("tokenroute fake gateway on %s (logins are approved and top-ups paid at once)" % gateway.url)
         print("  export TOKENROUTE_API_URL=%s" % gateway.url)

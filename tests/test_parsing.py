@@ -15,6 +15,8 @@ AGREEING = [
     ["env", "--key=sk-tr-abc123", "--export"],
     ["--json", "env", "--shell", "fish"],
     ["env", "--shell=powershell", "--json"],
+    ["env", "--shell", "bash"],
+    ["env", "--write", "app.env"],
     ["models"],
     ["models", "--json", "--key", "sk-tr-abc123"],
     ["--api-url", "http://127.0.0.1:9", "balance"],
@@ -55,6 +57,8 @@ LEFT_TO_ARGPARSE = [
     ["balance", "--bogus"],
     ["balance", "extra"],
     ["env", "--export=yes"],
+    ["env", "--write"],  # nargs="?": argparse decides whether a value follows
+    ["help", "keys"],
     ["bogus"],
 ]
 
