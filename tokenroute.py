@@ -1467,11 +1467,7 @@ SHELL_FORMATS = {
 
 def cmd_env(args: argparse.Namespace, ctx: Context) -> int:
     """Print the two variables an OpenAI SDK needs, nothing else on stdout."""
-    key, _ = resolve_api_key(ctx, args.key)
-    api_url, _ = api_url_setting(ctx, args.api_url)
-    if not is_env_safe(api_url):
-        raise CliError("the API URL holds characters a shell or .env file would misread")
-    variables = {"OPENAI_API_KEY": key, "OPENAI_BASE_URL": api_url + "/v1"}
+    variables = openai_variables(ctx, args)
     if getattr(args, "write", None) is not None:
         return write_env_file(args, ctx, variables)
     if args.json:
@@ -1480,6 +1476,15 @@ def cmd_env(args: argparse.Namespace, ctx: Context) -> int:
     line = SHELL_FORMATS["sh" if args.export and args.shell == "dotenv" else args.shell]
     ctx.stdout.write("".join(line.format(name=n, value=v) + "\n" for n, v in variables.items()))
     return EXIT_OK
+
+
+def openai_variables(ctx: Context, args: argparse.Namespace) -> dict[str, str]:
+    """OPENAI_API_KEY and OPENAI_BASE_URL, as env prints them and run passes them on."""
+    key, _ = resolve_api_key(ctx, args.key)
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    if not is_env_safe(api_url):
+        raise CliError("the API URL holds characters a shell or .env file would misread")
+    return {"OPENAI_API_KEY": key, "OPENAI_BASE_URL": api_url + "/v1"}
 
 
 ENV_SAFE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:/%@+=,-")  # no ~: sh expands it after ":"
@@ -1618,11 +1623,7 @@ def warn_if_committable(ctx: Context, path: str) -> None:
 
 def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
     """Run a command with the two variables in its environment: no key in a file."""
-    key, _ = resolve_api_key(ctx, args.key)
-    api_url, _ = api_url_setting(ctx, args.api_url)
-    if not is_env_safe(api_url):  # the same rule as env: what the child gets, env would print
-        raise CliError("the API URL holds characters a shell or .env file would misread")
-    env = {**ctx.env, "OPENAI_API_KEY": key, "OPENAI_BASE_URL": api_url + "/v1"}
+    env = {**ctx.env, **openai_variables(ctx, args)}
     for stream in (ctx.stdout, ctx.stderr):
         stream.flush()  # what is buffered here would be lost in the exec
     if os.name == "posix":
