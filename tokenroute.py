@@ -1108,22 +1108,23 @@ def human(name: str, value: object) -> str:
 def usd(value: object, *, per: int = 1) -> str:
     """A server amount (a decimal string) as `$1,234.50`: always cents.
 
-    `per` scales a unit price (per 1k tokens -> per 1M); a price keeps the
-    digits below a cent it has (`$0.075`), an amount is rounded to cents.
-    Anything that is not a number is shown as sent.
+    `per` (10, 100, 1000...) scales a unit price (per 1k tokens -> per 1M);
+    a price keeps the digits below a cent it has (`$0.075`), an amount is
+    rounded half up to cents. Anything else is shown as sent. Done on the
+    digits: importing decimal would cost human output a few ms of start-up.
     """
-    from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
-
-    try:
-        amount = Decimal(str(value)) * per if isinstance(value, (str, int, float)) else None
-    except InvalidOperation:
-        amount = None
-    if amount is None or isinstance(value, bool) or not amount.is_finite():
+    text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    sign, body = ("-", text[1:]) if text.startswith("-") else ("", text)
+    whole, _, fraction = body.partition(".")
+    if not (whole + fraction).isdigit() or not (whole + fraction).isascii():
         return show(value)
-    cents = amount.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
-    if per != 1 and cents != amount:
-        return f"{'-' if amount < 0 else ''}${abs(amount).normalize():f}"
-    return f"{'-' if cents < 0 else ''}${abs(cents):,.2f}"
+    digits, point = whole + fraction, len(whole) + len(str(per)) - 1  # move the point right
+    digits = digits.ljust(point, "0")
+    whole, fraction = digits[:point] or "0", digits[point:].rstrip("0")
+    if per != 1 and len(fraction) > 2:
+        return f"{sign}${int(whole):,}.{fraction}"
+    cents = int(whole + fraction.ljust(2, "0")[:2]) + (fraction[2:3] >= "5")
+    return f"{sign if cents else ''}${cents // 100:,}.{cents % 100:02d}"
 
 
 def readable_time(value: object) -> str:
@@ -1132,11 +1133,14 @@ def readable_time(value: object) -> str:
         return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(value))
     if not isinstance(value, str):
         return show(value)
+    text = value.strip()
+    plain = text[:10].replace("-", "").isdigit() and text[10:11] in ("T", " ") and text[13:14] == ":"
+    if plain and text[16:].lstrip("0123456789:.").upper() in ("", "Z", "+00:00"):
+        return f"{text[:10]} {text[11:16]} UTC"  # already UTC: no datetime to import
     from datetime import datetime, timezone
 
-    text = value.strip()
-    try:  # Python before 3.11 reads neither "Z" nor every fraction
-        moment = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+    try:
+        moment = datetime.fromisoformat(text)
     except ValueError:
         return show(value)
     if moment.tzinfo is None:  # the gateway's times are UTC

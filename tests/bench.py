@@ -182,7 +182,7 @@ COMMANDS = [  # name, argv after the script, what stdout must contain
     ("run", ["run", "--", "true"], ""),
     ("--help", ["--help"], "usage: tokenroute"),
     ("models", ["models"], "openai/"),
-    ("balance", ["balance"], "balance_usd:"),
+    ("balance", ["balance"], "Balance:"),
 ]
 
 
