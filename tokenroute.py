@@ -1629,7 +1629,8 @@ def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
     """Run a command with the two variables in its environment: no key in a file."""
     env = {**ctx.env, **openai_variables(ctx, args)}
     for stream in (ctx.stdout, ctx.stderr):
-        stream.flush()  # what is buffered here would be lost in the exec
+        if stream is not None:  # None: started with the stream closed
+            stream.flush()  # what is buffered here would be lost in the exec
     if os.name == "posix":
         replace_process(args.command, env)
     return run_and_wait(args.command, env)
@@ -1645,10 +1646,13 @@ def replace_process(command: Sequence[str], env: dict[str, str]) -> None:
 
 def run_and_wait(command: Sequence[str], env: dict[str, str]) -> int:
     """Run the command as a child and return its status, a signal death as 128+N like a shell."""
+    import shutil
     import subprocess
 
+    # Windows finds `npm` (npm.cmd) and friends through PATHEXT only this way.
+    program = shutil.which(command[0], path=env.get("PATH")) or command[0]
     try:
-        child = subprocess.Popen(list(command), env=env)
+        child = subprocess.Popen([program, *command[1:]], env=env)
     except OSError as exc:
         raise exec_error(command[0], exc) from None
     while True:
