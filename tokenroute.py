@@ -1124,6 +1124,8 @@ def usd(value: object, *, per: int = 1) -> str:
     if per != 1 and len(fraction) > 2:
         return f"{sign}${int(whole):,}.{fraction}"
     cents = int(whole + fraction.ljust(2, "0")[:2]) + (fraction[2:3] >= "5")
+    if not cents and digits.strip("0") and not sign:
+        return "<$0.01"  # spent, but less than a cent: not nothing
     return f"{sign if cents else ''}${cents // 100:,}.{cents % 100:02d}"
 
 
@@ -1146,6 +1148,19 @@ def readable_time(value: object) -> str:
     if moment.tzinfo is None:  # the gateway's times are UTC
         moment = moment.replace(tzinfo=timezone.utc)
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def readable_duration(seconds: float) -> str:
+    """`45 s`, `59 min`, `3 h 20 min`, `2 days`."""
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min"
+    if seconds < 86400:
+        hours, minutes = divmod(seconds // 60, 60)
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    return f"{seconds // 86400} days" if seconds >= 2 * 86400 else "1 day"
 
 
 COLOURS = {"ok": "32", "error": "31", "warning": "33", "problem": "31", "header": "1"}
@@ -1794,7 +1809,7 @@ def check_login(ctx: Context, api_url: str) -> Check:
     try:
         creds = require_credentials(ctx, api_url)
         remaining = int(creds["expires_at"] - ctx.now())
-        state = f"access token valid for {remaining} s" if remaining > 0 else "access token expired"
+        state = f"access token valid for {readable_duration(remaining)}" if remaining > 0 else "access token expired"
         refreshable = "refreshable" if creds["refresh_token"] else "not refreshable"
         me = call_account(ctx, api_url, "GET", "/api/v1/me")
     except CliError as error:

@@ -547,7 +547,7 @@ def test_login_json_shape_is_unchanged(cli: Cli, gateway: FakeGateway) -> None:
 
 @pytest.mark.parametrize(("value", "shown"), [
     ("5", "$5.00"), ("5.00", "$5.00"), ("1234.5", "$1,234.50"), ("0.005", "$0.01"), ("-0.5", "-$0.50"),
-    ("0", "$0.00"), ("abc", "abc"), (None, "-"), ("NaN", "NaN"),
+    ("0", "$0.00"), ("0.000015", "<$0.01"), ("abc", "abc"), (None, "-"), ("NaN", "NaN"),
 ])
 def test_money_is_always_dollars_and_cents(value: Any, shown: str) -> None:
     assert tokenroute.usd(value) == shown
@@ -571,6 +571,13 @@ def test_model_prices_are_per_million_tokens_in_the_same_format(per_1k: str, per
 ])
 def test_times_are_readable(value: Any, shown: str) -> None:
     assert tokenroute.readable_time(value) == shown
+
+
+@pytest.mark.parametrize(("seconds", "shown"), [
+    (45, "45 s"), (3598, "59 min"), (3600, "1 h"), (12000, "3 h 20 min"), (86400, "1 day"), (3 * 86400, "3 days"),
+])
+def test_durations_are_readable(seconds: int, shown: str) -> None:
+    assert tokenroute.readable_duration(seconds) == shown
 
 
 def test_json_keeps_the_servers_strings_and_numbers(cli: Cli, gateway: FakeGateway, api_key: str) -> None:
