@@ -193,12 +193,14 @@ def test_the_key_never_reaches_argv_disk_or_output(cli: Cli, gateway: FakeGatewa
     cli.config_dir.mkdir(mode=0o700)
     cli.last_key.write_text(api_key + "\n")
     before = {p: p.read_bytes() for p in cli.home.rglob("*") if p.is_file()}
-    show_cmdline = "import sys; print(open('/proc/self/cmdline', 'rb').read().split(b'\\0'))"
+    show_cmdline = ("import os; print(open('/proc/self/cmdline', 'rb').read().split(b'\\0'));"
+                    "print(os.environ['OPENAI_API_KEY'][:10], len(os.environ['OPENAI_API_KEY']))")
 
     result = script(cli, "run", "--", sys.executable, "-c", show_cmdline)
 
     assert result.code == 0, result
-    assert api_key.encode() not in result.out.encode() and api_key not in result.err
+    assert result.out.splitlines()[1] == f"{api_key[:10]} {len(api_key)}"  # the cached key reached the child
+    assert api_key not in result.out + result.err  # ... and not its argv (printed above) nor any output
     assert {p: p.read_bytes() for p in cli.home.rglob("*") if p.is_file()} == before  # nothing written
 
 
