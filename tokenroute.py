@@ -1401,7 +1401,7 @@ def cmd_keys_create(args: argparse.Namespace, ctx: Context) -> int:
         write_private_file(ctx, last_key_path(ctx), raw + "\n")
     except CliError as exc:
         raise CliError(f"the key above was created but not cached: {exc.message}", code=exc.code) from None
-    note(ctx, f"Save this key now: it is shown only once. Cached in {last_key_path(ctx)} for env, test and models.")
+    note(ctx, f"Save this key now: it is shown only once. Cached in {last_key_path(ctx)} for env, run, test and models.")
     return EXIT_OK
 
 

@@ -609,7 +609,7 @@ def test_keys_create_shows_raw_once_and_caches_it(cli, gateway):
         f"Key:     {key['raw']}\n"
     )
     assert result.err == (
-        f"Save this key now: it is shown only once. Cached in {cli.last_key} for env, test and models.\n"
+        f"Save this key now: it is shown only once. Cached in {cli.last_key} for env, run, test and models.\n"
     )
     assert cli.last_key.read_text() == key["raw"] + "\n"
     request = sent(gateway, "POST", "/api/v1/me/keys")[0]
