@@ -45,6 +45,8 @@ EXIT_USER = 1
 EXIT_NETWORK = 2
 EXIT_SERVER = 3
 EXIT_INTERRUPTED = 130
+EXIT_NOT_EXECUTABLE = 126  # `run`, as shells report a command
+EXIT_NOT_FOUND = 127
 
 
 # ---------------------------------------------------------------- errors ---
@@ -176,7 +178,22 @@ def open_in_system_browser(url: str) -> bool:
         return False
     import webbrowser
 
-    return webbrowser.open(url)
+    try:
+        browser = webbrowser.get()  # BROWSER first, then what the system offers
+    except webbrowser.Error:
+        return False
+    if is_text_browser(browser):  # it would cover the code the person must read
+        return False
+    return browser.open(url)
+
+
+TEXT_BROWSERS = frozenset({"lynx", "w3m", "links", "links2", "elinks", "www-browser", "browsh", "carbonyl"})
+
+
+def is_text_browser(browser: object) -> bool:
+    """A browser that runs inside this terminal (webbrowser knows them by name)."""
+    command = (getattr(browser, "basename", None) or getattr(browser, "name", "") or "").split()
+    return bool(command) and os.path.basename(command[0]).lower().removesuffix(".exe") in TEXT_BROWSERS
 
 
 # ----------------------------------------------------------------- paths ---
@@ -365,33 +382,37 @@ def file_error(action: str, path: str, exc: OSError) -> CliError:
 def write_private_file(ctx: Context, path: str, text: str) -> None:
     """Atomically replace `path` with `text`, owner-only from the first byte."""
     ensure_config_dir(ctx)
-    replace_file(path, text, mode=0o600)
+    try:
+        replace_file(path, text.encode("utf-8"), mode=0o600)
+    except OSError as exc:
+        raise file_error("cannot write", path, exc) from None
 
 
-def replace_file(path: str, text: str, *, mode: int) -> None:
-    """Atomically replace `path` with `text`, with `mode` from the first byte.
+def replace_file(path: str, data: bytes, *, mode: int) -> None:
+    """Atomically replace `path` with `data`, in `mode` from the first byte; OSError on failure.
 
     The temp file is created in the same folder (so the umask cannot widen
     it and a crash never leaves a half-written secret), then renamed over
     the target; a symlink planted at the target is replaced, not followed.
+    Bytes, so that Windows writes the same line endings as everyone else.
     """
     tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(tmp, flags, mode)
     try:
-        fd = os.open(tmp, flags, mode)
-    except OSError as exc:
-        raise file_error("cannot write", path, exc) from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:  # the same bytes on Windows
+        with os.fdopen(fd, "wb") as handle:
             if hasattr(os, "fchmod"):
                 os.fchmod(handle.fileno(), mode)  # a umask may have taken bits of a shared file's mode
-            handle.write(text)
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
-        remove_file(tmp)
-        raise file_error("cannot write", path, exc) from None
+    except OSError:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass  # the error that matters is the one above
+        raise
 
 
 def read_text_file(path: str) -> str | None:
@@ -761,7 +782,10 @@ def remove_shared_logins(ctx: Context, path: str, api_url: str) -> None:
         mode = os.stat(path).st_mode & 0o777
     except OSError as exc:
         raise file_error("cannot read", path, exc) from None
-    replace_file(path, json.dumps(data, indent=2) + ("\n" if text.endswith("\n") else ""), mode=mode)
+    try:
+        replace_file(path, (json.dumps(data, indent=2) + ("\n" if text.endswith("\n") else "")).encode(), mode=mode)
+    except OSError as exc:
+        raise file_error("cannot write", path, exc) from None
 
 
 def adopt_key(ctx: Context, api_url: str) -> list[str]:
@@ -1589,17 +1613,116 @@ def show(value: object) -> str:
 
 
 def render_fields(ctx: Context, data: dict[str, Any], fields: Sequence[str]) -> None:
-    """`key: value` lines for one object."""
-    width = max(len(name) for name in fields)
-    for name in fields:
-        ctx.stdout.write(f"{name + ':':<{width + 1}} {show(data.get(name))}\n")
+    """`Label: value` lines for one object, labels and values for people."""
+    labels = [FIELD_LABELS.get(name, name) for name in fields]
+    width = max(len(label) for label in labels)
+    for name, label in zip(fields, labels):
+        ctx.stdout.write(f"{label + ':':<{width + 1}} {human(name, data.get(name))}\n")
 
 
 def render_table(ctx: Context, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     cells = [list(headers)] + [[show(value) for value in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    for row in cells:
-        ctx.stdout.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
+    for number, row in enumerate(cells):
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+        ctx.stdout.write((paint(ctx, line, "header", tty=ctx.stdout_tty) if number == 0 else line) + "\n")
+
+
+FIELD_LABELS = {
+    "id": "ID", "display_name": "Name", "email": "Email", "logto_sub": "Subject", "balance_usd": "Balance",
+    "status": "Status", "currency": "Currency", "name": "Name", "key_prefix": "Prefix", "created_at": "Created",
+    "range_days": "Days", "total_requests": "Requests", "total_tokens_in": "Tokens in",
+    "total_tokens_out": "Tokens out", "total_cost_usd": "Cost", "api_url": "Gateway",
+}
+
+
+def human(name: str, value: object) -> str:
+    """A field's value for people: money as dollars and cents, times as dates, counts grouped."""
+    if value is None:
+        return "-"
+    if name.endswith("_usd"):
+        return usd(value)
+    if name.endswith("_at"):
+        return readable_time(value)
+    if isinstance(value, int) and not isinstance(value, bool) and name.startswith("total_"):
+        return f"{value:,}"
+    return show(value)
+
+
+def usd(value: object, *, per: int = 1) -> str:
+    """A server amount (a decimal string) as `$1,234.50`: always cents.
+
+    `per` (10, 100, 1000...) scales a unit price (per 1k tokens -> per 1M);
+    a price keeps the digits below a cent it has (`$0.075`), an amount is
+    rounded half up to cents. Anything else is shown as sent. Done on the
+    digits: importing decimal would cost human output a few ms of start-up.
+    """
+    text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    sign, body = ("-", text[1:]) if text.startswith("-") else ("", text)
+    whole, _, fraction = body.partition(".")
+    if not (whole + fraction).isdigit() or not (whole + fraction).isascii():
+        return show(value)
+    digits, point = whole + fraction, len(whole) + len(str(per)) - 1  # move the point right
+    digits = digits.ljust(point, "0")
+    whole, fraction = digits[:point] or "0", digits[point:].rstrip("0")
+    if per != 1 and len(fraction) > 2:
+        return f"{sign}${int(whole):,}.{fraction}"
+    cents = int(whole + fraction.ljust(2, "0")[:2]) + (fraction[2:3] >= "5")
+    if not cents and digits.strip("0") and not sign:
+        return "<$0.01"  # spent, but less than a cent: not nothing
+    return f"{sign if cents else ''}${cents // 100:,}.{cents % 100:02d}"
+
+
+def readable_time(value: object) -> str:
+    """A server time (ISO 8601 text or Unix seconds) as `2026-11-30 14:02 UTC`."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e11:
+        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(value))
+    if not isinstance(value, str):
+        return show(value)
+    text = value.strip()
+    plain = text[:10].replace("-", "").isdigit() and text[10:11] in ("T", " ") and text[13:14] == ":"
+    if plain and text[16:].lstrip("0123456789:.").upper() in ("", "Z", "+00:00"):
+        return f"{text[:10]} {text[11:16]} UTC"  # already UTC: no datetime to import
+    from datetime import datetime, timezone
+
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return show(value)
+    if moment.tzinfo is None:  # the gateway's times are UTC
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def readable_duration(seconds: float) -> str:
+    """`45 s`, `59 min`, `3 h 20 min`, `2 days`."""
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min"
+    if seconds < 86400:
+        hours, minutes = divmod(seconds // 60, 60)
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    return f"{seconds // 86400} days" if seconds >= 2 * 86400 else "1 day"
+
+
+COLOURS = {"ok": "32", "error": "31", "warning": "33", "problem": "31", "header": "1"}
+
+
+def paint(ctx: Context, text: str, style: str, *, tty: bool) -> str:
+    """`text` in colour, only for a person at a colour terminal (never a pipe or file)."""
+    plain = not tty or os.name == "nt" or ctx.env.get("NO_COLOR") or ctx.env.get("TERM", "") == "dumb"
+    return text if plain or style not in COLOURS else f"\x1b[{COLOURS[style]}m{text}\x1b[0m"
+
+
+def say_ok(ctx: Context, message: str) -> None:
+    ctx.stdout.write(f"{paint(ctx, 'OK', 'ok', tty=ctx.stdout_tty)} {message}\n")
+
+
+def gateway_name(api_url: str) -> str:
+    """The host (and port) people know a gateway by: `api.tokenroute.io`."""
+    return api_url.split("://", 1)[-1].split("/", 1)[0].rpartition("@")[2]
 
 
 def note(ctx: Context, message: str) -> None:
@@ -1636,7 +1759,7 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
         if args.json:
             render_json(ctx, {"status": "logged_in", "api_url": api_url})
         else:
-            ctx.stdout.write(f"OK already logged in to {api_url} (tokenroute login --force to log in again)\n")
+            say_ok(ctx, f"already logged in to {api_url} (tokenroute login --force to log in again)")
         return EXIT_OK
     check_writable(ctx)  # before a person approves a code whose login could not be saved
     pending = start_device_flow(ctx, api_url)
@@ -1784,8 +1907,20 @@ def finish_login(args: argparse.Namespace, ctx: Context, pending: dict[str, Any]
     if args.json:
         render_json(ctx, login)
     else:
-        ctx.stdout.write("OK logged in\n")
+        say_ok(ctx, logged_in_as(ctx, pending["api_url"]))
     return EXIT_OK
+
+
+def logged_in_as(ctx: Context, api_url: str) -> str:
+    """`logged in as ada@example.com (api.tokenroute.io)`; the login stands even if /me fails."""
+    host = sanitize(gateway_name(api_url))
+    try:
+        email = call_account(ctx, api_url, "GET", "/api/v1/me").get("email")
+    except CliError:
+        email = None
+    if not isinstance(email, str) or not email.strip():
+        return f"logged in ({host})"
+    return f"logged in as {sanitize(email.strip())} ({host})"
 
 
 def pending_view(pending: dict[str, Any]) -> dict[str, Any]:
@@ -1833,14 +1968,17 @@ def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
         render_json(ctx, {"logged_out": bool(gone), "api_url": api_url, "cached_keys": kept})
         return EXIT_OK
     where = "every gateway" if args.all else api_url
-    ctx.stdout.write(f"OK logged out of {where}\n" if gone else f"Not logged in to {where}; nothing to do\n")
+    if gone:
+        say_ok(ctx, f"logged out of {where}")
+    else:
+        ctx.stdout.write(f"Not logged in to {where}; nothing to do\n")
     if kept:
-        note(ctx, f"An API key for {', '.join(kept)} stays cached in {last_key_path(ctx)} (env, test and models use it); "
-             f"forget it with `tokenroute logout{' --all' if args.all else ''} --forget-key`")
+        note(ctx, f"An API key for {', '.join(kept)} stays cached in {last_key_path(ctx)} (env, run, test and models "
+             f"use it); forget it with `tokenroute logout{' --all' if args.all else ''} --forget-key`")
     return EXIT_OK
 
 
-ME_FIELDS = ("id", "display_name", "email", "logto_sub", "balance_usd", "status")
+ME_FIELDS = ("display_name", "email", "balance_usd", "status", "id", "logto_sub")
 
 
 def whoami(ctx: Context, api_url: str) -> dict[str, Any]:
@@ -1853,7 +1991,7 @@ def cmd_whoami(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         render_json(ctx, me)
     else:
-        render_fields(ctx, dict(me, gateway=api_url), (*ME_FIELDS, "gateway"))
+        render_fields(ctx, dict(me, api_url=api_url), (*ME_FIELDS, "api_url"))
     return EXIT_OK
 
 
@@ -1867,7 +2005,7 @@ def cmd_balance(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         render_json(ctx, credit)
     else:
-        render_fields(ctx, credit, ("balance_usd", "currency"))
+        render_fields(ctx, credit, ("balance_usd",))
     return EXIT_OK
 
 
@@ -1919,8 +2057,8 @@ def cmd_keys_create(args: argparse.Namespace, ctx: Context) -> int:
         if args.json:
             render_json(ctx, key)
         else:
-            render_fields(ctx, key, ("id", "name", "key_prefix", "balance_usd", "status"))
-            ctx.stdout.write(f"key: {sanitize(raw)}\n")
+            render_fields(ctx, key, ("name", "id", "key_prefix", "balance_usd", "status"))
+            ctx.stdout.write(f"Key:     {sanitize(raw)}\n")
         ctx.stdout.flush()
     except (OSError, ValueError) as exc:  # stdout closed, or its reader left
         key_id = sanitize(str(key.get("id", "")))
@@ -1931,7 +2069,7 @@ def cmd_keys_create(args: argparse.Namespace, ctx: Context) -> int:
     if not_cached is not None:  # shown above all the same: it is the only copy
         raise CliError(f"the key above was created but not cached: {not_cached.message}", code=not_cached.code,
                        exit_code=not_cached.exit_code)
-    note(ctx, f"Save this key now: it is shown only once. Cached in {last_key_path(ctx)} for env, test and models.")
+    note(ctx, f"Save this key now: it is shown only once. Cached in {last_key_path(ctx)} for env, run, test and models.")
     return EXIT_OK
 
 
@@ -1966,7 +2104,8 @@ def cmd_keys_list(args: argparse.Namespace, ctx: Context) -> int:
     elif not keys:
         note(ctx, "No keys yet. Create one: tokenroute keys create --name NAME")
     else:
-        render_table(ctx, [c.upper() for c in KEY_COLUMNS], [[k.get(c) for c in KEY_COLUMNS] for k in keys])
+        headers = [FIELD_LABELS[column] for column in KEY_COLUMNS]
+        render_table(ctx, headers, [[human(c, k.get(c)) for c in KEY_COLUMNS] for k in keys])
     return EXIT_OK
 
 
@@ -1988,7 +2127,7 @@ def cmd_keys_revoke(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         render_json(ctx, key)
     else:
-        ctx.stdout.write(f"OK revoked {show(key.get('id', args.id))} ({show(key.get('name'))})\n")
+        say_ok(ctx, f"revoked {show(key.get('id', args.id))} ({show(key.get('name'))})")
     return EXIT_OK
 
 
@@ -2016,7 +2155,9 @@ def cmd_topup(args: argparse.Namespace, ctx: Context) -> int:
         render_json(ctx, session)
         return EXIT_OK
     ctx.stdout.write(f"Checkout: {sanitize(url)}\n")
-    note(ctx, f"Open it to pay {show(session.get('amount_usd', args.amount))} USD; credit arrives once paid.")
+    expires = session.get("expires_at")
+    until = f" The link expires {readable_time(expires)}." if expires is not None else ""
+    note(ctx, f"Open it to pay {usd(session.get('amount_usd', args.amount))}; credit arrives once paid.{until}")
     if ctx.person_present and ctx.stdout_tty and not args.no_browser:
         open_url_for_person(ctx, url)
     return EXIT_OK
@@ -2042,6 +2183,8 @@ def cmd_usage(args: argparse.Namespace, ctx: Context) -> int:
 SHELL_FORMATS = {
     "dotenv": "{name}={value}",
     "sh": "export {name}={value}",
+    "bash": "export {name}={value}",
+    "zsh": "export {name}={value}",
     "fish": "set -gx {name} {value}",
     "powershell": "$env:{name} = '{value}'",
 }
@@ -2059,6 +2202,8 @@ def cmd_env(args: argparse.Namespace, ctx: Context) -> int:
     """Print the two variables an OpenAI SDK needs, nothing else on stdout."""
     api_url, _ = api_url_setting(ctx, args.api_url)
     variables = env_values(ctx, api_url, key=args.key)
+    if getattr(args, "write", None) is not None:
+        return write_env_file(args, ctx, variables)
     if args.json:
         render_json(ctx, variables)
         return EXIT_OK
@@ -2080,6 +2225,157 @@ def is_env_safe(value: str) -> bool:
 
 def shell_word(value: str) -> str:
     return value if set(value) <= ENV_SAFE_CHARS else f"'{value}'"
+
+
+def write_env_file(args: argparse.Namespace, ctx: Context, variables: dict[str, str]) -> int:
+    """`env --write`: set the variables in a dotenv file in place, once each."""
+    if args.export or args.shell != "dotenv":
+        raise CliError("--write writes dotenv lines: leave out --export and --shell", code="usage")
+    if not all(is_env_safe(value) for value in variables.values()):  # resolve_api_key checks the key already
+        raise CliError("a value holds characters a .env reader would misread")
+    path = os.path.realpath(args.write)  # a symlinked .env is updated at its target
+    try:
+        with open(path, "rb") as handle:
+            old: bytes | None = handle.read()
+    except FileNotFoundError:
+        old = None
+    except OSError as exc:
+        raise CliError(f"cannot read {args.write}: {exc.strerror}") from None
+    if old is not None and old.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise CliError(f"{args.write} is UTF-16 (PowerShell 5.1's >> writes that); save it as UTF-8 first")
+    new, changes = set_dotenv_values(old or b"", variables)
+    if new != old:
+        try:  # a new file is private; an existing one keeps its mode
+            replace_file(path, new, mode=0o600 if old is None else os.stat(path).st_mode & 0o7777)
+        except OSError as exc:
+            raise CliError(f"cannot write {args.write}: {exc.strerror}") from None
+    if args.json:
+        render_json(ctx, {"path": os.path.abspath(args.write), "created": old is None, "changed": new != old})
+    elif old is None:
+        note(ctx, f"Created {args.write} (readable only by you) with {' and '.join(variables)}")
+    elif new != old:
+        note(ctx, f"Updated {args.write}: {', '.join(changes) or 'final newline added'}")
+    else:
+        note(ctx, f"{args.write} already has {' and '.join(variables)}; unchanged")
+    warn_if_committable(ctx, path)
+    return EXIT_OK
+
+
+def set_dotenv_values(text: bytes, variables: dict[str, str]) -> tuple[bytes, list[str]]:
+    """`text` with each variable set once, where it first was; every other line byte for byte.
+
+    Works on bytes so that any encoding, CRLF ending, quoting and comment
+    outside the variables' own lines survives. Returns the new text and what
+    changed, for people.
+    """
+    lines = text.splitlines(keepends=True)
+    eol = b"\r\n" if lines and lines[0].endswith(b"\r\n") else b"\n"
+    if lines and not lines[-1].endswith(b"\n"):
+        lines[-1] += eol
+    changes = []
+    for name, value in variables.items():
+        at = [number for number, line in enumerate(lines) if dotenv_name(line) == name]
+        if not at:
+            lines.append(f"{name}={value}".encode() + eol)
+            changes.append(f"{name} added")
+            continue
+        first = lines[at[0]]
+        prefix = first[: len(first) - len(first.lstrip())]
+        if first.lstrip().startswith(b"export"):
+            prefix += b"export "
+        ending = b"\r\n" if first.endswith(b"\r\n") else b"\n"
+        lines[at[0]] = prefix + f"{name}={value}".encode() + ending
+        if lines[at[0]] != first:
+            changes.append(f"{name} replaced")
+        for number in reversed(at[1:]):
+            del lines[number]
+        if len(at) > 1:
+            changes.append(f"{len(at) - 1} older {name} removed")
+    return b"".join(lines), changes
+
+
+def dotenv_name(line: bytes) -> str | None:
+    """The variable a dotenv line sets (`NAME=`, `export NAME=`, `NAME =`), or None."""
+    words = line.strip().split(b"=", 1)
+    if len(words) < 2:
+        return None
+    name = words[0].strip()
+    if name.startswith(b"export") and name[6:7].isspace():
+        name = name[6:].strip()
+    try:
+        return name.decode("ascii") if name else None
+    except UnicodeDecodeError:
+        return None
+
+
+def warn_if_committable(ctx: Context, path: str) -> None:
+    """Warn when a git work tree would take the file in `git add .`; silent without git."""
+    import shutil
+    import subprocess
+
+    git = shutil.which("git", path=ctx.env.get("PATH"))
+    if git is None:
+        return
+    folder, name = os.path.split(path)
+    try:
+        done = subprocess.run([git, "check-ignore", "-q", "--", name], cwd=folder or ".", env=dict(ctx.env),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return
+    if done.returncode == 1:  # in a work tree and not ignored (128: not a work tree)
+        warning = paint(ctx, "warning", "warning", tty=ctx.stderr_tty)
+        note(ctx, f"{warning}: {name} holds an API key and git does not ignore it; add it to .gitignore")
+
+
+def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
+    """Run a command with the two variables in its environment: no key in a file."""
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    env = {**ctx.env, **env_values(ctx, api_url, key=args.key)}
+    for stream in (ctx.stdout, ctx.stderr):
+        if stream is not None:  # None: started with the stream closed
+            stream.flush()  # what is buffered here would be lost in the exec
+    if os.name == "posix":
+        replace_process(args.command, env)
+    return run_and_wait(args.command, env)
+
+
+def replace_process(command: Sequence[str], env: dict[str, str]) -> None:
+    """exec the command: no parent left to forward signals to or hold memory; returns only on failure."""
+    try:
+        os.execvpe(command[0], list(command), env)
+    except OSError as exc:
+        raise exec_error(command[0], exc) from None
+
+
+def run_and_wait(command: Sequence[str], env: dict[str, str]) -> int:
+    """Run the command as a child and return its status, a signal death as 128+N like a shell."""
+    import shutil
+    import subprocess
+
+    # Windows finds `npm` (npm.cmd) and friends through PATHEXT only this way.
+    program = shutil.which(command[0], path=env.get("PATH")) or command[0]
+    try:
+        child = subprocess.Popen([program, *command[1:]], env=env)
+    except OSError as exc:
+        raise exec_error(command[0], exc) from None
+    while True:
+        try:
+            status = child.wait()
+            break
+        except KeyboardInterrupt:  # the child got the Ctrl-C too: its exit decides
+            continue
+    return 128 - status if status < 0 else status
+
+
+def exec_error(program: str, exc: OSError) -> CliError:
+    import errno
+
+    name = sanitize(program)
+    if exc.errno == errno.ENOENT:
+        return CliError(f"{name}: command not found", code="command_not_found", exit_code=EXIT_NOT_FOUND)
+    reason = exc.strerror or exc.__class__.__name__
+    return CliError(f"{name}: cannot run it: {reason}", code="command_not_executable", exit_code=EXIT_NOT_EXECUTABLE)
 
 
 def try_chat(ctx: Context, api_url: str, *, model: str = DEFAULT_MODEL, key: str | None = None) -> dict[str, Any]:
@@ -2106,7 +2402,8 @@ def cmd_test(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         render_json(ctx, result)
     else:
-        ctx.stdout.write(f"OK connected ({sanitize(args.model)})\n  reply: {sanitize(reply)}\n")
+        say_ok(ctx, f"connected ({sanitize(args.model)})")
+        ctx.stdout.write(f"  reply: {sanitize(reply)}\n")
     return EXIT_OK
 
 
@@ -2138,9 +2435,15 @@ def cmd_models(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         render_json(ctx, models)
     else:
-        headers = ("ID", "PROVIDER", "TIER", "IN/1K USD", "OUT/1K USD")
-        render_table(ctx, headers, [[m.get(c) for c in MODEL_COLUMNS] for m in models])
+        headers = ("Model", "Provider", "Tier", "Input $/1M", "Output $/1M")
+        render_table(ctx, headers, [model_row(model) for model in models])
     return EXIT_OK
+
+
+def model_row(model: dict[str, Any]) -> list[str]:
+    """Prices per million tokens: per 1k they are fractions of a cent."""
+    prices = [usd(model.get(c), per=1000) if model.get(c) is not None else "-" for c in MODEL_COLUMNS[3:]]
+    return [show(model.get(c)) for c in MODEL_COLUMNS[:3]] + prices
 
 
 class Check:
@@ -2193,7 +2496,8 @@ def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
     else:
         width = max(len(check.name) for check in checks)
         for check in checks:
-            ctx.stdout.write(f"{check.status:<8} {check.name:<{width}}  {sanitize(check.detail)}\n")
+            status = paint(ctx, f"{check.status:<8}", check.status, tty=ctx.stdout_tty)
+            ctx.stdout.write(f"{status} {check.name:<{width}}  {sanitize(check.detail)}\n")
             if check.fix:
                 ctx.stdout.write(f"{'':<8} {'':<{width}}  fix: {check.fix}\n")
     return code
@@ -2218,7 +2522,7 @@ def check_login(ctx: Context, api_url: str) -> Check:
     try:
         creds = require_credentials(ctx, api_url)
         remaining = int(creds["expires_at"] - ctx.now())
-        state = f"access token valid for {remaining} s" if remaining > 0 else "access token expired"
+        state = f"access token valid for {readable_duration(remaining)}" if remaining > 0 else "access token expired"
         refreshable = "refreshable" if creds["refresh_token"] else "not refreshable"
         me = call_account(ctx, api_url, "GET", "/api/v1/me")
     except CliError as error:
@@ -2278,6 +2582,17 @@ def file_access_check(path: str, mode: int, *, is_dir: bool, posix: bool) -> Che
 def cmd_completion(args: argparse.Namespace, ctx: Context) -> int:
     tree = command_tree(build_parser())
     ctx.stdout.write({"bash": bash_completion, "zsh": zsh_completion, "fish": fish_completion}[args.shell](tree))
+    return EXIT_OK
+
+
+def cmd_help_topic(args: argparse.Namespace, ctx: Context) -> int:
+    """`tokenroute help [COMMAND...]`: the same text as `COMMAND -h`."""
+    if not args.topic:
+        return cmd_help(args, ctx)
+    error = unknown_command(args.topic)
+    if error is not None:
+        raise error
+    parse_args([*args.topic, "--help"], ctx)  # argparse prints the help and exits 0
     return EXIT_OK
 
 
@@ -2726,9 +3041,14 @@ def parse_amount(text: str) -> str:
     plain = text.strip()
     digits = plain.replace(".", "", 1)
     amount = Decimal(plain) if digits.isdigit() and digits.isascii() else None
-    if amount is None or amount <= 0 or amount.as_tuple().exponent < -2 or amount >= 1_000_000:
+    if amount is None or amount <= 0 or amount.as_tuple().exponent < -2:
         raise BadValue(f"{text!r} is not an amount: give USD as a number above 0 with at most 2 decimals, like 5 or 12.50")
+    if amount > Decimal(MAX_TOPUP):
+        raise BadValue(f"{text!r} is more than the maximum top-up of {MAX_TOPUP} USD")
     return str(amount)
+
+
+MAX_TOPUP = "999999.99"
 
 
 def parse_days(text: str) -> int:
@@ -2784,7 +3104,7 @@ GLOBAL_OPTIONS = (
     option("--json", action="store_true", help="machine-readable JSON output (or TOKENROUTE_JSON=1)"),
     option("--api-url", metavar="URL", help=f"gateway base URL (or TOKENROUTE_API_URL; default {DEFAULT_API_URL})"),
 )
-GROUPS = {"keys": "create, list and revoke API keys"}
+GROUPS = {"keys": ("create, list and revoke API keys", "tokenroute keys create --name laptop")}
 COMMANDS = (
     Command(
         "login", cmd_login, "log in with your browser (device flow)", "tokenroute login",
@@ -2798,6 +3118,11 @@ COMMANDS = (
         "logout", cmd_logout, "forget this gateway's login", "tokenroute logout --all",
         option("--all", action="store_true", help="forget the logins of every gateway"),
         option("--forget-key", action="store_true", help="forget the cached API key too"),
+    ),
+    Command(
+        "run", cmd_run, "run a command with OPENAI_API_KEY and OPENAI_BASE_URL set", "tokenroute run -- python app.py",
+        KEY_OPTION,
+        option("command", nargs="...", metavar="COMMAND", help="the command and its arguments (after --)"),
     ),
     Command("whoami", cmd_whoami, "show the current user and balance", "tokenroute whoami --json"),
     Command(
@@ -2825,6 +3150,7 @@ COMMANDS = (
         KEY_OPTION,
         option("--export", action="store_true", help="print `export` lines for eval"),
         option("--shell", choices=tuple(SHELL_FORMATS), default="dotenv", help="output syntax (default dotenv)"),
+        option("--write", nargs="?", const=".env", metavar="FILE", help="set the two variables in FILE (default .env)"),
     ),
     Command(
         "test", cmd_test, "send a tiny chat completion end to end", "tokenroute test --model openai/gpt-4o",
@@ -2838,7 +3164,15 @@ COMMANDS = (
     Command(
         "completion", cmd_completion, "print a shell completion script", "tokenroute completion bash > tokenroute.bash",
         option("shell", choices=("bash", "zsh", "fish")),
-    ),    Command("mcp", cmd_mcp, "serve your account as MCP tools on stdin/stdout", "claude mcp add tokenroute -- tokenroute mcp"),
+    ),
+    Command(
+        "mcp", cmd_mcp, "serve your account as MCP tools on stdin/stdout",
+        "tokenroute mcp   (for an MCP host: claude mcp add tokenroute -- uvx tokenroute mcp)",
+    ),
+    Command(
+        "help", cmd_help_topic, "show the help of a command", "tokenroute help keys create",
+        option("topic", nargs="*", metavar="COMMAND", help="a command, e.g. `keys create`"),
+    ),
 )
 
 
@@ -2872,32 +3206,43 @@ def build_parser() -> argparse.ArgumentParser:
         common.add_argument(*flags, **settings, default=argparse.SUPPRESS)
     parser = Parser(prog="tokenroute", description=DESCRIPTION, epilog=EPILOG, parents=[common])
     parser.add_argument("--version", action="version", version=f"tokenroute {__version__}")
-    groups = {"": parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser, required=True)}
+    # Not required=True: argparse would report a missing command before an
+    # unknown option (`tokenroute --bogus`); parse_args checks both itself.
+    groups = {"": parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)}
+    parser.by_name = {"": parser}  # type: ignore[attr-defined]  # for the usage line of an error
     for command in COMMANDS:
         group, _, name = command.name.rpartition(" ")
         if group not in groups:
-            sub = groups[""].add_parser(group, help=GROUPS[group], description=GROUPS[group], parents=[common])
-            groups[group] = sub.add_subparsers(
-                dest=f"{group}_command", metavar="COMMAND", parser_class=Parser, required=True
+            summary, example = GROUPS[group]
+            sub = groups[""].add_parser(
+                group, help=summary, description=summary, epilog=f"example: {example}", parents=[common]
             )
-        sub = groups[group].add_parser(
-            name,
-            aliases=command.aliases,
-            help=command.summary,
-            description=command.summary,
-            epilog=f"example: {command.example}",
-            parents=[common],
-        )
-        sub.set_defaults(func=command.func)
-        for flags, settings in command.options:
-            if "type" in settings:
-                settings = dict(settings, type=checked(settings["type"]))
-            sub.add_argument(*flags, **settings)
+            parser.by_name[group] = sub  # type: ignore[attr-defined]
+            groups[group] = sub.add_subparsers(dest=f"{group}_command", metavar="COMMAND", parser_class=Parser)
+        # An alias gets a parser of its own, so that its help shows the name typed.
+        for alias in (name, *command.aliases):
+            sub = groups[group].add_parser(
+                alias,
+                help=command.summary if alias == name else f"same as {name}",
+                description=command.summary,
+                epilog=f"example: {command.example.replace(name, alias, 1)}",
+                parents=[common],
+            )
+            parser.by_name[f"{group} {alias}".strip()] = sub  # type: ignore[attr-defined]
+            sub.set_defaults(func=command.func)
+            for flags, settings in command.options:
+                if "type" in settings:
+                    settings = dict(settings, type=checked(settings["type"]))
+                sub.add_argument(*flags, **settings)
     return parser
 
 
 DESCRIPTION = "Command-line client of the tokenroute LLM gateway."
-EPILOG = "Exit codes: 0 ok, 1 user error, 2 network error, 3 server error, 130 interrupted."
+EPILOG = (
+    "example: tokenroute login && tokenroute keys create --name laptop && tokenroute run -- python app.py\n\n"
+    "Exit codes: 0 ok, 1 user error, 2 network error, 3 server error, 130 interrupted;\n"
+    "run: the command's own status (126 not executable, 127 not found)."
+)
 
 
 class Args:
@@ -2916,8 +3261,10 @@ def parse_fast(argv: Sequence[str]) -> Args | None:
     goes to the full parser, which defines the behaviour and its errors.
     """
     words = list(argv)
-    if words in (["--version"], ["-h"], ["--help"]):
+    if words in ([], ["--version"], ["-h"], ["--help"], ["help"]):
         return Args(func=cmd_version if words == ["--version"] else cmd_help, json=False, api_url=None)
+    if words[command_start(words):][:1] == ["run"]:
+        return parse_run(words)
     values: dict[str, Any] = {"json": False, "api_url": None}
     rest = []
     stream = iter(words)
@@ -2962,6 +3309,90 @@ def parse_fast(argv: Sequence[str]) -> Args | None:
     return Args(func=command.func, **values)
 
 
+def command_start(words: Sequence[str]) -> int:
+    """Where the command's name is: after the global options that may come first."""
+    index = 0
+    while index < len(words):
+        if words[index] == "--api-url":
+            index += 2
+        elif words[index] == "--json" or words[index].startswith("--api-url="):
+            index += 1
+        else:
+            break
+    return index
+
+
+def split_run(words: Sequence[str]) -> tuple[list[str], list[str]]:
+    """A `run` line split into tokenroute's words and the child's command line.
+
+    The child's line starts at `--` or at the first word that is not one of
+    run's options, and is passed on verbatim: its `--json` is its own.
+    """
+    index = command_start(words) + 1
+    while index < len(words):
+        word = words[index]
+        if word == "--":
+            return list(words[:index]), list(words[index + 1:])
+        if not word.startswith("-") or word == "-":
+            break
+        index += 2 if word in ("--key", "--api-url") else 1
+    return list(words[:index]), list(words[index:])
+
+
+RUN_USAGE = "usage: tokenroute run [-h] [--json] [--api-url URL] [--key sk-tr-...] [--] COMMAND [ARGS ...]"
+
+
+def parse_run(words: Sequence[str]) -> Args | None:
+    """`run`'s line, parsed by hand: argparse's REMAINDER treats `--` differently
+    from one Python version to the next. Its help goes to argparse (None)."""
+    own, command = split_run(words)
+    values: dict[str, Any] = {"json": False, "api_url": None, "key": None, "command": command}
+    start = command_start(own)
+    stream = iter(own[:start] + own[start + 1:])
+    for word in stream:
+        flag, equals, text = word.partition("=")
+        if word in ("-h", "--help"):
+            return None
+        if word == "--json":
+            values["json"] = True
+        elif flag in ("--key", "--api-url"):
+            value = text if equals else next(stream, None)
+            if value is None:
+                raise CliError(f"argument {flag}: expected one argument", code="usage", usage=RUN_USAGE)
+            values[dest_of(flag)] = value
+        else:
+            raise CliError(f"unrecognized argument: {word} (put the command after --)", code="usage", usage=RUN_USAGE)
+    if not command:
+        raise CliError("run needs a command, like: tokenroute run -- python app.py", code="usage", usage=RUN_USAGE)
+    return Args(func=cmd_run, **values)
+
+
+def own_words(argv: Sequence[str]) -> list[str]:
+    """The words of tokenroute's own command line, without a `run` child's."""
+    words = list(argv)
+    return split_run(words)[0] if words[command_start(words):][:1] == ["run"] else words
+
+
+def unknown_command(words: Sequence[str]) -> CliError | None:
+    """A command name nobody defined, with the nearest one that exists."""
+    paths = [path for command in COMMANDS for path in names_of(command)]
+    start = command_start(words)
+    for depth, word in enumerate(words[start:start + 2]):
+        known = list(dict.fromkeys(path[depth] for path in paths if path[:depth] == list(words[start:start + depth])
+                                   and len(path) > depth))
+        if not known or word.startswith("-"):
+            return None
+        if word not in known:
+            import difflib
+
+            group = " ".join(words[start:start + depth] + [""])
+            nearest = difflib.get_close_matches(word, known, n=1)
+            hint = f"; did you mean `{group}{nearest[0]}`?" if nearest else ""
+            usage = f"usage: tokenroute {group}[-h] [--json] [--api-url URL] {'' if group else '[--version] '}COMMAND ..."
+            return CliError(f"unknown command {sanitize(group + word)!r}{hint}", code="usage", usage=usage)
+    return None
+
+
 def names_of(command: Command) -> list[list[str]]:
     """The words that name a command, once per alias."""
     group, _, name = command.name.rpartition(" ")
@@ -2993,10 +3424,22 @@ def parse_args(argv: Sequence[str], ctx: Context) -> argparse.Namespace | Args:
     fast = parse_fast(argv)
     if fast is not None:
         return fast
+    error = unknown_command(argv)
+    if error is not None:
+        raise error
     import contextlib
 
+    parser = build_parser()
     with contextlib.redirect_stdout(ctx.stdout):  # a command's --help
-        args = build_parser().parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
+    name = " ".join(filter(None, (getattr(args, "command", None), getattr(args, "keys_command", None))))
+    usage = parser.by_name[name].format_usage().strip()
+    if extras:
+        plural = "s" if len(extras) > 1 else ""
+        raise CliError(f"unrecognized argument{plural}: {' '.join(extras)}", code="usage", usage=usage)
+    if not hasattr(args, "func"):
+        where = f"tokenroute {name}".strip()
+        raise CliError(f"{where} needs a COMMAND (see `{where} -h`)", code="usage", usage=usage)
     args.json = getattr(args, "json", False)
     args.api_url = getattr(args, "api_url", None)
     return args
@@ -3022,7 +3465,7 @@ def report(ctx: Context, error: CliError, *, as_json: bool) -> None:
         ctx.stderr.write(json.dumps({"error": error_body(error)}) + "\n")
     else:
         hint = f"; run `{error.next}`" if error.next else ""
-        ctx.stderr.write(f"error: {message}{hint}\n")
+        ctx.stderr.write(f"{paint(ctx, 'error', 'error', tty=ctx.stderr_tty)}: {message}{hint}\n")
         if error.usage:
             ctx.stderr.write(error.usage + "\n")
     ctx.stderr.flush()
@@ -3031,7 +3474,7 @@ def report(ctx: Context, error: CliError, *, as_json: bool) -> None:
 def main(argv: Sequence[str] | None = None, ctx: Context | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ctx = ctx or Context.from_process()
-    as_json = "--json" in argv or env_flag(ctx.env.get("TOKENROUTE_JSON"))
+    as_json = "--json" in own_words(argv) or env_flag(ctx.env.get("TOKENROUTE_JSON"))
     try:
         check_text(argv, ctx.env)
         args = parse_args(argv, ctx)
@@ -3070,9 +3513,9 @@ def release_stdout(ctx: Context) -> None:
 
 def check_text(argv: Sequence[str], env: Mapping[str, str]) -> None:
     """Arguments and settings must be text: invalid UTF-8 arrives as lone
-    surrogates that no server, file or terminal should receive. (Words after
-    `--` are left alone: they may belong to another program.)"""
-    for word in argv[: argv.index("--")] if "--" in argv else argv:
+    surrogates that no server, file or terminal should receive. (A `run`
+    child's words are left alone: they are another program's.)"""
+    for word in own_words(argv):
         if not is_utf8(word):
             raise CliError(f"the argument {word.encode('utf-8', 'replace').decode()!r} is not valid UTF-8 text")
     for name in TEXT_SETTINGS:

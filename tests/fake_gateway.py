@@ -3,7 +3,7 @@
 Tests start it on a free loopback port and point the CLI at ``gateway.url``;
 run standalone it is an offline sandbox whose logins are approved at once:
 
-    python3 tests/fake_gateway.py [--port 8787] [--host 127.0.0.1] [--tls]
+    python3 tests/fake_gateway.py [--port 8787] [--host 127.0.0.1] [--tls]   # --port 0: any free port
 
 With ``tls=`` (``--tls``) it serves https with a certificate from tests/tls/
 (see tests/make_certs.sh), and counts TLS handshakes, good and failed.
@@ -15,6 +15,7 @@ hangs, dropped or truncated responses, redirects). Standard library only.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import re
 import secrets
@@ -859,14 +860,21 @@ def _without_raw(key: dict[str, str]) -> dict[str, str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Run an offline fake tokenroute gateway.")
-    parser.add_argument("--port", type=int, default=8787)
+    parser.add_argument("--port", type=int, default=8787, help="the port (default 8787; 0 picks a free one)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--tls", action="store_true", help="serve https with tests/tls/localhost.pem")
     args = parser.parse_args(argv)
     gateway = FakeGateway(auto_approve=True, auto_pay=True, interval=1, port=args.port, host=args.host,
                           log_requests=True, tls=server_tls_context() if args.tls else None)
     try:
-        gateway.start()
+        try:
+            gateway.start()
+        except OSError as exc:  # most often: the port is taken (another sandbox still running?)
+            reason = "is in use" if exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", 0)) else \
+                "cannot be used: %s" % (exc.strerror or exc)
+            print("fake_gateway: %s:%d %s; pick another with --port N (--port 0 picks a free one)"
+                  % (args.host, args.port, reason), file=sys.stderr)
+            return 1
         seeded = gateway.add_key()
         print("tokenroute fake gateway on %s (logins are approved and top-ups paid at once)" % gateway.url)
         print("  export TOKENROUTE_API_URL=%s" % gateway.url)

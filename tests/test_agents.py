@@ -32,6 +32,11 @@ PENDING_KEYS = {"status", "verification_uri", "verification_uri_complete", "user
 # ---------------------------------------------------------------- helpers
 
 
+def logged_in(cli: Cli) -> str:
+    """The last line of a login to the test gateway, as a person reads it."""
+    return f"OK logged in as agent@example.com ({cli.gateway.url.split('//')[1]})\n"
+
+
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
@@ -217,7 +222,7 @@ def test_resume_after_approval_logs_in_and_removes_the_pending_code(cli: Cli, ga
     _, code = start_no_wait(cli)
     gateway.approve()
     result = cli.run("login", "--resume")
-    assert (result.code, result.out) == (0, "OK logged in\n")
+    assert (result.code, result.out) == (0, logged_in(cli))
     assert cli.stored_login()["api_url"] == gateway.url
     assert files_holding(cli, code) == []
     assert cli.run("whoami").code == 0
@@ -251,7 +256,7 @@ def test_resume_timeout_0_checks_an_approved_code_once(cli: Cli, gateway: FakeGa
     start_no_wait(cli)
     gateway.approve()
     result = cli.run("login", "--resume", "--timeout", "0")
-    assert (result.code, result.out) == (0, "OK logged in\n"), result
+    assert (result.code, result.out) == (0, logged_in(cli)), result
 
 
 def test_resume_timeout_0_polls_once_with_a_clock_that_moves(cli: Cli, gateway: FakeGateway) -> None:
@@ -260,7 +265,7 @@ def test_resume_timeout_0_polls_once_with_a_clock_that_moves(cli: Cli, gateway: 
     gateway.approve()
     cli.clock.now = time.time  # type: ignore[method-assign]
     result = cli.run("login", "--resume", "--timeout", "0")
-    assert (result.code, result.out) == (0, "OK logged in\n"), result
+    assert (result.code, result.out) == (0, logged_in(cli)), result
 
 
 def test_suggested_resume_command_works_as_written_after_approval(cli: Cli, gateway: FakeGateway) -> None:
@@ -269,7 +274,7 @@ def test_suggested_resume_command_works_as_written_after_approval(cli: Cli, gate
     assert pending.code == 1
     gateway.approve()
     result = run_suggested(cli, pending.error()["next"])
-    assert (result.code, result.out) == (0, "OK logged in\n")
+    assert (result.code, result.out) == (0, logged_in(cli))
     assert cli.credentials.exists()
 
 
@@ -350,7 +355,7 @@ def test_login_force_starts_a_new_device_flow(cli: Cli, gateway: FakeGateway) ->
     old = cli.login()
     approve_when_polled(cli)
     result = cli.run("login", "--force")
-    assert (result.code, result.out) == (0, "OK logged in\n")
+    assert (result.code, result.out) == (0, logged_in(cli))
     assert "/oidc/device/auth" in device_flow_requests(gateway)
     assert cli.stored_login()["access_token"] != old["access_token"]
 
@@ -781,7 +786,7 @@ def test_fish_completion_passes_fish_n(cli: Cli, tmp_path: Path) -> None:
 def test_common_human_output_is_ascii(cli: Cli, gateway: FakeGateway, api_key: str) -> None:
     approve_when_polled(cli)
     login = cli.run("login")
-    assert login.out == "OK logged in\n"
+    assert login.out == logged_in(cli)
     outputs = [login]
     env = {"TOKENROUTE_API_KEY": api_key}
     for argv in common_commands(gateway, api_key):
@@ -800,7 +805,7 @@ def test_cp1252_console_never_raises_on_non_ascii_server_text(cli: Cli, gateway:
                           stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
     out, err = done.stdout.decode("cp1252"), done.stderr.decode("cp1252")
     assert (done.returncode, err) == (0, ""), out
-    assert "display_name: Zo\u00eb ? ??" in out
+    assert "Name:    Zo\u00eb ? ??" in out
 
 
 def test_refresh_works_where_fcntl_does_not_exist(cli: Cli, gateway: FakeGateway,

@@ -101,11 +101,12 @@ def test_login_runs_discovery_then_device_flow_with_resource(cli, gateway):
     result = cli.run("login")
 
     assert result.code == 0, result
-    assert result.out == "OK logged in\n"
+    assert result.out == f"OK logged in as agent@example.com ({gateway.url.split('//')[1]})\n"
     assert [(r.method, r.path_only) for r in gateway.requests] == [
         ("GET", "/api/v1/auth/discovery"),
         ("POST", "/oidc/device/auth"),
         ("POST", "/oidc/token"),
+        ("GET", "/api/v1/me"),  # who logged in, for the last line
     ]
     device_auth = sent(gateway, "POST", "/oidc/device/auth")[0]
     assert device_auth.form == {"client_id": "tokenroute-cli", "scope": SCOPE, "resource": RESOURCE}
@@ -125,7 +126,7 @@ def test_login_prints_code_and_waiting_on_stderr(cli, gateway):
     result = cli.run("login")
 
     assert result.err == login_prompt(gateway, user_code_in(result.err))
-    assert result.out == "OK logged in\n"
+    assert result.out == f"OK logged in as agent@example.com ({gateway.url.split('//')[1]})\n"
 
 
 def test_login_stores_tokens_endpoint_client_resource_and_url(cli, gateway):
@@ -513,7 +514,7 @@ def test_login_after_session_expired_starts_a_new_login(cli, gateway):
 
     result = cli.run("login")  # the command the error told the user to run
 
-    assert (result.code, result.out) == (0, "OK logged in\n")
+    assert (result.code, result.out) == (0, f"OK logged in as agent@example.com ({gateway.url.split('//')[1]})\n")
     assert len(device_polls(gateway)) == 1
     assert cli.run("whoami").code == 0
 
@@ -528,13 +529,13 @@ def test_whoami_human(cli, gateway, api_key):
 
     assert result.code == 0
     assert result.out == (
-        f"id:           {gateway.account['id']}\n"
-        "display_name: Agent\n"
-        "email:        agent@example.com\n"
-        "logto_sub:    logto_xyz\n"
-        "balance_usd:  5.00\n"
-        "status:       active\n"
-        f"gateway:      {gateway.url}\n"
+        "Name:    Agent\n"
+        "Email:   agent@example.com\n"
+        "Balance: $5.00\n"
+        "Status:  active\n"
+        f"ID:      {gateway.account['id']}\n"
+        "Subject: logto_xyz\n"
+        f"Gateway: {gateway.url}\n"
     )
     assert result.err == ""
 
@@ -558,7 +559,7 @@ def test_balance_human(cli, gateway, api_key):
 
     result = cli.run("balance")
 
-    assert (result.code, result.out, result.err) == (0, "balance_usd: 5.00\ncurrency:    USD\n", "")
+    assert (result.code, result.out, result.err) == (0, "Balance: $5.00\n", "")
 
 
 def test_usage_json_sends_days(cli, gateway):
@@ -585,11 +586,11 @@ def test_usage_defaults_to_30_days_human(cli, gateway):
 
     assert result.code == 0
     assert result.out == (
-        "range_days:       30\n"
-        "total_requests:   1\n"
-        "total_tokens_in:  100\n"
-        "total_tokens_out: 20\n"
-        "total_cost_usd:   0.18\n"
+        "Days:       30\n"
+        "Requests:   1\n"
+        "Tokens in:  100\n"
+        "Tokens out: 20\n"
+        "Cost:       $0.18\n"
     )
     assert sent(gateway, "GET", "/api/v1/me/usage")[0].path == "/api/v1/me/usage?days=30"
 
@@ -605,15 +606,15 @@ def test_keys_create_shows_raw_once_and_caches_it(cli, gateway):
     assert result.code == 0, result
     key = next(k for k in gateway.keys.values() if k["name"] == "laptop")
     assert result.out == (
-        f"id:          {key['id']}\n"
-        "name:        laptop\n"
-        f"key_prefix:  {key['key_prefix']}\n"
-        "balance_usd: 0.00\n"
-        "status:      active\n"
-        f"key: {key['raw']}\n"
+        "Name:    laptop\n"
+        f"ID:      {key['id']}\n"
+        f"Prefix:  {key['key_prefix']}\n"
+        "Balance: $0.00\n"
+        "Status:  active\n"
+        f"Key:     {key['raw']}\n"
     )
     assert result.err == (
-        f"Save this key now: it is shown only once. Cached in {cli.last_key} for env, test and models.\n"
+        f"Save this key now: it is shown only once. Cached in {cli.last_key} for env, run, test and models.\n"
     )
     assert cli.cached_key() == key["raw"]
     request = sent(gateway, "POST", "/api/v1/me/keys")[0]
@@ -676,10 +677,12 @@ def test_keys_list_human_table(cli, gateway):
     result = cli.run("keys", "list")
 
     assert result.code == 0
+    created = tokenroute.readable_time(laptop["created_at"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", created)
     assert result.out == (
-        "ID            NAME    KEY_PREFIX  STATUS   BALANCE_USD  CREATED_AT\n"
-        f"{laptop['id']}  laptop  {laptop['key_prefix']}  active   5.00         {laptop['created_at']}\n"
-        f"{ci['id']}  ci      {ci['key_prefix']}  revoked  0.25         {ci['created_at']}\n"
+        "ID            Name    Prefix      Status   Balance  Created\n"
+        f"{laptop['id']}  laptop  {laptop['key_prefix']}  active   $5.00    {created}\n"
+        f"{ci['id']}  ci      {ci['key_prefix']}  revoked  $0.25    {tokenroute.readable_time(ci['created_at'])}\n"
     )
     assert laptop["raw"] not in result.out
 
@@ -755,7 +758,8 @@ def test_topup_sends_amount_as_decimal_string(cli, gateway):
     assert request.header("Idempotency-Key")
     (session_id,) = gateway.checkouts
     assert result.out == f"Checkout: https://checkout.stripe.com/c/pay/{session_id}\n"
-    assert result.err == "Open it to pay 5 USD; credit arrives once paid.\n"
+    expires = r"\d{4}-\d\d-\d\d \d\d:\d\d UTC"  # the answer's expires_at, in Unix seconds
+    assert re.fullmatch(rf"Open it to pay \$5\.00; credit arrives once paid\. The link expires {expires}\.\n", result.err)
 
 
 @pytest.mark.parametrize("amount", ["12.50", "0.5", "1000"])
@@ -1018,11 +1022,11 @@ def test_models_human_table(cli, gateway, api_key):
     result = cli.run("models", "--key", api_key)
 
     assert result.code == 0
-    assert result.out == (
-        "ID                          PROVIDER   TIER  IN/1K USD  OUT/1K USD\n"
-        "openai/gpt-4o-mini          openai     low   0.00015    0.0006\n"
-        "openai/gpt-4o               openai     high  0.0025     0.01\n"
-        "anthropic/claude-haiku-4-5  anthropic  low   0.001      0.005\n"
+    assert result.out == (  # per 1M tokens: per 1k the prices are fractions of a cent
+        "Model                       Provider   Tier  Input $/1M  Output $/1M\n"
+        "openai/gpt-4o-mini          openai     low   $0.15       $0.60\n"
+        "openai/gpt-4o               openai     high  $2.50       $10.00\n"
+        "anthropic/claude-haiku-4-5  anthropic  low   $1.00       $5.00\n"
     )
 
 
@@ -1056,7 +1060,7 @@ def test_tokenroute_json_0_keeps_human_output(cli, gateway, api_key):
 
     result = cli.run("balance", env={"TOKENROUTE_JSON": "0"})
 
-    assert result.out == "balance_usd: 5.00\ncurrency:    USD\n"
+    assert result.out == "Balance: $5.00\n"
 
 
 def test_json_flag_before_env_command(cli, gateway, api_key):
@@ -1199,7 +1203,6 @@ def test_login_refused_exits_2(cli):
 @pytest.mark.parametrize(
     "argv",
     [
-        (),
         ("bogus",),
         ("keys",),
         ("keys", "create"),
@@ -1313,7 +1316,7 @@ def test_script_topup_without_tty_prints_url_only(cli, gateway):
     assert result.code == 0
     (session_id,) = gateway.checkouts
     assert result.out == f"Checkout: https://checkout.stripe.com/c/pay/{session_id}\n"
-    assert result.err == "Open it to pay 5 USD; credit arrives once paid.\n"
+    assert result.err.startswith("Open it to pay $5.00; credit arrives once paid. The link expires 20")
 
 
 @pytest.mark.parametrize(

@@ -411,7 +411,7 @@ def test_device_flow_survives_transient_5xx_and_dropped_connections(cli, gateway
     result = cli.run("login", "--no-browser")
 
     assert result.code == 0, result
-    assert result.out == "OK logged in\n"
+    assert result.out == f"OK logged in as agent@example.com ({gateway.url.split('//')[1]})\n"
     assert cli.stored_login()["access_token"].startswith("eyJ")
     assert len(device_polls(gateway)) == 5
 
@@ -1230,7 +1230,7 @@ def test_empty_name_or_id_exits_1_before_any_request(cli, gateway, argv):
 
 
 @pytest.mark.parametrize(
-    "argv", [["frobnicate"], ["whoami", "--frob"], ["keys", "frob"], ["--frob"], ["keys"], [], ["topup"]]
+    "argv", [["frobnicate"], ["whoami", "--frob"], ["keys", "frob"], ["--frob"], ["keys"], ["--api-url", "https://api.tokenroute.io"], ["topup"]]
 )
 def test_unknown_command_or_option_exits_1_with_the_usage_line(cli, gateway, argv):
     cli.login()
@@ -1337,7 +1337,7 @@ def test_a_created_key_that_is_not_a_plain_token_is_still_shown_but_not_cached(c
     result = cli.run("keys", "create", "--name", "x")
 
     assert result.code == 3
-    assert "key: sk-tr-abcd.efgh\n" in result.out  # the only copy, shown all the same
+    assert "Key:     sk-tr-abcd.efgh\n" in result.out  # the only copy, shown all the same
     assert not cli.last_key.exists()
 
 

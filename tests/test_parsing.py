@@ -15,6 +15,8 @@ AGREEING = [
     ["env", "--key=sk-tr-abc123", "--export"],
     ["--json", "env", "--shell", "fish"],
     ["env", "--shell=powershell", "--json"],
+    ["env", "--shell", "bash"],
+    ["env", "--write", "app.env"],
     ["models"],
     ["models", "--json", "--key", "sk-tr-abc123"],
     ["--api-url", "http://127.0.0.1:9", "balance"],
@@ -38,7 +40,7 @@ AGREEING = [
 
 # Lines the fast path must leave to argparse: it defines their errors and output.
 LEFT_TO_ARGPARSE = [
-    [],
+    ["--json"],
     ["keys"],
     ["keys", "revoke", "key_1"],
     ["completion", "bash"],
@@ -55,6 +57,8 @@ LEFT_TO_ARGPARSE = [
     ["balance", "--bogus"],
     ["balance", "extra"],
     ["env", "--export=yes"],
+    ["env", "--write"],  # nargs="?": argparse decides whether a value follows
+    ["help", "keys"],
     ["bogus"],
 ]
 

@@ -94,6 +94,13 @@ def test_env_json_imports_json_and_nothing_else_heavy(tmp_path: Path) -> None:
     assert heavy_among(modules, allowed=("json", "re")) == []  # json's decoder imports re
 
 
+def test_run_imports_nothing_heavy(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    out, modules = run_profiled([*SOURCE, "run", "--key", KEY, "--", "touch", str(marker)], tmp_path)
+    assert (out, marker.exists()) == ("", True)
+    assert heavy_among(modules) == []
+
+
 def test_the_import_filter_counts_what_tokenroute_loads_and_nothing_before(tmp_path: Path) -> None:
     """Guards the filter itself, with a stand-in tokenroute: a wrapper's `re` is
     not counted; tokenroute's top-level and lazy imports are."""

@@ -298,7 +298,7 @@ def test_a_login_per_gateway_side_by_side(cli, gateway, staging):
     stage = cli.run("whoami", env={"TOKENROUTE_API_URL": staging.url})
 
     assert prod.code == 0 and stage.code == 0
-    assert f"gateway" in prod.out and gateway.url in prod.out
+    assert f"Gateway: {gateway.url}\n" in prod.out
     assert staging.url in stage.out
     stored = json.loads(cli.credentials.read_text())
     assert stored["version"] == 2 and sorted(stored["logins"]) == sorted([gateway.url, staging.url])
@@ -339,7 +339,7 @@ def test_doctor_and_whoami_name_the_gateway(cli, gateway):
     whoami = cli.run("whoami")
 
     assert f"logged in to {gateway.url} as " in doctor.out
-    assert any(line.split() == ["gateway:", gateway.url] for line in whoami.out.splitlines())
+    assert any(line.split() == ["Gateway:", gateway.url] for line in whoami.out.splitlines())
 
 
 # -------------------------------------------------------- the one-time key

@@ -231,7 +231,7 @@ def test_login_makes_one_tls_context(tls_cli, tls_contexts, env):
 
     assert result.code == 0, result
     assert [r.path_only for r in tls_cli.gateway.requests] == [
-        "/api/v1/auth/discovery", "/oidc/device/auth", "/oidc/token", "/oidc/token"]
+        "/api/v1/auth/discovery", "/oidc/device/auth", "/oidc/token", "/oidc/token", "/api/v1/me"]
     assert len(tls_contexts) == 1
 
 

@@ -1,0 +1,719 @@
+"""Connecting tools without a key on disk (issue 9): `run`, `env --write`,
+and output people read (help, suggestions, labels, money, times, colour)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+import tokenroute
+from conftest import REPO, Cli, Result, console_script
+from fake_gateway import FakeGateway
+
+posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX exec, signals and file modes")
+PRINT_ENV = (
+    "import json, os, sys; print(json.dumps({'argv': sys.argv[1:], 'key': os.environ.get('OPENAI_API_KEY'),"
+    " 'url': os.environ.get('OPENAI_BASE_URL'), 'marker': os.environ.get('MARKER')}))"
+)
+OUR_COLOURS = re.compile(r"\x1b\[(?:0|1|31|32|33)m")
+
+
+def script(cli: Cli, *argv: str, env: Optional[dict[str, str]] = None, cwd: Optional[Path] = None,
+           stdin: Optional[str] = None) -> Result:
+    """The installed console script, with a working folder and stdin of the test's choosing."""
+    done = subprocess.run([console_script(), *argv], env=cli.process_env(env), cwd=cwd, input=stdin or "",
+                          capture_output=True, text=True, timeout=60)
+    return Result(done.returncode, done.stdout, done.stderr)
+
+
+def host(gateway: FakeGateway) -> str:
+    return gateway.url.split("//", 1)[1]
+
+
+# ---------------------------------------------------------------- run
+
+
+def test_run_gives_the_child_the_two_variables_and_the_rest_of_the_environment(cli: Cli, gateway: FakeGateway,
+                                                                              api_key: str) -> None:
+    result = script(cli, "run", "--", sys.executable, "-c", PRINT_ENV, "a b", "--json",
+                    env={"TOKENROUTE_API_KEY": api_key, "MARKER": "kept"})
+
+    assert (result.code, result.err) == (0, "")
+    assert json.loads(result.out) == {"argv": ["a b", "--json"], "key": api_key, "url": gateway.url + "/v1",
+                                      "marker": "kept"}
+
+
+def test_run_without_double_dash_passes_the_childs_options_on(cli: Cli, api_key: str) -> None:
+    result = script(cli, "run", "--key", api_key, sys.executable, "-c", PRINT_ENV, "--json", "--key", "x")
+
+    assert result.code == 0, result
+    assert json.loads(result.out)["argv"] == ["--json", "--key", "x"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "child"),
+    [
+        (["run", "--", "cmd", "--json"], ["cmd", "--json"]),
+        (["run", "cmd", "--json", "--", "x"], ["cmd", "--json", "--", "x"]),
+        (["--json", "run", "--key=sk-tr-abc123", "--", "ls", "-l"], ["ls", "-l"]),
+        (["run", "--api-url", "https://gw.example", "--", "--", "x"], ["--", "x"]),
+    ],
+)
+def test_run_line_splits_where_the_child_begins(argv: list[str], child: list[str]) -> None:
+    args = tokenroute.parse_fast(argv)
+
+    assert args is not None and args.func is tokenroute.cmd_run
+    assert args.command == child
+    assert args.json == (argv[0] == "--json")  # a child's --json is the child's
+    assert tokenroute.own_words(argv).count("--json") == (argv[0] == "--json")
+
+
+def test_a_childs_json_flag_does_not_turn_errors_into_json(cli: Cli, api_key: str) -> None:
+    human = cli.run("run", "--key", api_key, "--", "no-such-command-tr9", "--json")
+    machine = cli.run("--json", "run", "--key", api_key, "--", "no-such-command-tr9")
+
+    assert (human.code, human.err) == (127, "error: no-such-command-tr9: command not found\n")
+    assert machine.code == 127 and machine.error()["code"] == "command_not_found"
+
+
+@posix_only
+def test_run_exit_status_is_the_childs(cli: Cli, api_key: str) -> None:
+    result = script(cli, "run", "--key", api_key, "--", "sh", "-c", "exit 7")
+
+    assert (result.code, result.out, result.err) == (7, "", "")
+
+
+@posix_only
+def test_run_replaces_itself_with_the_child(cli: Cli, api_key: str) -> None:
+    child = subprocess.Popen([console_script(), "run", "--key", api_key, "--", "sh", "-c", "echo $$"],
+                             env=cli.process_env(), stdout=subprocess.PIPE, text=True)
+    out, _ = child.communicate(timeout=60)
+
+    assert int(out) == child.pid  # no tokenroute process left in between
+
+
+@posix_only
+def test_a_signal_death_reads_as_128_plus_n_in_a_shell(cli: Cli, api_key: str) -> None:
+    program = '"$TR" run --key "$KEY" -- sh -c \'kill -TERM $$\'; echo "status $?"'
+    done = subprocess.run(["sh", "-c", program], env=cli.process_env({"TR": console_script(), "KEY": api_key}),
+                          capture_output=True, text=True, timeout=60)
+    direct = subprocess.run([console_script(), "run", "--key", api_key, "--", "sh", "-c", "kill -TERM $$"],
+                            env=cli.process_env(), capture_output=True, timeout=60)
+
+    assert done.stdout == f"status {128 + signal.SIGTERM}\n"
+    assert direct.returncode == -signal.SIGTERM  # the process itself died of it: it was the child
+
+
+@posix_only
+def test_waiting_for_a_child_passes_its_status_through_as_windows_does() -> None:
+    kill_self = "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"
+
+    assert tokenroute.run_and_wait([sys.executable, "-c", "raise SystemExit(5)"], dict(os.environ)) == 5
+    assert tokenroute.run_and_wait([sys.executable, "-c", kill_self], dict(os.environ)) == 128 + signal.SIGTERM
+    with pytest.raises(tokenroute.CliError) as missing:
+        tokenroute.run_and_wait(["no-such-command-tr9"], dict(os.environ))
+    assert (missing.value.exit_code, missing.value.code) == (127, "command_not_found")
+
+
+def test_run_passes_stdin_to_the_child(cli: Cli, api_key: str) -> None:
+    read_stdin = "import sys; print(sys.stdin.read().upper(), end='')"
+    result = script(cli, "run", "--key", api_key, "--", sys.executable, "-c", read_stdin, stdin="hello\nworld\n")
+
+    assert (result.code, result.out, result.err) == (0, "HELLO\nWORLD\n", "")
+
+
+def test_command_not_found_exits_127(cli: Cli, api_key: str) -> None:
+    result = script(cli, "run", "--key", api_key, "--", "no-such-command-tr9", "arg")
+
+    assert (result.code, result.out) == (127, "")
+    assert result.err == "error: no-such-command-tr9: command not found\n"
+
+
+@posix_only
+@pytest.mark.parametrize("what", ["file without x bit", "folder"])
+def test_command_found_but_not_executable_exits_126(cli: Cli, api_key: str, tmp_path: Path, what: str) -> None:
+    target = tmp_path / "tool"
+    if what == "folder":
+        target.mkdir()
+    else:
+        target.write_text("#!/bin/sh\necho ran\n")
+        target.chmod(0o644)
+
+    result = script(cli, "run", "--key", api_key, "--", str(target))
+
+    assert (result.code, result.out) == (126, "")
+    assert result.err.startswith(f"error: {target}: cannot run it: ")
+
+
+@pytest.mark.parametrize("how", ["in process", "console script"])
+def test_run_without_a_key_exits_1_and_never_starts_the_child(cli: Cli, tmp_path: Path, how: str) -> None:
+    marker = tmp_path / "started"
+    argv = ["run", "--", sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
+
+    result = cli.run(*argv) if how == "in process" else script(cli, *argv)
+
+    assert (result.code, result.out) == (1, "")
+    assert result.err.startswith("error: no API key")
+    assert not marker.exists()
+
+
+def test_run_refuses_an_api_url_env_would_refuse_and_starts_nothing(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    marker = tmp_path / "started"
+    result = cli.run("run", "--key", api_key, "--", sys.executable, "-c", f"open({str(marker)!r}, 'w')",
+                     env={"TOKENROUTE_API_URL": "https://gw.example/$(id)"})
+
+    assert (result.code, result.out) == (1, "")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["run"], "error: run needs a command, like: tokenroute run -- python app.py\n"),
+    (["run", "--bogus", "x"], "error: unrecognized argument: --bogus (put the command after --)\n"),
+    (["run", "--key"], "error: argument --key: expected one argument\n"),
+])
+def test_run_usage_errors(cli: Cli, argv: list[str], message: str) -> None:
+    result = cli.run(*argv)
+
+    assert (result.code, result.out) == (1, "")
+    assert result.err == message + tokenroute.RUN_USAGE + "\n"
+
+
+@posix_only
+def test_the_key_never_reaches_argv_disk_or_output(cli: Cli, gateway: FakeGateway, api_key: str) -> None:
+    cli.cache_key(api_key)
+    before = {p: p.read_bytes() for p in cli.home.rglob("*") if p.is_file()}
+    show_cmdline = ("import os; print(open('/proc/self/cmdline', 'rb').read().split(b'\\0'));"
+                    "print(os.environ['OPENAI_API_KEY'][:10], len(os.environ['OPENAI_API_KEY']))")
+
+    result = script(cli, "run", "--", sys.executable, "-c", show_cmdline)
+
+    assert result.code == 0, result
+    assert result.out.splitlines()[1] == f"{api_key[:10]} {len(api_key)}"  # the cached key reached the child
+    assert api_key not in result.out + result.err  # ... and not its argv (printed above) nor any output
+    assert {p: p.read_bytes() for p in cli.home.rglob("*") if p.is_file()} == before  # nothing written
+
+
+# ---------------------------------------------------------------- env --write
+
+
+def write_env(cli: Cli, api_key: str, *args: str, cwd: Optional[Path] = None) -> Result:
+    return script(cli, "env", "--write", *args, env={"TOKENROUTE_API_KEY": api_key}, cwd=cwd)
+
+
+def two_lines(gateway: FakeGateway, key: str, eol: str = "\n") -> str:
+    return f"OPENAI_API_KEY={key}{eol}OPENAI_BASE_URL={gateway.url}/v1{eol}"
+
+
+@posix_only
+def test_env_write_creates_dot_env_owner_only_and_says_so(cli: Cli, gateway: FakeGateway, api_key: str,
+                                                         tmp_path: Path) -> None:
+    result = write_env(cli, api_key, cwd=tmp_path)
+
+    assert (result.code, result.out) == (0, "")
+    assert result.err == "Created .env (readable only by you) with OPENAI_API_KEY and OPENAI_BASE_URL\n"
+    assert (tmp_path / ".env").read_text() == two_lines(gateway, api_key)
+    assert stat.S_IMODE((tmp_path / ".env").stat().st_mode) == 0o600
+    assert api_key not in result.err
+
+
+MESSY = (
+    b"# settings for the app\r\n"
+    b"\r\n"
+    b"export DEBUG=1\r\n"
+    b"OPENAI_API_KEY=sk-tr-oldkey1\r\n"
+    b'GREETING="hello # not a comment"\r\n'
+    b"  export OPENAI_BASE_URL='https://old.example/v1'\r\n"
+    b"NAME=caf\xc3\xa9\r\n"
+    b"OPENAI_API_KEY=sk-tr-oldkey2\r\n"
+    b"LAST=no-final-newline"
+)
+
+
+def test_env_write_changes_only_the_two_variables(cli: Cli, gateway: FakeGateway, api_key: str,
+                                                  tmp_path: Path) -> None:
+    path = tmp_path / "app.env"
+    path.write_bytes(MESSY)
+
+    result = write_env(cli, api_key, str(path))
+
+    assert result.code == 0, result
+    assert path.read_bytes() == (
+        b"# settings for the app\r\n"
+        b"\r\n"
+        b"export DEBUG=1\r\n"
+        + f"OPENAI_API_KEY={api_key}\r\n".encode()
+        + b'GREETING="hello # not a comment"\r\n'
+        + f"  export OPENAI_BASE_URL={gateway.url}/v1\r\n".encode()
+        + b"NAME=caf\xc3\xa9\r\n"
+        b"LAST=no-final-newline\r\n"
+    )
+    assert result.err == (f"Updated {path}: OPENAI_API_KEY replaced, 1 older OPENAI_API_KEY removed, "
+                          "OPENAI_BASE_URL replaced\n")
+
+
+def test_env_write_twice_leaves_the_file_byte_identical(cli: Cli, gateway: FakeGateway, api_key: str,
+                                                        tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_bytes(MESSY)
+    write_env(cli, api_key, str(path))
+    first = path.read_bytes()
+
+    again = write_env(cli, api_key, str(path))
+
+    assert again.code == 0
+    assert path.read_bytes() == first
+    assert again.err == f"{path} already has OPENAI_API_KEY and OPENAI_BASE_URL; unchanged\n"
+
+
+def test_env_write_appends_after_a_line_without_newline(cli: Cli, gateway: FakeGateway, api_key: str,
+                                                        tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text("EXISTING=1")
+
+    assert write_env(cli, api_key, str(path)).code == 0
+    assert path.read_text() == "EXISTING=1\n" + two_lines(gateway, api_key)
+
+
+@posix_only
+def test_env_write_keeps_the_mode_of_an_existing_file_and_replaces_it_atomically(
+        cli: Cli, gateway: FakeGateway, api_key: str, tmp_path: Path) -> None:
+    folder = tmp_path / "app"
+    folder.mkdir()
+    path = folder / ".env"
+    path.write_text("A=1\n")
+    path.chmod(0o640)
+    inode = path.stat().st_ino
+
+    assert write_env(cli, api_key, str(path)).code == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert path.stat().st_ino != inode  # a new file renamed over the old one, not rewritten in place
+    assert sorted(p.name for p in folder.iterdir()) == [".env"]  # no temporary file left
+
+
+@posix_only
+def test_env_write_updates_a_symlinked_file_at_its_target(cli: Cli, gateway: FakeGateway, api_key: str,
+                                                          tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "app.env").write_text("A=1\n")
+    (tmp_path / ".env").symlink_to(shared / "app.env")
+
+    assert write_env(cli, api_key, cwd=tmp_path).code == 0
+    assert (tmp_path / ".env").is_symlink()
+    assert (shared / "app.env").read_text() == "A=1\n" + two_lines(gateway, api_key)
+    assert sorted(p.name for p in shared.iterdir()) == ["app.env"]
+
+
+def test_env_write_refuses_a_utf16_file_and_leaves_it(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_bytes("A=1\r\n".encode("utf-16"))
+
+    result = write_env(cli, api_key, str(path))
+
+    assert result.code == 1
+    assert "UTF-16" in result.err
+    assert path.read_bytes() == "A=1\r\n".encode("utf-16")
+
+
+def test_env_write_json_reports_the_file_not_the_key(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    result = cli.run("env", "--write", str(path), "--json", env={"TOKENROUTE_API_KEY": api_key})
+
+    assert result.code == 0
+    assert result.json() == {"path": str(path), "created": True, "changed": True}
+    assert api_key not in result.out + result.err
+
+
+def test_env_write_refuses_other_formats(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    result = cli.run("env", "--write", str(tmp_path / ".env"), "--shell", "fish", env={"TOKENROUTE_API_KEY": api_key})
+
+    assert (result.code, result.out) == (1, "")
+    assert not (tmp_path / ".env").exists()
+
+
+GIT = shutil.which("git")
+
+
+@pytest.mark.skipif(GIT is None, reason="git is not installed")
+@pytest.mark.parametrize("ignored", [False, True])
+def test_env_write_warns_when_git_would_commit_the_key(cli: Cli, api_key: str, tmp_path: Path,
+                                                       ignored: bool) -> None:
+    subprocess.run([GIT, "init", "-q", str(tmp_path)], check=True)
+    if ignored:
+        (tmp_path / ".gitignore").write_text(".env\n")
+
+    result = write_env(cli, api_key, cwd=tmp_path)
+
+    assert result.code == 0
+    warned = "warning: .env holds an API key and git does not ignore it; add it to .gitignore\n" in result.err
+    assert warned != ignored
+
+
+def test_env_write_says_nothing_about_git_where_git_is_missing(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    subprocess.run([GIT or "true", "init", "-q", str(tmp_path)], check=False)
+
+    result = script(cli, "env", "--write", env={"TOKENROUTE_API_KEY": api_key, "PATH": str(empty)}, cwd=tmp_path)
+
+    assert result.code == 0, result
+    assert "warning" not in result.err
+
+
+# ---- the readers: what env --write leaves is read the same by each
+
+
+def read_like_python_dotenv(text: str) -> dict[str, str]:
+    """python-dotenv's rules: `export`, quotes (escapes in double ones), ` #` comments."""
+    values = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        name, value = line.split("=", 1)
+        name = re.sub(r"^export\s+", "", name.strip())
+        value = value.strip()
+        if value[:1] in ("'", '"'):
+            end = value.index(value[0], 1)
+            value = value[1:end].encode().decode("unicode_escape") if value[0] == '"' else value[1:end]
+        else:
+            value = value.split(" #", 1)[0].strip()
+        values[name] = value
+    return values
+
+
+def read_like_docker(text: str) -> dict[str, str]:
+    """docker --env-file: `NAME=value` taken literally, `#` lines skipped, no `export`."""
+    values = {}
+    for line in text.splitlines():
+        line = line.lstrip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.partition("=")
+        assert not re.search(r"\s", name), f"docker refuses {line!r}"
+        values[name] = value
+    return values
+
+
+def read_with_node(path: Path) -> dict[str, str]:
+    program = "console.log(JSON.stringify({k: process.env.OPENAI_API_KEY, u: process.env.OPENAI_BASE_URL}))"
+    done = subprocess.run(["node", f"--env-file={path}", "-e", program], capture_output=True, text=True, timeout=30,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")})
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    return {"OPENAI_API_KEY": found["k"], "OPENAI_BASE_URL": found["u"]}
+
+
+def read_with_sh(path: Path) -> dict[str, str]:
+    done = subprocess.run(["sh", "-c", 'set -a; . "$1"; printf "%s\\n%s\\n" "$OPENAI_API_KEY" "$OPENAI_BASE_URL"',
+                           "sh", str(path)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    key, url = done.stdout.splitlines()
+    return {"OPENAI_API_KEY": key, "OPENAI_BASE_URL": url}
+
+
+READERS_START = (
+    "# app settings\n\nexport DEBUG=1\nOPENAI_API_KEY=sk-tr-stale1\nGREETING='hi there'\n"
+    "OPENAI_BASE_URL=https://old.example/v1\nOPENAI_API_KEY=sk-tr-stale2\n"
+)
+DOCKER_START = "# app settings\n\nDEBUG=1\nOPENAI_API_KEY=sk-tr-stale1\nOPENAI_API_KEY=sk-tr-stale2\nLAST=1"
+
+
+@pytest.mark.parametrize("reader", ["python-dotenv", "node --env-file", "sh", "docker --env-file"])
+def test_env_write_output_is_read_the_same_by_every_reader(cli: Cli, gateway: FakeGateway, api_key: str,
+                                                           tmp_path: Path, reader: str) -> None:
+    if reader == "node --env-file" and shutil.which("node") is None:
+        pytest.skip("node is not installed")
+    if reader == "sh" and os.name != "posix":
+        pytest.skip("no sh")
+    path = tmp_path / ".env"
+    path.write_text(DOCKER_START if reader == "docker --env-file" else READERS_START)
+
+    assert write_env(cli, api_key, str(path)).code == 0
+    text = path.read_text()
+    read = {
+        "python-dotenv": lambda: read_like_python_dotenv(text),
+        "docker --env-file": lambda: read_like_docker(text),
+        "node --env-file": lambda: read_with_node(path),
+        "sh": lambda: read_with_sh(path),
+    }[reader]()
+
+    assert {name: read[name] for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL")} == {
+        "OPENAI_API_KEY": api_key, "OPENAI_BASE_URL": gateway.url + "/v1"}
+    assert text.count("OPENAI_API_KEY=") == 1 and text.endswith("\n")
+
+
+# ---------------------------------------------------------------- help and usage errors
+
+
+def test_no_arguments_prints_the_help_on_stdout_and_exits_0(cli: Cli) -> None:
+    result = script(cli)
+
+    assert (result.code, result.err) == (0, "")
+    assert result.out == cli.run("--help").out
+    assert result.out.startswith("usage: tokenroute")
+
+
+@pytest.mark.parametrize("topic", [[], ["keys"], ["keys", "create"], ["run"], ["status"]])
+def test_help_command_shows_the_same_help_as_dash_h(cli: Cli, topic: list[str]) -> None:
+    result = cli.run("help", *topic)
+
+    assert (result.code, result.err) == (0, "")
+    assert result.out == cli.run(*topic, "--help").out
+    assert "example: tokenroute" in result.out
+
+
+def test_every_command_and_group_help_has_an_example(cli: Cli) -> None:
+    names = [command.name for command in tokenroute.COMMANDS] + list(tokenroute.GROUPS)
+    names += [alias for command in tokenroute.COMMANDS for alias in command.aliases]
+    for name in names:
+        result = cli.run(*name.split(), "-h")
+        assert result.code == 0, (name, result)
+        assert re.search(r"^example: tokenroute \S", result.out, re.MULTILINE), (name, result.out)
+
+
+def test_an_alias_help_shows_the_name_typed(cli: Cli) -> None:
+    result = cli.run("status", "-h")
+
+    assert result.out.startswith("usage: tokenroute status ")
+    assert "example: tokenroute status --json" in result.out
+
+
+@pytest.mark.parametrize(("argv", "nearest"), [
+    (["key"], "keys"), (["modles"], "models"), (["keys", "lst"], "keys list"), (["help", "logn"], "login"),
+])
+def test_an_unknown_command_suggests_the_nearest(cli: Cli, argv: list[str], nearest: str) -> None:
+    result = cli.run(*argv)
+
+    assert (result.code, result.out) == (1, "")
+    assert f"did you mean `{nearest}`?" in result.err.splitlines()[0]
+
+
+@pytest.mark.parametrize("argv", [["--bogus"], ["balance", "--bogus"], ["keys", "--bogus"], ["keys", "list", "--bogus"]])
+def test_an_unknown_option_is_named_not_reported_as_a_missing_command(cli: Cli, argv: list[str]) -> None:
+    result = cli.run(*argv)
+
+    assert (result.code, result.out) == (1, "")
+    assert result.err.splitlines()[0] == "error: unrecognized argument: --bogus"
+    assert result.err.splitlines()[1].startswith("usage: tokenroute")
+
+
+def test_the_top_up_maximum_is_in_the_message(cli: Cli) -> None:
+    result = cli.run("topup", "--amount", "2000000")
+
+    assert (result.code, result.out) == (1, "")
+    assert result.err.startswith("error: argument --amount: '2000000' is more than the maximum top-up of 999999.99 USD\n")
+    assert tokenroute.parse_amount("999999.99") == "999999.99"
+
+
+# ---------------------------------------------------------------- output for people
+
+
+def test_login_names_who_and_which_gateway(cli: Cli, gateway: FakeGateway) -> None:
+    gateway.auto_approve = True
+
+    result = cli.run("login")
+
+    assert (result.code, result.out) == (0, f"OK logged in as agent@example.com ({host(gateway)})\n")
+
+
+def test_login_succeeds_without_a_name_when_the_profile_call_fails(cli: Cli, gateway: FakeGateway) -> None:
+    gateway.auto_approve = True
+    gateway.fail("/api/v1/me", status=500, count=10)
+
+    result = cli.run("login")
+
+    assert (result.code, result.out) == (0, f"OK logged in ({host(gateway)})\n")
+    assert cli.credentials.exists()
+
+
+def test_login_json_shape_is_unchanged(cli: Cli, gateway: FakeGateway) -> None:
+    gateway.auto_approve = True
+
+    result = cli.run("login", "--json")
+
+    assert result.json() == {"status": "logged_in", "api_url": gateway.url}
+    assert not [r for r in gateway.requests if r.path_only == "/api/v1/me"]
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    ("5", "$5.00"), ("5.00", "$5.00"), ("1234.5", "$1,234.50"), ("0.005", "$0.01"), ("-0.5", "-$0.50"),
+    ("0", "$0.00"), ("0.000015", "<$0.01"), ("abc", "abc"), (None, "-"), ("NaN", "NaN"),
+])
+def test_money_is_always_dollars_and_cents(value: Any, shown: str) -> None:
+    assert tokenroute.usd(value) == shown
+
+
+@pytest.mark.parametrize(("per_1k", "per_1m"), [
+    ("0.00015", "$0.15"), ("0.0006", "$0.60"), ("0.01", "$10.00"), ("0.000075", "$0.075"), ("x", "x"),
+])
+def test_model_prices_are_per_million_tokens_in_the_same_format(per_1k: str, per_1m: str) -> None:
+    assert tokenroute.usd(per_1k, per=1000) == per_1m
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    ("2026-11-30T14:02:09Z", "2026-11-30 14:02 UTC"),
+    ("2026-11-30T15:02:09.123456+01:00", "2026-11-30 14:02 UTC"),
+    ("2026-11-30T14:02:09", "2026-11-30 14:02 UTC"),
+    ("2026-11-30T14:02:09.5Z", "2026-11-30 14:02 UTC"),
+    ("2026-11-30T13:02:09-01:00", "2026-11-30 14:02 UTC"),
+    (1796047329, "2026-11-30 14:02 UTC"),
+    ("soon", "soon"),
+])
+def test_times_are_readable(value: Any, shown: str) -> None:
+    assert tokenroute.readable_time(value) == shown
+
+
+@pytest.mark.parametrize(("seconds", "shown"), [
+    (45, "45 s"), (3598, "59 min"), (3600, "1 h"), (12000, "3 h 20 min"), (86400, "1 day"), (3 * 86400, "3 days"),
+])
+def test_durations_are_readable(seconds: int, shown: str) -> None:
+    assert tokenroute.readable_duration(seconds) == shown
+
+
+def test_json_keeps_the_servers_strings_and_numbers(cli: Cli, gateway: FakeGateway, api_key: str) -> None:
+    cli.login()
+
+    assert cli.run("balance", "--json").json() == {"balance_usd": "5.00", "currency": "USD"}
+    topup = cli.run("topup", "--amount", "5", "--json").json()
+    assert topup["amount_usd"] == "5" and isinstance(topup["expires_at"], int)
+    keys = cli.run("keys", "list", "--json").json()
+    assert keys[0]["created_at"] == next(iter(gateway.keys.values()))["created_at"]
+
+
+def test_colour_marks_status_words_and_headers_at_a_terminal_only(cli: Cli, gateway: FakeGateway,
+                                                                  api_key: str) -> None:
+    cli.login()
+    gateway.account["display_name"] = "Agent \x1b[31mred\x1b[0m"
+    env = {"TOKENROUTE_API_KEY": api_key}
+
+    test = cli.run("test", env=env, tty=True)
+    table = cli.run("keys", "list", tty=True)
+    whoami = cli.run("whoami", tty=True)
+    error = cli.run("keys", "revoke", "key_nope", tty=True)
+
+    assert test.out.startswith("\x1b[32mOK\x1b[0m connected")
+    assert table.out.startswith("\x1b[1mID ")
+    assert error.err.startswith("\x1b[31merror\x1b[0m: ")
+    assert "\x1b" not in OUR_COLOURS.sub("", whoami.out)  # the server's escape is still neutralised
+    assert cli.run("test", env=env).out.startswith("OK connected")  # not a terminal
+
+
+@pytest.mark.parametrize("env", [{"NO_COLOR": "1"}, {"NO_COLOR": "yes"}, {"TERM": "dumb"}])
+def test_no_colour_with_no_color_or_a_dumb_terminal(cli: Cli, api_key: str, env: dict[str, str]) -> None:
+    result = cli.run("test", "--key", api_key, env=env, tty=True)
+    error = cli.run("keys", "list", env=env, tty=True)
+
+    assert result.out.startswith("OK connected")
+    assert error.err.startswith("error: ")
+
+
+def test_no_colour_in_json_even_at_a_terminal(cli: Cli, api_key: str) -> None:
+    result = cli.run("test", "--key", api_key, "--json", tty=True)
+    error = cli.run("keys", "list", "--json", tty=True)
+
+    assert "\x1b" not in result.out + result.err + error.out + error.err
+    assert error.error()["code"] == "auth_required"
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh"])
+def test_env_shell_bash_and_zsh_are_sh(cli: Cli, api_key: str, shell: str) -> None:
+    result = cli.run("env", "--shell", shell, "--key", api_key)
+
+    assert result.code == 0
+    assert result.out == cli.run("env", "--shell", "sh", "--key", api_key).out
+    assert tokenroute.parse_fast(["env", "--shell", shell]) is not None
+
+
+# ---- text browsers
+
+
+def fake_browser(folder: Path, name: str) -> Path:
+    """A browser command that only leaves a mark that it ran."""
+    folder.mkdir(exist_ok=True)
+    path = folder / name
+    path.write_text(f"#!/bin/sh\necho \"$@\" > '{folder}/{name}.ran'\n")
+    path.chmod(0o755)
+    return folder / f"{name}.ran"
+
+
+def open_with_system_browser(env: dict[str, str]) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", "import tokenroute; print(tokenroute.open_in_system_browser('https://x.example/d'))"],
+        env=env, capture_output=True, text=True, timeout=60, cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@posix_only
+@pytest.mark.parametrize("browser", ["lynx", "w3m", "elinks", "links"])
+def test_a_text_browser_from_browser_never_takes_the_terminal(tmp_path: Path, browser: str) -> None:
+    ran = fake_browser(tmp_path / "bin", browser)
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "BROWSER": browser, "HOME": str(tmp_path), "TERM": "xterm"}
+
+    assert open_with_system_browser(env) == "False"
+    assert not ran.exists()
+
+
+@posix_only
+def test_a_text_browser_as_the_only_one_is_not_opened(tmp_path: Path) -> None:
+    ran = fake_browser(tmp_path / "bin", "lynx")
+    env = {"PATH": str(tmp_path / "bin"), "DISPLAY": ":0", "HOME": str(tmp_path), "TERM": "xterm"}
+
+    assert open_with_system_browser(env) == "False"
+    assert not ran.exists()
+
+
+@posix_only
+def test_a_graphical_browser_from_browser_is_opened(tmp_path: Path) -> None:
+    ran = fake_browser(tmp_path / "bin", "my-opener")
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "BROWSER": "my-opener", "HOME": str(tmp_path)}
+
+    assert open_with_system_browser(env) == "True"
+    assert ran.read_text() == "https://x.example/d\n"
+
+
+# ---------------------------------------------------------------- the sandbox gateway
+
+
+def start_sandbox(port: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "tests" / "fake_gateway.py"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sandbox_on_port_0_picks_a_free_port_and_prints_it() -> None:
+    sandbox = start_sandbox(0)
+    try:
+        first = sandbox.stdout.readline()
+        match = re.search(r"on http://127\.0\.0\.1:(\d+) ", first)
+        assert match, first
+        with socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=10):
+            pass
+    finally:
+        sandbox.terminate()
+        sandbox.communicate(timeout=30)
+
+
+def test_sandbox_on_a_busy_port_says_so_in_one_line() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        sandbox = start_sandbox(port)
+        out, err = sandbox.communicate(timeout=60)
+
+    assert sandbox.returncode == 1
+    assert out == ""
+    assert err == (f"fake_gateway: 127.0.0.1:{port} is in use; pick another with --port N "
+                   "(--port 0 picks a free one)\n")
