@@ -296,9 +296,12 @@ def canonical_host(host: str) -> str | None:
     """A DNS name as the resolver sends it (IDNA, lower case), None when malformed."""
     if not host.isascii():
         try:
-            host = host.encode("idna").decode("ascii")
+            ascii_host = host.encode("idna").decode("ascii")
         except UnicodeError:  # an empty label or one over 63 characters
             return None
+        if ascii_host.encode().decode("idna").lower() != host.lower():
+            return None  # IDNA 2003 would map it to another name (straße -> strasse) than browsers use
+        host = ascii_host
     host = host.lower()
     labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
     if len(host) > 253 or not all(0 < len(label) <= 63 for label in labels):
@@ -413,6 +416,18 @@ def replace_file(path: str, data: bytes, *, mode: int) -> None:
         except OSError:
             pass  # the error that matters is the one above
         raise
+
+
+def check_writable(folder: str) -> None:
+    """Fail now when nothing can be written in `folder`: before a person approves
+    a login that could not be saved, or before a login is taken over that could
+    then not leave the file it came from."""
+    probe = os.path.join(folder, f".probe.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.remove(probe)
+    except OSError as exc:
+        raise file_error("cannot write in", folder, exc) from None
 
 
 def read_text_file(path: str) -> str | None:
@@ -566,8 +581,14 @@ def require_credentials(ctx: Context, api_url: str) -> dict[str, Any]:
     logins = read_logins(ctx)
     if api_url in logins:
         return logins[api_url]
+    if "" in logins:  # the takeover failed, and said why
+        raise CliError(
+            f"the login of tokenroute 0.1.0 in {credentials_path(ctx)} is not taken over yet: make "
+            f"{config_dir(ctx)} writable, or set TOKENROUTE_CONFIG_DIR to a writable folder and log in",
+            code="config",
+        )
     others = ", ".join(url for url in logins if url)
-    elsewhere = f" (logged in to {others}; set TOKENROUTE_API_URL to use it)" if others else ""
+    elsewhere = f" (logged in to {others}; choose it with --api-url or TOKENROUTE_API_URL)" if others else ""
     raise CliError(f"not logged in to {api_url}{elsewhere}", code="auth_required", next="tokenroute login")
 
 
@@ -728,6 +749,8 @@ def adopt_login(ctx: Context, api_url: str) -> list[str]:
         return []  # a damaged file is reported by the command that needs it
     taken = []
     shared = shared_logins(ctx, api_url)
+    if shared is not None and shared[1]:
+        check_writable(os.path.dirname(shared[0]))  # else the login would end up in two places
     if api_url not in logins and shared is not None and shared[1]:
         logins[api_url] = max(shared[1], key=lambda login: login["expires_at"])
         taken.append(f"took over the login of tokenroute 0.2.0 ({shared[0]})")
@@ -738,7 +761,7 @@ def adopt_login(ctx: Context, api_url: str) -> list[str]:
     if earlier is not None or taken:
         write_logins(ctx, logins)
     if shared is not None and shared[1]:
-        remove_shared_logins(ctx, shared[0], api_url)
+        remove_shared_logins(shared[0], {api_url})
     return taken
 
 
@@ -770,22 +793,71 @@ def is_tokenroute_entry(entry: object, api_url: str) -> bool:
     return isinstance(entry, dict) and isinstance(entry.get("api_url"), str) and canonical_url(entry["api_url"]) == api_url
 
 
-def remove_shared_logins(ctx: Context, path: str, api_url: str) -> None:
-    """Rewrite auth.json without this gateway's entries: atomically, in its own mode,
-    every other entry as it was (0.2.0 wrote it with indent 2, as this does)."""
-    import json
-
-    text = read_text_file(path) or ""
-    data = json.loads(text)
-    data["tokens"] = {name: entry for name, entry in data["tokens"].items() if not is_tokenroute_entry(entry, api_url)}
+def remove_shared_logins(path: str, api_urls: set[str]) -> None:
+    """Rewrite auth.json without tokenroute's entries for `api_urls`: atomically, in
+    its own mode, at a symlink's target, and every other byte as it was."""
+    path = os.path.realpath(path)
+    text = peek_text_file(path) or ""
+    kept = without_members(text, lambda entry: any(is_tokenroute_entry(entry, url) for url in api_urls))
+    if kept is None or kept == text:
+        return
     try:
-        mode = os.stat(path).st_mode & 0o777
-    except OSError as exc:
-        raise file_error("cannot read", path, exc) from None
-    try:
-        replace_file(path, (json.dumps(data, indent=2) + ("\n" if text.endswith("\n") else "")).encode(), mode=mode)
+        replace_file(path, kept.encode("utf-8"), mode=os.stat(path).st_mode & 0o777)
     except OSError as exc:
         raise file_error("cannot write", path, exc) from None
+
+
+def without_members(text: str, drop: Callable[[object], bool]) -> str | None:
+    """`text`, a JSON object whose "tokens" object loses the members that `drop`
+    picks, every other byte as written; None when `text` is not such an object."""
+    import json
+
+    decoder = json.JSONDecoder()
+    top = object_members(text, text.find("{"), decoder)
+    tokens = next((span for key, span in top or [] if key == "tokens"), None)
+    members = object_members(text, tokens[1], decoder) if tokens else None
+    if members is None:
+        return None
+    keep = [span for _, span in members if not drop(decoder.raw_decode(text, span[1])[0])]
+    if len(keep) == len(members):
+        return text
+    opening, closing = tokens[1] + 1, tokens[2] - 1  # just inside its braces
+    if not keep:
+        return text[:opening] + text[closing:]
+    first, last = members[0][1], members[-1][1]
+    comma = text[first[2]:members[1][1][0]] if len(members) > 1 else ", "  # the file's own separator
+    body = comma.join(text[span[0]:span[2]] for span in keep)
+    return text[:first[0]] + body + text[last[2]:]
+
+
+def object_members(text: str, start: int, decoder: Any) -> list[tuple[str, tuple[int, int, int]]] | None:
+    """The members of the JSON object whose "{" is at `start`, as (key, (where the
+    key starts, where its value starts, where its value ends)); None if it is none."""
+    from json.decoder import scanstring
+
+    members: list[tuple[str, tuple[int, int, int]]] = []
+    at = skip_space(text, start + 1) if 0 <= start < len(text) and text[start] == "{" else -1
+    try:
+        while 0 <= at < len(text) and text[at] == '"':
+            key, after = scanstring(text, at + 1)
+            colon = skip_space(text, after)
+            if text[colon:colon + 1] != ":":
+                return None
+            value_start = skip_space(text, colon + 1)
+            _, value_end = decoder.raw_decode(text, value_start)
+            members.append((key, (at, value_start, value_end)))
+            at = skip_space(text, value_end)
+            if text[at:at + 1] == ",":
+                at = skip_space(text, at + 1)
+    except ValueError:
+        return None
+    return members if 0 <= at < len(text) and text[at] == "}" else None
+
+
+def skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at] in " \t\r\n":
+        at += 1
+    return at
 
 
 def adopt_key(ctx: Context, api_url: str) -> list[str]:
@@ -798,6 +870,7 @@ def adopt_key(ctx: Context, api_url: str) -> list[str]:
     shared = os.path.join(folder, PARADIGX_KEY) if folder else None
     shared_key = (peek_text_file(shared) or "").strip() if shared else ""
     if is_plausible_key(shared_key):
+        check_writable(os.path.dirname(shared))  # a key that stays there would come back after a revoke
         found.append((file_time(shared) + 0.001, shared_key, shared))  # a tie goes to 0.2.0's newer copy
     taken = []
     newest = max(found) if found else None
@@ -1234,7 +1307,7 @@ def certificate_error(host: str, reason: Any) -> CliError:
         return network_error(f"the TLS certificate of {host} is not valid yet: check this machine's clock")
     if code in CERT_FOR_ANOTHER_HOST:
         return network_error(
-            f"the TLS certificate presented by {host} is for another host name: check TOKENROUTE_API_URL"
+            f"the TLS certificate presented by {host} is for another host name: check the gateway URL"
         )
     if code in CERT_FROM_UNKNOWN_CA:
         return network_error(
@@ -1727,8 +1800,11 @@ def gateway_name(api_url: str) -> str:
 
 def note(ctx: Context, message: str) -> None:
     """A diagnostic for people: stderr, flushed, so stdout stays data."""
-    ctx.stderr.write(message + "\n")
-    ctx.stderr.flush()
+    try:
+        ctx.stderr.write(message + "\n")
+        ctx.stderr.flush()
+    except (OSError, ValueError):
+        pass  # stderr is closed: the outcome is in the exit code and on stdout
 
 
 def open_url_for_person(ctx: Context, url: str) -> None:
@@ -1761,7 +1837,7 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
         else:
             say_ok(ctx, f"already logged in to {api_url} (tokenroute login --force to log in again)")
         return EXIT_OK
-    check_writable(ctx)  # before a person approves a code whose login could not be saved
+    check_writable(ensure_config_dir(ctx))  # before a person approves a code whose login could not be saved
     pending = start_device_flow(ctx, api_url)
     if args.no_wait:
         save_pending_login(ctx, pending)
@@ -1776,8 +1852,9 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
 
 def usable_login(ctx: Context, api_url: str) -> dict[str, Any] | None:
     """This gateway's stored login, None when there is none."""
+    replaceable_logins(ctx)  # a damaged file goes aside first: an earlier release's login may still be taken
     adopt_earlier_releases(ctx, api_url)
-    return replaceable_logins(ctx).get(api_url)
+    return read_logins(ctx).get(api_url)
 
 
 def replaceable_logins(ctx: Context) -> dict[str, dict[str, Any]]:
@@ -1791,16 +1868,6 @@ def replaceable_logins(ctx: Context) -> dict[str, dict[str, Any]]:
             raise
         set_aside(ctx, credentials_path(ctx), f"could not be used ({error.message.partition('; ')[0]})")
         return {}
-
-
-def check_writable(ctx: Context) -> None:
-    """Fail now, not after the approval, when the login could not be saved."""
-    probe = os.path.join(ensure_config_dir(ctx), f".probe.{os.getpid()}.tmp")
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        os.remove(probe)
-    except OSError as exc:
-        raise file_error("cannot write in", config_dir(ctx), exc) from None
 
 
 def save_pending_login(ctx: Context, pending: dict[str, Any]) -> None:
@@ -1819,7 +1886,7 @@ def login_start(ctx: Context, api_url: str, *, force: bool = False) -> dict[str,
     """`login --no-wait`: start a login for a person to approve, unless one still works."""
     if not force and logged_in(ctx, api_url):
         return {"status": "logged_in", "api_url": api_url}
-    check_writable(ctx)
+    check_writable(ensure_config_dir(ctx))
     pending = start_device_flow(ctx, api_url)
     save_pending_login(ctx, pending)
     return pending_view(pending)
@@ -1963,6 +2030,9 @@ def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
         if args.forget_key:
             keys = {} if args.all else {url: key for url, key in keys.items() if url != api_url}
             write_key_cache(ctx, keys)
+        shared = paradigx_dir(ctx)
+        if args.all and shared is not None:  # 0.2.0's logins, of every gateway tokenroute knows
+            remove_shared_logins(os.path.join(shared, "auth.json"), {*logins, api_url, DEFAULT_API_URL} - {""})
     kept = sorted(keys) if args.all else [url for url in keys if url == api_url]
     if args.json:
         render_json(ctx, {"logged_out": bool(gone), "api_url": api_url, "cached_keys": kept})
@@ -3462,13 +3532,12 @@ def report(ctx: Context, error: CliError, *, as_json: bool) -> None:
     if as_json:
         import json
 
-        ctx.stderr.write(json.dumps({"error": error_body(error)}) + "\n")
+        text = json.dumps({"error": error_body(error)})
     else:
         hint = f"; run `{error.next}`" if error.next else ""
-        ctx.stderr.write(f"{paint(ctx, 'error', 'error', tty=ctx.stderr_tty)}: {message}{hint}\n")
-        if error.usage:
-            ctx.stderr.write(error.usage + "\n")
-    ctx.stderr.flush()
+        text = f"{paint(ctx, 'error', 'error', tty=ctx.stderr_tty)}: {message}{hint}"
+        text += f"\n{error.usage}" if error.usage else ""
+    note(ctx, text)
 
 
 def main(argv: Sequence[str] | None = None, ctx: Context | None = None) -> int:

@@ -22,7 +22,7 @@ CA_NOWHERE = {"SSL_CERT_FILE": TLS.other_ca_file, "SSL_CERT_DIR": TLS.other_ca_d
 
 UNKNOWN_CA = "is signed by an unknown certificate authority; behind a proxy with its own CA, set SSL_CERT_FILE"
 EXPIRED = "has expired"
-ANOTHER_HOST = "is for another host name: check TOKENROUTE_API_URL"
+ANOTHER_HOST = "is for another host name: check the gateway URL"
 
 
 @pytest.fixture
