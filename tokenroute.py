@@ -3566,8 +3566,18 @@ def main(argv: Sequence[str] | None = None, ctx: Context | None = None) -> int:
         return EXIT_OK
     except (OSError, ValueError) as exc:  # only output reaches here (files raise CliError): stdout is closed
         release_stdout(ctx)
+        if reader_left(exc, windows=os.name == "nt"):
+            return EXIT_OK
         report(ctx, CliError(f"cannot write the output: {describe(exc)}", code="output_failed"), as_json=as_json)
         return EXIT_USER
+
+
+def reader_left(exc: BaseException, *, windows: bool) -> bool:
+    """Whether a failed write to stdout means its reader left (`| head -1`): Windows
+    says so with EINVAL, not BrokenPipeError (cpython#79935)."""
+    import errno
+
+    return isinstance(exc, BrokenPipeError) or (windows and isinstance(exc, OSError) and exc.errno == errno.EINVAL)
 
 
 def release_stdout(ctx: Context) -> None:

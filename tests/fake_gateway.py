@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import re
 import secrets
 import socket
@@ -231,6 +232,8 @@ def server_tls_context(certificate: str = "localhost") -> ssl.SSLContext:
 
 
 class _Server(ThreadingHTTPServer):
+    # On Windows SO_REUSEADDR lets a second socket bind a port in use (cpython#85307): a busy port must fail.
+    allow_reuse_address = os.name != "nt"
     daemon_threads = True
     block_on_close = False
     app: Any  # FakeGateway or Recorder: has handle(record, handler) and log_requests

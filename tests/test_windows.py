@@ -44,6 +44,36 @@ def test_console_script_output_has_no_cr(cli: Cli, api_key: str) -> None:
     assert done.stdout == ("OPENAI_API_KEY=%s\nOPENAI_BASE_URL=%s/v1\n" % (api_key, cli.gateway.url)).encode()
 
 
+class PipeWhoseReaderLeft(io.StringIO):
+    """What a write into a pipe whose reader has left raises on Windows (cpython#79935)."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+
+def test_einval_on_windows_means_the_reader_left() -> None:
+    einval = OSError(errno.EINVAL, "Invalid argument")
+
+    assert tokenroute.reader_left(einval, windows=True)
+    assert not tokenroute.reader_left(einval, windows=False)  # elsewhere EINVAL is a real failure
+    assert tokenroute.reader_left(BrokenPipeError(errno.EPIPE, "Broken pipe"), windows=False)
+    assert not tokenroute.reader_left(OSError(errno.EBADF, "the stream is closed"), windows=True)
+
+
+def test_keys_list_into_a_pipe_whose_reader_left_ends_quietly_on_windows(cli: Cli, gateway: FakeGateway) -> None:
+    cli.login()
+    gateway.add_key(name="ci")
+    err = io.StringIO()
+    ctx = tokenroute.Context(env=cli.env, stdout=PipeWhoseReaderLeft(), stderr=err, now=cli.clock.now)
+
+    code = tokenroute.main(["keys", "list"], ctx)
+
+    if os.name == "nt":  # `tokenroute keys list | head -1`
+        assert (code, err.getvalue()) == (0, "")
+    else:
+        assert (code, err.getvalue()) == (1, "error: cannot write the output: Invalid argument\n")
+
+
 @pytest.mark.skipif(POWERSHELL is None, reason="PowerShell is not installed")
 def test_powershell_env_output_sets_the_variables_in_powershell(cli: Cli, gateway: FakeGateway,
                                                                 api_key: str) -> None:
