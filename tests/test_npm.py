@@ -232,10 +232,10 @@ def test_launcher_without_python_says_how_to_get_one(
 def test_launcher_skips_python_older_than_3_9(
     package: Path, bin_without_python: Path, tmp_path: Path
 ) -> None:
-    # Exits the way the launcher's version check does on Python 3.8 (status 86,
-    # nothing printed); says so if its status were taken as the CLI's.
+    # Never run the launcher's code, as a Python 3.8 stops at its version check
+    # (nothing printed, the marker left); says so if its status were taken as the CLI's.
     write_stub(bin_without_python / "python3", "#!/bin/sh\necho ran\nexit 86\n")
-    write_stub(bin_without_python / "python", "#!/bin/sh\nexit 86\n")
+    write_stub(bin_without_python / "python", "#!/bin/sh\nexit 9009\n")
     env = clean_env(tmp_path, PATH=str(bin_without_python))
 
     result = run_launcher(package, "--version", env=env, node=str(bin_without_python / "node"))
@@ -316,6 +316,7 @@ def run_launcher_as_on_windows(package: Path, *args: str, env: dict[str, str], n
     """The launcher believing it runs on Windows (process.platform), to test its Windows choices here."""
     preload = tmp_path / "as-windows.js"
     preload.write_text('Object.defineProperty(process, "platform", { value: "win32" });\n')
+    env = {**env, "TEMP": str(tmp_path)}  # always set on Windows: node's os.tmpdir() there
     return subprocess.run(
         [node, "-r", str(preload), str(package / "bin" / "tokenroute.js"), *args],
         capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL,
@@ -340,21 +341,33 @@ def test_launcher_on_windows_runs_py_dash_3_first(
 
 @posix_only
 def test_tokenroute_python_is_tried_first_and_started_once(
-    package: Path, tmp_path: Path
+    echo_package: Path, tmp_path: Path
 ) -> None:
     chosen = tmp_path / "chosen-python"
     runs = tmp_path / "runs"
-    write_stub(
-        chosen, f'#!/bin/sh\necho run >> "{runs}"\n[ "$1" = -c ] && shift 2\necho "chosen $*"\n',
-    )
+    write_stub(chosen, f'#!/bin/sh\necho run >> "{runs}"\nexec "{sys.executable}" "$@"\n')
     env = clean_env(tmp_path, TOKENROUTE_PYTHON=str(chosen))
 
-    result = run_launcher(package, "--version", "two words", env=env)
+    result = run_launcher(echo_package, "echo", "0", "two words", env=env)
 
-    assert (result.returncode, result.stdout, result.stderr) == (
-        0, "chosen --version two words\n", "",
-    )
+    assert (result.returncode, result.stderr) == (0, "to stderr\n")
+    assert json.loads(result.stdout)["argv"] == ["echo", "0", "two words"]
     assert runs.read_text() == "run\n"  # the version check shares the CLI's process
+
+
+@pytest.mark.parametrize("status", [86, 9009, 1] if sys.platform == "win32" else [86, 1])
+def test_run_passes_any_status_through_the_launcher_and_runs_once(package: Path, tmp_path: Path,
+                                                                   status: int) -> None:
+    # 86 was once the launcher's "this Python is too old", and 9009 Windows' "no Python":
+    # a status the user's command exits with never makes the launcher try another Python.
+    runs = tmp_path / "runs"
+    child = [sys.executable, "-c", f"open({str(runs)!r}, 'a').write('run\\n'); raise SystemExit({status})"]
+    env = clean_env(tmp_path, TOKENROUTE_API_KEY="sk-tr-abc123", TOKENROUTE_API_URL="http://127.0.0.1:9")
+
+    result = run_launcher(package, "run", "--", *child, env=env)
+
+    assert (result.returncode, result.stdout, result.stderr) == (status, "", "")
+    assert runs.read_text() == "run\n"
 
 
 def test_launcher_imports_the_cli_so_its_bytecode_is_cached(

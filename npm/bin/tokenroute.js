@@ -5,6 +5,13 @@
 // Start-up is most of tokenroute's cost, so each run starts one Python only:
 // the -c code below checks the version itself, then imports tokenroute (an
 // import, unlike running the script, reads and writes __pycache__).
+//
+// Whether a candidate was a usable Python is never read from its exit status:
+// `tokenroute run` passes its child's status through, so any status (86, 9009,
+// ...) may be the user's command's. Instead the launcher creates an empty
+// marker file and the -c code deletes it once it has passed the version check:
+// a marker still there at exit means that candidate never got that far (too
+// old, the Windows Store stub for python.exe, not a Python): try the next.
 "use strict";
 const childProcess = require("child_process");
 const fs = require("fs");
@@ -13,13 +20,6 @@ const path = require("path");
 
 const PKG_DIR = path.join(__dirname, "..");
 const SCRIPT = path.join(PKG_DIR, "tokenroute.py");
-// Exit status of the -c code on a Python older than 3.9: try the next
-// candidate. tokenroute.main() never returns it (its codes are 0, 1, 2, 3
-// and 130), so it cannot be mistaken for the CLI's own status.
-const TOO_OLD = 86;
-// What the Windows "App Execution Alias" stub for python.exe exits with (after
-// printing an install hint) when no Python is installed: try the next one.
-const WINDOWS_STORE_STUB = 9009;
 const NO_PYTHON =
   "error: tokenroute needs Python 3.9 or newer; install it from " +
   "https://www.python.org/downloads/ (or set TOKENROUTE_PYTHON)\n";
@@ -40,17 +40,42 @@ function pyString(s) {
 
 // Lines 1-2 must parse and run on any Python, 2.x included: no f-strings or
 // other newer syntax before the check, and nothing printed when it fails.
-// With -c, sys.argv is ["-c", ...args]: main() reads sys.argv[1:]. The ""
-// (current directory) that -c puts first on sys.path is replaced by the
-// package directory, as `python tokenroute.py` would have it.
-const CODE = [
-  "import sys",
-  `if sys.version_info < (3, 9): sys.exit(${TOO_OLD})`,
-  'if sys.path[:1] == [""]: del sys.path[0]',
-  `sys.path.insert(0, ${pyString(PKG_DIR)})`,
-  "import tokenroute",
-  "sys.exit(tokenroute.main())",
-].join("\n");
+// The marker goes before tokenroute is imported, so nothing tokenroute runs
+// can touch it. With -c, sys.argv is ["-c", ...args]: main() reads
+// sys.argv[1:]. The "" (current directory) that -c puts first on sys.path is
+// replaced by the package directory, as `python tokenroute.py` would have it.
+function code(marker) {
+  return [
+    "import sys",
+    "if sys.version_info < (3, 9): sys.exit(1)",
+    "import os",
+    `os.remove(${pyString(marker)})`,
+    'if sys.path[:1] == [""]: del sys.path[0]',
+    `sys.path.insert(0, ${pyString(PKG_DIR)})`,
+    "import tokenroute",
+    "sys.exit(tokenroute.main())",
+  ].join("\n");
+}
+
+const MARKER = path.join(os.tmpdir(), `tokenroute-launch-${process.pid}-${Math.random().toString(36).slice(2)}`);
+process.on("exit", removeMarker);
+
+function removeMarker() {
+  try {
+    fs.unlinkSync(MARKER);
+  } catch (err) {
+    // already deleted by the -c code
+  }
+}
+
+function createMarker() {
+  try {
+    fs.writeFileSync(MARKER, "");
+  } catch (err) {
+    process.stderr.write(`error: cannot create ${MARKER} (how the launcher tells a usable Python): ${err.message}\n`);
+    process.exit(1);
+  }
+}
 
 // TOKENROUTE_PYTHON, when set, is the only candidate: a typo in it must not
 // quietly run another Python.
@@ -77,6 +102,7 @@ if (!fs.existsSync(SCRIPT)) {
 let child = null;
 
 function dieBy(signal) {
+  removeMarker();
   process.removeAllListeners(signal);
   process.kill(process.pid, signal);
   process.exit(128 + os.constants.signals[signal]);
@@ -99,7 +125,8 @@ function run(remaining) {
     process.exit(1);
   }
   const [[cmd, ...args], ...rest] = remaining;
-  const argv = [...args, "-c", CODE, ...process.argv.slice(2)];
+  const argv = [...args, "-c", code(MARKER), ...process.argv.slice(2)];
+  createMarker();
   try {
     child = childProcess.spawn(cmd, argv, { stdio: "inherit" });
   } catch (err) {
@@ -125,16 +152,15 @@ function run(remaining) {
     process.stderr.write(`error: could not run ${cmd}: ${err.message}\n`);
     process.exit(1);
   });
-  current.on("exit", (code, signal) => {
+  current.on("exit", (status, signal) => {
     if (done) return;
     done = true;
     child = null;
     if (signal === null) {
-      const skip = code === TOO_OLD ||
-        (process.platform === "win32" && code === WINDOWS_STORE_STUB);
-      if (skip && CHOSEN) refuseChosen("is not Python 3.9 or newer");
-      if (skip) run(rest);
-      else process.exit(code);
+      const usable = !fs.existsSync(MARKER);
+      if (!usable && CHOSEN) refuseChosen("is not Python 3.9 or newer");
+      if (usable) process.exit(status);
+      else run(rest);
       return;
     }
     dieBy(signal);
