@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -93,6 +94,16 @@ def test_release_notes_are_the_changelog_section_of_the_version() -> None:
     assert (done.returncode, done.stderr) == (0, "")
     assert "Upgrading from 0.1.0 or 0.2.0" in done.stdout
     assert not done.stdout.startswith("## ")
+
+
+def test_the_changelog_of_the_version_names_every_command_of_help() -> None:
+    help_text = run([sys.executable, REPO / "tokenroute.py", "--help"]).stdout
+    listed = help_text.split("\ncommands:\n", 1)[1].split("\n\n", 1)[0]
+    commands = [re.split(r"\s{2,}", line.strip())[0] for line in listed.splitlines()]
+    notes = run([sys.executable, RELEASE, "notes", VERSION]).stdout
+
+    assert len(commands) > 10 and "keys create" in commands, listed
+    assert [name for name in commands if f"`{name}" not in " ".join(notes.split())] == []
 
 
 # ---------------------------------------------------------------- the build
