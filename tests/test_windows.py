@@ -74,6 +74,19 @@ def test_keys_list_into_a_pipe_whose_reader_left_ends_quietly_on_windows(cli: Cl
         assert (code, err.getvalue()) == (1, "error: cannot write the output: Invalid argument\n")
 
 
+@pytest.mark.skipif(os.name != "nt", reason="PATHEXT (a command found as NAME.cmd, as npm is) is Windows'")
+def test_run_finds_a_cmd_file_through_pathext(cli: Cli, gateway: FakeGateway, api_key: str, tmp_path: Path) -> None:
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "hello-tr.cmd").write_bytes(b"@echo off\r\necho %OPENAI_BASE_URL%\r\nexit /b 7\r\n")
+    env = cli.process_env({"TOKENROUTE_API_KEY": api_key, "PATH": str(folder) + os.pathsep + os.environ["PATH"]})
+
+    done = subprocess.run([console_script(), "run", "--", "hello-tr"], env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=60)
+
+    assert (done.returncode, done.stdout.strip(), done.stderr) == (7, gateway.url + "/v1", "")
+
+
 @pytest.mark.skipif(POWERSHELL is None, reason="PowerShell is not installed")
 def test_powershell_env_output_sets_the_variables_in_powershell(cli: Cli, gateway: FakeGateway,
                                                                 api_key: str) -> None:
