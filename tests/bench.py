@@ -4,6 +4,7 @@
     python tests/bench.py --pairs 50     # steadier numbers
     python tests/bench.py --quick        # 5 pairs: a smoke run, not a measurement
     python tests/bench.py --part https   # only the HTTPS part (--part startup: only the first)
+    python tests/bench.py --part single-file --pairs 60   # README's single-file download costs
 
 It installs this repository into a uv venv (the targets: what `uvx tokenroute`
 users run) and a pip venv, and also runs `python tokenroute.py` from the tree.
@@ -36,6 +37,12 @@ modules any stdlib HTTPS client needs.
 Both tokenroutes run as `python -c "import tokenroute; tokenroute.main()"`
 from their own folder (bytecode cached, no console-script wrapper), so only
 their code differs. Needs the openssl command and git.
+
+The single-file part (issue 12, not in "all") times `--version` run the ways
+the README's single-file download offers (`python tokenroute.py`, `python -m
+tokenroute` next to it) against the uv-installed command and `python -c
+pass`: the four in turn, `--pairs` rounds, the CPU time of each child (user +
+system, from os.wait4), which a loaded machine disturbs less than wall time.
 """
 from __future__ import annotations
 
@@ -247,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=25, help="A/B pairs per measurement (default 25; >= 20 counts)")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: 5 pairs")
-    parser.add_argument("--part", choices=("all", "startup", "https"), default="all")
+    parser.add_argument("--part", choices=("all", "startup", "https", "single-file"), default="all")
     args = parser.parse_args(argv)
     pairs = 5 if args.quick else args.pairs
     if pairs < 20:
@@ -257,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         met.append(bench_startup(pairs))
     if args.part in ("all", "https"):
         met.append(bench_https(pairs))
+    if args.part == "single-file":
+        bench_single_file(pairs)
     return 0 if all(met) else 1
 
 
@@ -297,6 +306,55 @@ def bench_startup(pairs: int) -> bool:
     met.append(wheel < WHEEL_LIMIT_BYTES)
     print(f"target: wheel {wheel / 1000:.1f} KB (< {WHEEL_LIMIT_BYTES // 1000} KB) {verdict(met[-1])}")
     return all(met)
+
+
+# ----------------------------------------------------------- single file ---
+
+
+def cpu_once(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
+    """CPU time (user + system) and wall time (s) of one child process."""
+    start = time.perf_counter()
+    child = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise SystemExit(f"bench: {' '.join(argv)} exited {child.returncode}")
+    return usage.ru_utime + usage.ru_stime, wall
+
+
+def bench_single_file(pairs: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="tokenroute-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "TOKENROUTE_"))}
+        uv_bin = install_with_uv(tmp)
+        check_installed_source(uv_bin / "python", env)
+        download = tmp / "download"  # a folder holding only the released file
+        download.mkdir()
+        shutil.copy2(REPO / "tokenroute.py", download / "tokenroute.py")
+        rows = {
+            "python -c pass": [sys.executable, "-c", "pass"],
+            "the uv-installed tokenroute": [str(uv_bin / "tokenroute"), "--version"],
+            "python tokenroute.py (compiled every run)": [sys.executable, "tokenroute.py", "--version"],
+            "python -m tokenroute (bytecode cached)": [sys.executable, "-m", "tokenroute", "--version"],
+        }
+        for argv in rows.values():
+            for _ in range(WARMUP_RUNS):
+                cpu_once(argv, env, download)
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in rows}
+        for round_number in range(pairs):
+            names = list(rows)
+            shift = round_number % len(names)  # a different one goes first each round
+            for name in names[shift:] + names[:shift]:
+                runs[name].append(cpu_once(rows[name], env, download))
+    base = runs["python -c pass"]
+    print(f"Python {sys.version.split()[0]}, {pairs} rounds, medians; load average {os.getloadavg()[0]:.1f}\n")
+    print("| `--version` run as | CPU ms | ratio to `python -c pass` | wall-time ratio |\n|---|---|---|---|")
+    for name, times in runs.items():
+        cpu = statistics.median(c for c, _ in times)
+        cpu_ratio = statistics.median(c / b for (c, _), (b, _) in zip(times, base))
+        wall_ratio = statistics.median(w / b for (_, w), (_, b) in zip(times, base))
+        print(f"| {name} | {1000 * cpu:.1f} | {cpu_ratio:.2f}x | {wall_ratio:.2f}x |")
 
 
 # ----------------------------------------------------------------- https ---
