@@ -2451,17 +2451,18 @@ def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def without_own_bin(path: str, *, virtual_env: str | None) -> str:
-    """PATH for the child without the bin folder of tokenroute's own environment in front.
+    """PATH for the child without the bin folder of tokenroute's own virtual environment in front.
 
     `uvx tokenroute run -- python app.py`: uvx puts its tool environment's
     bin first, whose `python` lacks the user's packages. That folder stays
-    when it is the user's own active virtualenv (tokenroute installed in it).
+    when it is the user's own active virtualenv (tokenroute installed in it),
+    and a Python that is no virtual environment (/usr/bin) is never left out.
     """
     folders = path.split(os.pathsep)
-    own_bin = os.path.dirname(sys.executable)
-    if len(folders) < 2 or not same_folder(folders[0], own_bin):
+    in_venv = sys.prefix != sys.base_prefix
+    if not in_venv or len(folders) < 2 or not same_folder(folders[0], os.path.dirname(sys.executable)):
         return path
-    if virtual_env and same_folder(virtual_env, os.path.dirname(own_bin)):
+    if virtual_env and same_folder(virtual_env, sys.prefix):
         return path
     return os.pathsep.join(folders[1:])
 

@@ -289,6 +289,17 @@ def test_uvx_tool_bin_is_left_out_of_the_childs_path(cli: Cli, api_key: str, tmp
     assert result.out.strip() == (other if case == "tool bin first" else path)
 
 
+@posix_only
+def test_the_folder_of_a_python_that_is_no_virtualenv_stays_on_the_childs_path(api_key: str, tmp_path: Path) -> None:
+    base_python = os.path.realpath(sys.executable)  # a venv's python links to its base interpreter
+    path = os.pathsep.join([os.path.dirname(base_python), str(tmp_path)])
+    done = subprocess.run([base_python, str(REPO / "tokenroute.py"), "run", "--key", api_key, "--", sys.executable,
+                           "-c", PRINT_PATH], env={"PATH": path, "HOME": str(tmp_path)},
+                          capture_output=True, text=True, timeout=60)
+
+    assert (done.returncode, done.stdout.strip()) == (0, path), done.stderr
+
+
 # ---------------------------------------------------------------- env --write
 
 
