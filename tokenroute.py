@@ -2468,7 +2468,10 @@ def without_own_bin(path: str, *, virtual_env: str | None) -> str:
 
 
 def same_folder(one: str, other: str) -> bool:
-    return bool(one) and os.path.normcase(os.path.realpath(one)) == os.path.normcase(os.path.realpath(other))
+    try:
+        return os.path.samefile(one, other)  # two stat calls: realpath costs ~20 times more
+    except (OSError, ValueError):  # absent, or "" (the current folder in PATH)
+        return False
 
 
 def replace_process(command: Sequence[str], env: dict[str, str]) -> None:
