@@ -3,7 +3,7 @@
 Log in, mint sk-tr-* API keys, check balance and spend, top up, and wire
 your tools to the gateway:
 
-    tokenroute login && tokenroute keys create --name laptop && tokenroute env >> .env
+    tokenroute login && tokenroute keys create --name laptop && tokenroute env --write
 
 Exit codes: 0 success, 1 user error (4xx, invalid input, no key, not logged
 in), 2 network error, 3 server error (5xx, unusable answer, device-flow
@@ -472,7 +472,7 @@ def set_aside(ctx: Context, path: str, reason: str) -> None:
         os.replace(path, aside)
     except OSError as exc:
         raise file_error("cannot set aside", path, exc) from None
-    note(ctx, f"warning: {path} {reason}; moved it to {aside}")
+    warn(ctx, f"{path} {reason}; moved it to {aside}")
 
 
 def is_own_file(path: str) -> bool:
@@ -713,7 +713,7 @@ def adopt_earlier_releases(ctx: Context, api_url: str) -> None:
                 os.chmod(folder, 0o700)  # 0.1.0 made it with the umask, usually 0755
                 took.append(f"made {folder} private (0700)")
     except (CliError, OSError) as error:  # a read-only home: the earlier files stay, and still serve
-        note(ctx, f"warning: could not take over the earlier release's files: {getattr(error, 'message', error)}")
+        warn(ctx, f"could not take over the earlier release's files: {getattr(error, 'message', error)}")
         return
     if took:
         note(ctx, f"Upgraded from an earlier tokenroute, for {api_url}: {'; '.join(took)}.")
@@ -1478,7 +1478,7 @@ def fresh_access_token(ctx: Context, creds: dict[str, Any], *, rejected: str | N
         try:
             save_login(ctx, refreshed)
         except CliError as error:  # a full disk: the token works now, its rotated refresh token is lost
-            note(ctx, f"warning: {error.message}; the next command will need `tokenroute login`")
+            warn(ctx, f"{error.message}; the next command will need `tokenroute login`")
         return refreshed["access_token"]
 
 
@@ -1807,6 +1807,10 @@ def note(ctx: Context, message: str) -> None:
         pass  # stderr is closed: the outcome is in the exit code and on stdout
 
 
+def warn(ctx: Context, message: str) -> None:
+    note(ctx, f"{paint(ctx, 'warning', 'warning', tty=ctx.stderr_tty)}: {message}")
+
+
 def open_url_for_person(ctx: Context, url: str) -> None:
     """Open a server-provided URL only if it is https (or http on loopback)."""
     from urllib.parse import urlsplit
@@ -2027,8 +2031,9 @@ def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
             write_logins(ctx, {url: login for url, login in logins.items() if url not in gone})
         remove_file(pending_login_path(ctx))
         keys = read_key_cache(ctx)
+        forgotten = [url for url in keys if args.all or url == api_url] if args.forget_key else []
         if args.forget_key:
-            keys = {} if args.all else {url: key for url, key in keys.items() if url != api_url}
+            keys = {url: key for url, key in keys.items() if url not in forgotten}
             write_key_cache(ctx, keys)
         shared = paradigx_dir(ctx)
         if args.all and shared is not None:  # 0.2.0's logins, of every gateway tokenroute knows
@@ -2037,11 +2042,13 @@ def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         render_json(ctx, {"logged_out": bool(gone), "api_url": api_url, "cached_keys": kept})
         return EXIT_OK
-    where = "every gateway" if args.all else api_url
+    forgot = f"forgot the cached API key{'s' if len(forgotten) > 1 else ''}" if forgotten else ""
     if gone:
-        say_ok(ctx, f"logged out of {where}")
+        say_ok(ctx, f"logged out of {'every gateway' if args.all else api_url}" + (f" and {forgot}" if forgot else ""))
+    elif forgot:
+        say_ok(ctx, f"{forgot} of {'every gateway' if args.all else api_url} (not logged in)")
     else:
-        ctx.stdout.write(f"Not logged in to {where}; nothing to do\n")
+        ctx.stdout.write(f"Not logged in to {'any gateway' if args.all else api_url}; nothing to do\n")
     if kept:
         note(ctx, f"An API key for {', '.join(kept)} stays cached in {last_key_path(ctx)} (env, run, test and models "
              f"use it); forget it with `tokenroute logout{' --all' if args.all else ''} --forget-key`")
@@ -2301,8 +2308,6 @@ def write_env_file(args: argparse.Namespace, ctx: Context, variables: dict[str, 
     """`env --write`: set the variables in a dotenv file in place, once each."""
     if args.export or args.shell != "dotenv":
         raise CliError("--write writes dotenv lines: leave out --export and --shell", code="usage")
-    if not all(is_env_safe(value) for value in variables.values()):  # resolve_api_key checks the key already
-        raise CliError("a value holds characters a .env reader would misread")
     path = os.path.realpath(args.write)  # a symlinked .env is updated at its target
     try:
         with open(path, "rb") as handle:
@@ -2322,12 +2327,13 @@ def write_env_file(args: argparse.Namespace, ctx: Context, variables: dict[str, 
     if args.json:
         render_json(ctx, {"path": os.path.abspath(args.write), "created": old is None, "changed": new != old})
     elif old is None:
-        note(ctx, f"Created {args.write} (readable only by you) with {' and '.join(variables)}")
+        private = " (readable only by you)" if os.name == "posix" else ""  # Windows: the folder's ACL decides
+        note(ctx, f"Created {args.write}{private} with {' and '.join(variables)}")
     elif new != old:
         note(ctx, f"Updated {args.write}: {', '.join(changes) or 'final newline added'}")
     else:
         note(ctx, f"{args.write} already has {' and '.join(variables)}; unchanged")
-    warn_if_committable(ctx, path)
+    warn_if_committable(ctx, path, shown=path if os.path.islink(args.write) else args.write)
     return EXIT_OK
 
 
@@ -2338,7 +2344,7 @@ def set_dotenv_values(text: bytes, variables: dict[str, str]) -> tuple[bytes, li
     outside the variables' own lines survives. Returns the new text and what
     changed, for people.
     """
-    lines = text.splitlines(keepends=True)
+    lines = dotenv_entries(text)
     eol = b"\r\n" if lines and lines[0].endswith(b"\r\n") else b"\n"
     if lines and not lines[-1].endswith(b"\n"):
         lines[-1] += eol
@@ -2364,6 +2370,31 @@ def set_dotenv_values(text: bytes, variables: dict[str, str]) -> tuple[bytes, li
     return b"".join(lines), changes
 
 
+def dotenv_entries(text: bytes) -> list[bytes]:
+    """The file's lines, except that a quoted value spanning lines stays one entry with its line.
+
+    python-dotenv (and node's) read `CERT="...` up to the closing quote, so an
+    `OPENAI_API_KEY=` line inside it is part of CERT, not a variable. A quote
+    that never closes makes no multi-line value, as python-dotenv reads it.
+    """
+    import re
+
+    line = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)?")
+    quoted_start = re.compile(rb"[^\S\r\n]*(?:export[^\S\r\n]+)?[^=#\s]+[^\S\r\n]*=[^\S\r\n]*(?=[\"'])")
+    quoted = {ord('"'): re.compile(rb'"(?:\\"|[^"])*"'), ord("'"): re.compile(rb"'(?:\\'|[^'])*'")}
+    entries: list[bytes] = []
+    start = 0
+    while start < len(text):
+        end = line.match(text, start).end()
+        value = quoted_start.match(text, start, end)
+        closed = value and quoted[text[value.end()]].match(text, value.end())
+        if closed and closed.end() > end:
+            end = line.match(text, closed.end()).end()
+        entries.append(text[start:end])
+        start = end
+    return entries
+
+
 def dotenv_name(line: bytes) -> str | None:
     """The variable a dotenv line sets (`NAME=`, `export NAME=`, `NAME =`), or None."""
     words = line.strip().split(b"=", 1)
@@ -2378,8 +2409,8 @@ def dotenv_name(line: bytes) -> str | None:
         return None
 
 
-def warn_if_committable(ctx: Context, path: str) -> None:
-    """Warn when a git work tree would take the file in `git add .`; silent without git."""
+def warn_if_committable(ctx: Context, path: str, *, shown: str) -> None:
+    """Warn when git tracks the file or would take it in `git add .`; silent without git."""
     import shutil
     import subprocess
 
@@ -2387,21 +2418,30 @@ def warn_if_committable(ctx: Context, path: str) -> None:
     if git is None:
         return
     folder, name = os.path.split(path)
-    try:
-        done = subprocess.run([git, "check-ignore", "-q", "--", name], cwd=folder or ".", env=dict(ctx.env),
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return
-    if done.returncode == 1:  # in a work tree and not ignored (128: not a work tree)
-        warning = paint(ctx, "warning", "warning", tty=ctx.stderr_tty)
-        note(ctx, f"{warning}: {name} holds an API key and git does not ignore it; add it to .gitignore")
+
+    def status(*words: str) -> int | None:
+        try:
+            return subprocess.run([git, *words, "--", name], cwd=folder or ".", env=dict(ctx.env),
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  timeout=10).returncode
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    # check-ignore says "not ignored" for any tracked file, whatever .gitignore lists.
+    if status("ls-files", "--error-unmatch") == 0:
+        ignore = "" if status("check-ignore", "--no-index", "-q") == 0 else " and add it to .gitignore"
+        untrack = f"git rm --cached {shell_word(shown)}"
+        warn(ctx, f"{shown} holds an API key and git tracks it; untrack it with `{untrack}`{ignore}")
+    elif status("check-ignore", "-q") == 1:  # in a work tree and not ignored (128: not a work tree)
+        warn(ctx, f"{shown} holds an API key and git does not ignore it; add it to .gitignore")
 
 
 def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
     """Run a command with the two variables in its environment: no key in a file."""
     api_url, _ = api_url_setting(ctx, args.api_url)
     env = {**ctx.env, **env_values(ctx, api_url, key=args.key)}
+    if "PATH" in env:
+        env["PATH"] = without_own_bin(env["PATH"], virtual_env=env.get("VIRTUAL_ENV"))
     for stream in (ctx.stdout, ctx.stderr):
         if stream is not None:  # None: started with the stream closed
             stream.flush()  # what is buffered here would be lost in the exec
@@ -2410,11 +2450,45 @@ def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
     return run_and_wait(args.command, env)
 
 
+def without_own_bin(path: str, *, virtual_env: str | None) -> str:
+    """PATH for the child without the bin folder of tokenroute's own virtual environment in front.
+
+    `uvx tokenroute run -- python app.py`: uvx puts its tool environment's
+    bin first, whose `python` lacks the user's packages. That folder stays
+    when it is the user's own active virtualenv (tokenroute installed in it),
+    and a Python that is no virtual environment (/usr/bin) is never left out.
+    """
+    folders = path.split(os.pathsep)
+    in_venv = sys.prefix != sys.base_prefix
+    if not in_venv or len(folders) < 2 or not same_folder(folders[0], os.path.dirname(sys.executable)):
+        return path
+    if virtual_env and same_folder(virtual_env, sys.prefix):
+        return path
+    return os.pathsep.join(folders[1:])
+
+
+def same_folder(one: str, other: str) -> bool:
+    try:
+        return os.path.samefile(one, other)  # two stat calls: realpath costs ~20 times more
+    except (OSError, ValueError):  # absent, or "" (the current folder in PATH)
+        return False
+
+
 def replace_process(command: Sequence[str], env: dict[str, str]) -> None:
     """exec the command: no parent left to forward signals to or hold memory; returns only on failure."""
+    import _signal  # builtin and already loaded: `signal` would import enum
+
+    # Python ignores SIGPIPE and SIGXFSZ, and an exec keeps ignored signals:
+    # `tokenroute run -- yes | head -1` must end `yes` as a shell would.
+    ignored = [number for number in (getattr(_signal, "SIGPIPE", None), getattr(_signal, "SIGXFSZ", None))
+               if number is not None and _signal.getsignal(number) == _signal.SIG_IGN]
+    for number in ignored:
+        _signal.signal(number, _signal.SIG_DFL)
     try:
         os.execvpe(command[0], list(command), env)
     except OSError as exc:
+        for number in ignored:  # back as they were: reporting the failure must not die of a closed pipe
+            _signal.signal(number, _signal.SIG_IGN)
         raise exec_error(command[0], exc) from None
 
 
@@ -2435,7 +2509,19 @@ def run_and_wait(command: Sequence[str], env: dict[str, str]) -> int:
             break
         except KeyboardInterrupt:  # the child got the Ctrl-C too: its exit decides
             continue
-    return 128 - status if status < 0 else status
+    return exit_status(status)
+
+
+def exit_status(status: int) -> int:
+    """A child's status as tokenroute's exit status.
+
+    POSIX: a signal death (-N) is 128+N, as a shell reports it. Windows: an
+    NTSTATUS such as 0xC0000005 comes as a DWORD, too big for a C int on
+    Python <= 3.12.7; its signed form exits with the same 32 bits.
+    """
+    if status < 0:
+        return 128 - status
+    return status - 2**32 if status > 0x7FFFFFFF else status
 
 
 def exec_error(program: str, exc: OSError) -> CliError:
@@ -3216,7 +3302,7 @@ COMMANDS = (
         option("--days", type=parse_days, default=30, metavar="N", help="1-365 (default 30)"),
     ),
     Command(
-        "env", cmd_env, "print OPENAI_API_KEY and OPENAI_BASE_URL", "tokenroute env >> .env",
+        "env", cmd_env, "print OPENAI_API_KEY and OPENAI_BASE_URL", "tokenroute env --write",
         KEY_OPTION,
         option("--export", action="store_true", help="print `export` lines for eval"),
         option("--shell", choices=tuple(SHELL_FORMATS), default="dotenv", help="output syntax (default dotenv)"),
@@ -3235,10 +3321,7 @@ COMMANDS = (
         "completion", cmd_completion, "print a shell completion script", "tokenroute completion bash > tokenroute.bash",
         option("shell", choices=("bash", "zsh", "fish")),
     ),
-    Command(
-        "mcp", cmd_mcp, "serve your account as MCP tools on stdin/stdout",
-        "tokenroute mcp   (for an MCP host: claude mcp add tokenroute -- uvx tokenroute mcp)",
-    ),
+    Command("mcp", cmd_mcp, "serve your account as MCP tools on stdin/stdout", "tokenroute mcp"),
     Command(
         "help", cmd_help_topic, "show the help of a command", "tokenroute help keys create",
         option("topic", nargs="*", metavar="COMMAND", help="a command, e.g. `keys create`"),
@@ -3434,6 +3517,9 @@ def parse_run(words: Sequence[str]) -> Args | None:
             raise CliError(f"unrecognized argument: {word} (put the command after --)", code="usage", usage=RUN_USAGE)
     if not command:
         raise CliError("run needs a command, like: tokenroute run -- python app.py", code="usage", usage=RUN_USAGE)
+    if not command[0]:
+        raise CliError("run's command is an empty word; name a program, like: tokenroute run -- python app.py",
+                       code="usage", usage=RUN_USAGE)
     return Args(func=cmd_run, **values)
 
 

@@ -2,6 +2,7 @@
 and output people read (help, suggestions, labels, money, times, colour)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -19,6 +20,11 @@ import pytest
 import tokenroute
 from conftest import REPO, Cli, Result, console_script
 from fake_gateway import FakeGateway
+
+try:
+    import dotenv  # python-dotenv, a test dependency: the reader env --write must satisfy
+except ImportError:
+    dotenv = None
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX exec, signals and file modes")
 PRINT_ENV = (
@@ -180,6 +186,8 @@ def test_run_refuses_an_api_url_env_would_refuse_and_starts_nothing(cli: Cli, ap
     (["run"], "error: run needs a command, like: tokenroute run -- python app.py\n"),
     (["run", "--bogus", "x"], "error: unrecognized argument: --bogus (put the command after --)\n"),
     (["run", "--key"], "error: argument --key: expected one argument\n"),
+    (["run", "--", ""], "error: run's command is an empty word; name a program, like: tokenroute run -- python app.py\n"),
+    (["run", "", "x"], "error: run's command is an empty word; name a program, like: tokenroute run -- python app.py\n"),
 ])
 def test_run_usage_errors(cli: Cli, argv: list[str], message: str) -> None:
     result = cli.run(*argv)
@@ -188,19 +196,108 @@ def test_run_usage_errors(cli: Cli, argv: list[str], message: str) -> None:
     assert result.err == message + tokenroute.RUN_USAGE + "\n"
 
 
-@posix_only
+SHOW_OWN_ARGV = """
+import json, os, shutil, subprocess, sys
+seen = {"argv": sys.argv}
+if os.name == "posix" and shutil.which("ps"):
+    seen["ps"] = subprocess.run(["ps", "-o", "args=", "-p", str(os.getpid())], capture_output=True, text=True).stdout
+if os.path.exists("/proc/self/cmdline"):
+    seen["proc"] = open("/proc/self/cmdline", "rb").read().decode(errors="replace")
+key = os.environ["OPENAI_API_KEY"]
+print(json.dumps(seen))
+print(key[:10], len(key))
+"""
+
+
 def test_the_key_never_reaches_argv_disk_or_output(cli: Cli, gateway: FakeGateway, api_key: str) -> None:
     cli.cache_key(api_key)
     before = {p: p.read_bytes() for p in cli.home.rglob("*") if p.is_file()}
-    show_cmdline = ("import os; print(open('/proc/self/cmdline', 'rb').read().split(b'\\0'));"
-                    "print(os.environ['OPENAI_API_KEY'][:10], len(os.environ['OPENAI_API_KEY']))")
 
-    result = script(cli, "run", "--", sys.executable, "-c", show_cmdline)
+    result = script(cli, "run", "--", sys.executable, "-c", SHOW_OWN_ARGV, "marker-tr9")
 
     assert result.code == 0, result
-    assert result.out.splitlines()[1] == f"{api_key[:10]} {len(api_key)}"  # the cached key reached the child
-    assert api_key not in result.out + result.err  # ... and not its argv (printed above) nor any output
+    seen, key_line = result.out.splitlines()
+    assert key_line == f"{api_key[:10]} {len(api_key)}"  # the cached key reached the child
+    argv = json.loads(seen)
+    assert argv["argv"] == ["-c", "marker-tr9"]
+    for how in ("ps", "proc"):  # the argv the system shows, where it shows it
+        assert "marker-tr9" in argv.get(how, "marker-tr9"), argv
+    assert api_key not in result.out + result.err  # not in its argv (printed above) nor any output
     assert {p: p.read_bytes() for p in cli.home.rglob("*") if p.is_file()} == before  # nothing written
+
+
+PROC_STATUS = Path("/proc/self/status")
+
+
+@pytest.mark.skipif(not PROC_STATUS.exists(), reason="no /proc/self/status to read the ignored signals from")
+def test_the_child_does_not_inherit_pythons_ignored_sigpipe_and_sigxfsz(cli: Cli, api_key: str) -> None:
+    result = script(cli, "run", "--key", api_key, "--", "sh", "-c", "grep SigIgn /proc/self/status")
+
+    assert result.code == 0, result
+    ignored = int(result.out.split()[1], 16)
+    for number in (signal.SIGPIPE, signal.SIGXFSZ):
+        assert not ignored & (1 << (number - 1)), f"signal {number} ignored: {result.out}"
+
+
+@posix_only
+@pytest.mark.skipif(shutil.which("yes") is None, reason="no yes")
+def test_a_child_writing_to_a_closed_pipe_dies_of_sigpipe_quietly(cli: Cli, api_key: str) -> None:
+    program = '{ "$TR" run --key "$KEY" -- yes; echo "status $?" >&2; } | head -1'
+    done = subprocess.run(["sh", "-c", program], env=cli.process_env({"TR": console_script(), "KEY": api_key}),
+                          capture_output=True, text=True, timeout=60)
+
+    assert done.stdout == "y\n"
+    assert done.stderr == f"status {128 + signal.SIGPIPE}\n"  # no "yes: standard output: Broken pipe"
+
+
+def test_the_childs_exit_status_passes_through(cli: Cli, api_key: str) -> None:
+    result = script(cli, "run", "--key", api_key, "--", sys.executable, "-c", "raise SystemExit(7)")
+
+    assert (result.code, result.out, result.err) == (7, "", "")
+
+
+@pytest.mark.skipif(os.name != "nt", reason="an NTSTATUS exit code is Windows'")
+def test_a_windows_crash_status_passes_through(cli: Cli, api_key: str) -> None:
+    crash = "import os; os._exit(-1073741819)"  # exits 0xC0000005, an access violation's NTSTATUS
+    result = script(cli, "run", "--key", api_key, "--", sys.executable, "-c", crash)
+
+    assert result.code == 0xC0000005, result
+
+
+@pytest.mark.parametrize(("status", "shown"), [
+    (0, 0), (7, 7), (255, 255), (-15, 143), (-9, 137), (0x7FFFFFFF, 0x7FFFFFFF),
+    (0xC0000005, 0xC0000005 - 2**32), (0xFFFFFFFF, -1),
+])
+def test_a_childs_status_becomes_an_exit_status_a_shell_reads_the_same(status: int, shown: int) -> None:
+    assert tokenroute.exit_status(status) == shown  # Windows exits with the same 32 bits
+
+
+PRINT_PATH = "import os; print(os.environ['PATH'])"
+
+
+@pytest.mark.parametrize("case", ["tool bin first", "user's active venv", "tool bin not first"])
+def test_uvx_tool_bin_is_left_out_of_the_childs_path(cli: Cli, api_key: str, tmp_path: Path, case: str) -> None:
+    tool_bin = str(Path(console_script()).parent)  # the bin folder of the Python the console script runs
+    other = str(tmp_path)
+    path = os.pathsep.join([other, tool_bin, other] if case == "tool bin not first" else [tool_bin, other])
+    venv = str(Path(tool_bin).parent) if case == "user's active venv" else ""
+
+    result = script(cli, "run", "--key", api_key, "--", sys.executable, "-c", PRINT_PATH,
+                    env={"PATH": path, "VIRTUAL_ENV": venv})
+
+    assert result.code == 0, result
+    assert result.out.strip() == (other if case == "tool bin first" else path)
+
+
+@posix_only
+def test_the_folder_of_a_python_that_is_no_virtualenv_stays_on_the_childs_path(api_key: str, tmp_path: Path) -> None:
+    base_python = os.path.realpath(sys.executable)  # a venv's python links to its base interpreter
+    path = os.pathsep.join([os.path.dirname(base_python), str(tmp_path)])
+    done = subprocess.run([base_python, str(REPO / "tokenroute.py"), "run", "--key", api_key, "--", sys.executable,
+                           "-c", PRINT_PATH], env={"PATH": path, "HOME": str(tmp_path)},
+                          capture_output=True, text=True, timeout=60)
+
+    assert (done.returncode, done.stdout.strip()) == (0, path), done.stderr
 
 
 # ---------------------------------------------------------------- env --write
@@ -214,16 +311,34 @@ def two_lines(gateway: FakeGateway, key: str, eol: str = "\n") -> str:
     return f"OPENAI_API_KEY={key}{eol}OPENAI_BASE_URL={gateway.url}/v1{eol}"
 
 
-@posix_only
 def test_env_write_creates_dot_env_owner_only_and_says_so(cli: Cli, gateway: FakeGateway, api_key: str,
                                                          tmp_path: Path) -> None:
     result = write_env(cli, api_key, cwd=tmp_path)
 
     assert (result.code, result.out) == (0, "")
-    assert result.err == "Created .env (readable only by you) with OPENAI_API_KEY and OPENAI_BASE_URL\n"
+    private = " (readable only by you)" if os.name == "posix" else ""  # Windows: the folder's ACL, no mode
+    assert result.err == f"Created .env{private} with OPENAI_API_KEY and OPENAI_BASE_URL\n"
     assert (tmp_path / ".env").read_text() == two_lines(gateway, api_key)
-    assert stat.S_IMODE((tmp_path / ".env").stat().st_mode) == 0o600
+    if os.name == "posix":
+        assert stat.S_IMODE((tmp_path / ".env").stat().st_mode) == 0o600
     assert api_key not in result.err
+
+
+@pytest.mark.parametrize("hostile", ["url", "key"])
+@pytest.mark.parametrize("exists", [True, False])
+def test_env_write_leaves_the_file_alone_when_a_value_is_hostile(cli: Cli, api_key: str, tmp_path: Path,
+                                                                 hostile: str, exists: bool) -> None:
+    path = tmp_path / ".env"
+    if exists:
+        path.write_bytes(b"A=1\n")
+    env = {"TOKENROUTE_API_URL": "https://gw.example/$(id)"} if hostile == "url" else {}
+    key = api_key if hostile == "url" else api_key + "\nEVIL=1"
+
+    result = cli.run("env", "--write", str(path), "--key", key, env=env)
+
+    assert (result.code, result.out) == (1, "")
+    assert result.err.startswith("error: ")
+    assert (path.read_bytes() if exists else path.exists()) == (b"A=1\n" if exists else False)
 
 
 MESSY = (
@@ -359,6 +474,27 @@ def test_env_write_warns_when_git_would_commit_the_key(cli: Cli, api_key: str, t
     assert warned != ignored
 
 
+@pytest.mark.skipif(GIT is None, reason="git is not installed")
+@pytest.mark.parametrize("listed", [False, True])
+def test_env_write_warns_when_git_already_tracks_the_file(cli: Cli, api_key: str, tmp_path: Path,
+                                                          listed: bool) -> None:
+    def git(*words: str) -> None:
+        subprocess.run([GIT, "-c", "user.name=t", "-c", "user.email=t@example.com", *words], cwd=tmp_path,
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / ".env").write_text("A=1\n")
+    git("add", ".env")
+    if listed:  # too late: .gitignore does not untrack a tracked file
+        (tmp_path / ".gitignore").write_text(".env\n")
+
+    result = write_env(cli, api_key, cwd=tmp_path)
+
+    assert result.code == 0, result
+    advice = "untrack it with `git rm --cached .env`" + ("" if listed else " and add it to .gitignore")
+    assert result.err.splitlines()[-1] == f"warning: .env holds an API key and git tracks it; {advice}"
+
+
 def test_env_write_says_nothing_about_git_where_git_is_missing(cli: Cli, api_key: str, tmp_path: Path) -> None:
     empty = tmp_path / "bin"
     empty.mkdir()
@@ -373,8 +509,15 @@ def test_env_write_says_nothing_about_git_where_git_is_missing(cli: Cli, api_key
 # ---- the readers: what env --write leaves is read the same by each
 
 
+def read_with_python_dotenv(text: str) -> dict[str, str]:
+    """python-dotenv itself where it is installed (the README's test command installs it), else its rules."""
+    if dotenv is None:
+        return read_like_python_dotenv(text)
+    return {name: value or "" for name, value in dotenv.dotenv_values(stream=io.StringIO(text)).items()}
+
+
 def read_like_python_dotenv(text: str) -> dict[str, str]:
-    """python-dotenv's rules: `export`, quotes (escapes in double ones), ` #` comments."""
+    """python-dotenv's rules for one-line values: `export`, quotes (escapes in double ones), ` #` comments."""
     values = {}
     for line in text.splitlines():
         line = line.strip()
@@ -442,7 +585,7 @@ def test_env_write_output_is_read_the_same_by_every_reader(cli: Cli, gateway: Fa
     assert write_env(cli, api_key, str(path)).code == 0
     text = path.read_text()
     read = {
-        "python-dotenv": lambda: read_like_python_dotenv(text),
+        "python-dotenv": lambda: read_with_python_dotenv(text),
         "docker --env-file": lambda: read_like_docker(text),
         "node --env-file": lambda: read_with_node(path),
         "sh": lambda: read_with_sh(path),
@@ -451,6 +594,42 @@ def test_env_write_output_is_read_the_same_by_every_reader(cli: Cli, gateway: Fa
     assert {name: read[name] for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL")} == {
         "OPENAI_API_KEY": api_key, "OPENAI_BASE_URL": gateway.url + "/v1"}
     assert text.count("OPENAI_API_KEY=") == 1 and text.endswith("\n")
+
+
+MULTI_LINE = (
+    'CERT="-----BEGIN CERTIFICATE-----\n'
+    'OPENAI_API_KEY=sk-tr-inside1\n'
+    '-----END CERTIFICATE-----"\n'
+    "NOTE='it spans\n"
+    "  export OPENAI_BASE_URL=https://inside.example/v1\n"
+    "two lines'\n"
+    'OPENAI_API_KEY="sk-tr-old\n'
+    'OPENAI_BASE_URL=still-the-old-value"\n'
+    "UNCLOSED='no end\n"
+    "AFTER=1\n"
+)
+
+
+def test_env_write_leaves_lines_inside_a_multi_line_quoted_value_alone(cli: Cli, gateway: FakeGateway,
+                                                                       api_key: str, tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text(MULTI_LINE)
+
+    assert write_env(cli, api_key, str(path)).code == 0
+    text = path.read_text()
+
+    assert text == (
+        MULTI_LINE[:MULTI_LINE.index('OPENAI_API_KEY="sk-tr-old')]  # CERT and NOTE byte for byte
+        + f"OPENAI_API_KEY={api_key}\n"  # the old value's two lines replaced as one
+        + "UNCLOSED='no end\nAFTER=1\n"
+        + f"OPENAI_BASE_URL={gateway.url}/v1\n"
+    )
+    read = read_with_python_dotenv(text)
+    assert (read["OPENAI_API_KEY"], read["OPENAI_BASE_URL"]) == (api_key, gateway.url + "/v1")
+    if dotenv is not None:  # the hand-written reader knows no multi-line values
+        before = read_with_python_dotenv(MULTI_LINE)
+        assert (read["CERT"], read["NOTE"]) == (before["CERT"], before["NOTE"])
+        assert "OPENAI_API_KEY=sk-tr-inside1" in read["CERT"]
 
 
 # ---------------------------------------------------------------- help and usage errors
@@ -480,6 +659,16 @@ def test_every_command_and_group_help_has_an_example(cli: Cli) -> None:
         result = cli.run(*name.split(), "-h")
         assert result.code == 0, (name, result)
         assert re.search(r"^example: tokenroute \S", result.out, re.MULTILINE), (name, result.out)
+
+
+def test_every_help_example_is_one_line_to_paste(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")  # argparse reflows an epilog to the terminal's width
+    for command in tokenroute.COMMANDS:
+        name = command.name.rpartition(" ")[2]
+        for alias in (name, *command.aliases):
+            typed = command.name.replace(name, alias).split()
+            example = command.example.replace(name, alias, 1)
+            assert f"\nexample: {example}\n" in cli.run(*typed, "-h").out, typed
 
 
 def test_an_alias_help_shows_the_name_typed(cli: Cli) -> None:
@@ -607,6 +796,50 @@ def test_colour_marks_status_words_and_headers_at_a_terminal_only(cli: Cli, gate
     assert error.err.startswith("\x1b[31merror\x1b[0m: ")
     assert "\x1b" not in OUR_COLOURS.sub("", whoami.out)  # the server's escape is still neutralised
     assert cli.run("test", env=env).out.startswith("OK connected")  # not a terminal
+
+
+def test_logout_forget_key_without_a_login_says_the_key_was_forgotten(cli: Cli, gateway: FakeGateway,
+                                                                     api_key: str) -> None:
+    cli.cache_key(api_key)
+
+    result = cli.run("logout", "--forget-key")
+    again = cli.run("logout", "--forget-key")
+
+    assert (result.code, result.out, result.err) == (0, f"OK forgot the cached API key of {gateway.url} (not logged in)\n", "")
+    assert cli.cached_key() is None
+    assert again.out == f"Not logged in to {gateway.url}; nothing to do\n"
+
+
+def test_logout_forget_key_with_a_login_says_both(cli: Cli, gateway: FakeGateway, api_key: str) -> None:
+    cli.login()
+    cli.cache_key(api_key)
+
+    result = cli.run("logout", "--forget-key")
+
+    assert (result.code, result.out, result.err) == (0, f"OK logged out of {gateway.url} and forgot the cached API key\n", "")
+
+
+def test_logout_all_without_logins_says_any_gateway(cli: Cli) -> None:
+    result = cli.run("logout", "--all")
+    machine = cli.run("logout", "--all", "--json")
+
+    assert (result.code, result.out) == (0, "Not logged in to any gateway; nothing to do\n")
+    assert machine.json() == {"logged_out": False, "api_url": cli.gateway.url, "cached_keys": []}
+
+
+def test_warnings_are_coloured_at_a_terminal(cli: Cli, gateway: FakeGateway) -> None:
+    gateway.auto_approve = True
+    cli.config_dir.mkdir(mode=0o700)
+    cli.credentials.write_bytes(b"\xff\xfe\x00garbage")
+
+    at_terminal = cli.run("login", "--no-browser", tty=True)
+    cli.credentials.write_bytes(b"\xff\xfe\x00garbage")
+    piped = cli.run("login", "--no-browser")
+
+    assert at_terminal.code == 0 and piped.code == 0
+    coloured = "\x1b[33mwarning\x1b[0m" if os.name == "posix" else "warning"  # no colour in a Windows console
+    assert re.search(rf"^{re.escape(coloured)}: .*credentials\.json .*; moved it to ", at_terminal.err, re.MULTILINE)
+    assert re.search(r"^warning: .*credentials\.json .*; moved it to ", piped.err, re.MULTILINE)
 
 
 @pytest.mark.parametrize("env", [{"NO_COLOR": "1"}, {"NO_COLOR": "yes"}, {"TERM": "dumb"}])
