@@ -160,6 +160,48 @@ def test_the_context_verifies_exactly_as_the_default_does(env):
     assert context.minimum_version == default.minimum_version
 
 
+def platform_paths(capath: str) -> ssl.DefaultVerifyPaths:
+    """Verify paths of a platform whose own hashed directory is `capath` (and no bundle file)."""
+    return ssl.DefaultVerifyPaths(None, capath, "SSL_CERT_FILE", "/nonexistent/cert.pem", "SSL_CERT_DIR", capath)
+
+
+def verifies(trust: tokenroute.TrustStore, gateway: Any) -> bool:
+    """Whether a handshake with `gateway` through `trust`'s context (as it is) succeeds."""
+    import socket
+
+    host, port = gateway.url.rsplit("/", 1)[-1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        try:
+            trust.context.wrap_socket(sock, server_hostname=host).close()
+        except ssl.SSLCertVerificationError:
+            return False
+    return True
+
+
+def test_the_platform_directory_is_tried_first_when_no_variable_is_set(tls_gateway):
+    trust = tokenroute.TrustStore({}, platform_paths(TLS.ca_dir))
+
+    assert verifies(trust, tls_gateway)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"SSL_CERT_DIR": ""}, {"SSL_CERT_FILE": ""}, {"SSL_CERT_FILE": "", "SSL_CERT_DIR": ""},
+     {"SSL_CERT_FILE": TLS.other_ca_file}, {"SSL_CERT_FILE": TLS.other_ca_file, "SSL_CERT_DIR": ""}],
+    ids=["dir-empty", "file-empty", "both-empty", "file-alone", "file-and-empty-dir"],
+)
+def test_a_variable_set_even_empty_makes_the_context_as_before(tls_gateway, env):
+    # OpenSSL reads SSL_CERT_DIR="" as "no directory", so the platform's directory (here holding
+    # the test CA) is not part of the default store then. With any variable set, the context is
+    # ssl.create_default_context(cafile=... or None, capath=... or None), as at 4b1b3ae, which
+    # never looks at the platform's directory but through load_default_certs().
+    trust = tokenroute.TrustStore(env, platform_paths(TLS.ca_dir))
+
+    assert not verifies(trust, tls_gateway)
+    assert trust.rest is None  # nothing held back for later: the whole store is loaded
+    assert not trust.widen()
+
+
 # ---------------------------------------------------------------- errors
 
 
