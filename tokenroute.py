@@ -1138,7 +1138,7 @@ class TrustStore:
             # Only when neither variable is set at all: OpenSSL takes one set to "" as "no file"
             # or "no directory", so the platform's directory may not be part of the default then.
             if "SSL_CERT_FILE" not in env and "SSL_CERT_DIR" not in env:
-                # .capath: the directory load_default_certs() reads, as it reads it (None if absent)
+                # .capath: the directory load_default_certs() reads (None if none); Windows: the system store
                 platform_dir = (paths or ssl.get_default_verify_paths()).capath
                 if sys.platform == "win32" or not platform_dir or not is_hashed_directory(platform_dir):
                     self.context = ssl.create_default_context()
