@@ -212,8 +212,10 @@ def test_a_variable_set_even_empty_makes_the_context_as_before(tls_gateway, env)
 
 @pytest.mark.parametrize("env", [CA_NOWHERE, {}], ids=["ssl-cert-variables", "platform-store"])
 def test_a_ca_in_no_store_is_an_unknown_authority(tls_cli, api_key, env):
-    result = tls_cli.run("models", "--key", api_key, "--json",
-                         env={"SSL_CERT_FILE": "", "SSL_CERT_DIR": "", **env})
+    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
+        tls_cli.env.pop(name)  # {}: neither variable set, the platform's store (directory first)
+
+    result = tls_cli.run("models", "--key", api_key, "--json", env=env)
 
     assert result.code == 2, result
     assert result.out == ""
