@@ -59,6 +59,8 @@ class CliError(Exception):
     that fixes it (if any), `status` the HTTP status behind it (if any).
     """
 
+    retryable = True  # a network failure send() may try again; False where another try meets the same
+
     def __init__(
         self,
         message: str,
@@ -82,6 +84,11 @@ class CliError(Exception):
 
 def network_error(message: str) -> CliError:
     return CliError(message, code="network", exit_code=EXIT_NETWORK)
+
+
+def not_retryable(error: CliError) -> CliError:
+    error.retryable = False
+    return error
 
 
 def server_error(message: str, *, status: int | None = None) -> CliError:
@@ -1056,7 +1063,7 @@ def send(
         try:
             response = attempt()
         except CliError as error:
-            if error.exit_code != EXIT_NETWORK or not wait_before_retry(ctx, number, None, deadline):
+            if error.exit_code != EXIT_NETWORK or not error.retryable or not wait_before_retry(ctx, number, None, deadline):
                 raise
             continue
         retry_after = response.headers.get("Retry-After")
@@ -1121,15 +1128,19 @@ class TrustStore:
     part of the default store: the trust decision is always the default's.
     """
 
-    def __init__(self, env: Mapping[str, str]) -> None:
+    def __init__(self, env: Mapping[str, str], paths: Any = None) -> None:
+        """`paths`: an ssl.DefaultVerifyPaths, the process's own when None (tests pass another)."""
         import ssl
 
         cafile, capath = env.get("SSL_CERT_FILE") or None, env.get("SSL_CERT_DIR") or None
         self.rest: Callable[[], None] | None = None  # loads the rest of the default store
         try:
-            if cafile is None and capath is None:
-                platform_dir = ssl.get_default_verify_paths().openssl_capath
-                if sys.platform == "win32" or not is_hashed_directory(platform_dir):  # Windows: the system store
+            # Only when neither variable is set at all: OpenSSL takes one set to "" as "no file"
+            # or "no directory", so the platform's directory may not be part of the default then.
+            if "SSL_CERT_FILE" not in env and "SSL_CERT_DIR" not in env:
+                # .capath: the directory load_default_certs() reads (None if none); Windows: the system store
+                platform_dir = (paths or ssl.get_default_verify_paths()).capath
+                if sys.platform == "win32" or not platform_dir or not is_hashed_directory(platform_dir):
                     self.context = ssl.create_default_context()
                     return
                 self.context = ssl.create_default_context(capath=platform_dir)
@@ -1137,7 +1148,7 @@ class TrustStore:
             elif cafile and capath and os.path.isfile(cafile) and is_hashed_directory(capath):
                 self.context = ssl.create_default_context(capath=capath)
                 self.rest = lambda: self.context.load_verify_locations(cafile=cafile)
-            else:  # a bundle alone, or a directory alone: nothing to split
+            else:  # exactly as before: what the variables name replaces the platform's store
                 self.context = ssl.create_default_context(cafile=cafile, capath=capath)
         except OSError as exc:  # ssl.SSLError included: a missing or unreadable bundle
             raise ca_load_error(exc) from None
@@ -1155,7 +1166,9 @@ class TrustStore:
 
 
 def ca_load_error(exc: OSError) -> CliError:
-    return network_error(f"cannot load the CA certificates named by SSL_CERT_FILE / SSL_CERT_DIR: {describe(exc)}")
+    return not_retryable(
+        network_error(f"cannot load the CA certificates named by SSL_CERT_FILE / SSL_CERT_DIR: {describe(exc)}")
+    )
 
 
 def is_hashed_directory(path: str) -> bool:
@@ -1183,7 +1196,10 @@ def https_handler(trust: TrustStore) -> Any:
             try:
                 return super().https_open(req)
             except urllib.error.URLError as exc:
-                if not (isinstance(exc.reason, ssl.SSLCertVerificationError) and trust.widen()):
+                # More CAs may complete a chain, but never change the host a certificate names.
+                reason = exc.reason
+                unverified = isinstance(reason, ssl.SSLCertVerificationError)
+                if not (unverified and reason.verify_code not in CERT_FOR_ANOTHER_HOST and trust.widen()):
                     raise
             # The handshake failed, so nothing was sent: trying again is safe for a POST too.
             return super().https_open(req)
@@ -1283,7 +1299,7 @@ def connection_error(host: str, reason: object) -> CliError:
     import ssl
 
     if isinstance(reason, ssl.SSLCertVerificationError):
-        return certificate_error(host, reason)
+        return not_retryable(certificate_error(host, reason))  # another handshake meets the same certificate
     if isinstance(reason, socket.gaierror):
         return network_error(f"cannot resolve {host}: check your network and the gateway URL")
     if isinstance(reason, ConnectionRefusedError):

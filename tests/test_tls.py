@@ -8,7 +8,11 @@ store cost one more.
 """
 from __future__ import annotations
 
+import socket
 import ssl
+import threading
+import urllib.error
+import urllib.request
 from typing import Any, Callable
 
 import pytest
@@ -142,6 +146,7 @@ def test_an_unreadable_bundle_met_at_the_fallback_exits_2(tls_cli, api_key, tmp_
     assert result.code == 2, result
     assert result.error()["code"] == "network"
     assert "cannot load the CA certificates named by SSL_CERT_FILE" in result.error()["message"]
+    assert tls_cli.clock.sleeps == []  # not retried: the bundle stays unreadable
 
 
 @pytest.mark.parametrize(
@@ -160,13 +165,57 @@ def test_the_context_verifies_exactly_as_the_default_does(env):
     assert context.minimum_version == default.minimum_version
 
 
+def platform_paths(capath: str) -> ssl.DefaultVerifyPaths:
+    """Verify paths of a platform whose own hashed directory is `capath` (and no bundle file)."""
+    return ssl.DefaultVerifyPaths(None, capath, "SSL_CERT_FILE", "/nonexistent/cert.pem", "SSL_CERT_DIR", capath)
+
+
+def verifies(trust: tokenroute.TrustStore, gateway: Any) -> bool:
+    """Whether a handshake with `gateway` through `trust`'s context (as it is) succeeds."""
+    import socket
+
+    host, port = gateway.url.rsplit("/", 1)[-1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        try:
+            trust.context.wrap_socket(sock, server_hostname=host).close()
+        except ssl.SSLCertVerificationError:
+            return False
+    return True
+
+
+def test_the_platform_directory_is_tried_first_when_no_variable_is_set(tls_gateway):
+    trust = tokenroute.TrustStore({}, platform_paths(TLS.ca_dir))
+
+    assert verifies(trust, tls_gateway)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"SSL_CERT_DIR": ""}, {"SSL_CERT_FILE": ""}, {"SSL_CERT_FILE": "", "SSL_CERT_DIR": ""},
+     {"SSL_CERT_FILE": TLS.other_ca_file}, {"SSL_CERT_FILE": TLS.other_ca_file, "SSL_CERT_DIR": ""}],
+    ids=["dir-empty", "file-empty", "both-empty", "file-alone", "file-and-empty-dir"],
+)
+def test_a_variable_set_even_empty_makes_the_context_as_before(tls_gateway, env):
+    # OpenSSL reads SSL_CERT_DIR="" as "no directory", so the platform's directory (here holding
+    # the test CA) is not part of the default store then. With any variable set, the context is
+    # ssl.create_default_context(cafile=... or None, capath=... or None), as at 4b1b3ae, which
+    # never looks at the platform's directory but through load_default_certs().
+    trust = tokenroute.TrustStore(env, platform_paths(TLS.ca_dir))
+
+    assert not verifies(trust, tls_gateway)
+    assert trust.rest is None  # nothing held back for later: the whole store is loaded
+    assert not trust.widen()
+
+
 # ---------------------------------------------------------------- errors
 
 
 @pytest.mark.parametrize("env", [CA_NOWHERE, {}], ids=["ssl-cert-variables", "platform-store"])
 def test_a_ca_in_no_store_is_an_unknown_authority(tls_cli, api_key, env):
-    result = tls_cli.run("models", "--key", api_key, "--json",
-                         env={"SSL_CERT_FILE": "", "SSL_CERT_DIR": "", **env})
+    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
+        tls_cli.env.pop(name)  # {}: neither variable set, the platform's store (directory first)
+
+    result = tls_cli.run("models", "--key", api_key, "--json", env=env)
 
     assert result.code == 2, result
     assert result.out == ""
@@ -208,6 +257,107 @@ def test_the_console_script_says_which_tls_problem_it_is(make_tls_gateway, tmp_p
     assert result.error()["code"] == "network"
     assert wanted in result.error()["message"]
     assert gateway.requests == []
+
+
+def test_a_certificate_error_is_not_retried(tls_cli, api_key):
+    # A GET is retried on network errors, but another handshake meets the same certificate.
+    result = tls_cli.run("models", "--key", api_key, env=CA_NOWHERE)
+
+    assert result.code == 2, result
+    assert UNKNOWN_CA in result.err
+    assert tls_cli.clock.sleeps == []  # no backoff: one attempt (and its one fallback)
+
+
+def test_a_certificate_for_another_host_is_not_checked_again_with_the_full_store(make_tls_gateway):
+    # More CAs may complete a chain, never change the names a certificate is for: no fallback.
+    gateway = make_tls_gateway("other-host")
+    trust = tokenroute.TrustStore(TLS.trusted)
+    opener = urllib.request.build_opener(tokenroute.https_handler(trust))
+
+    with pytest.raises(urllib.error.URLError) as raised:
+        opener.open(gateway.url + "/v1/models", timeout=10)
+
+    assert raised.value.reason.verify_code in tokenroute.CERT_FOR_ANOTHER_HOST
+    assert trust.rest is not None  # the bundle was never loaded
+
+
+def test_a_certificate_not_valid_yet_says_to_check_the_clock():
+    # A stand-in for OpenSSL's X509_V_ERR_CERT_NOT_YET_VALID (9), which a handshake would raise.
+    reason = ssl.SSLCertVerificationError(1, "certificate verify failed: certificate is not yet valid")
+    reason.verify_code, reason.verify_message = 9, "certificate is not yet valid"
+
+    error = tokenroute.connection_error("api.example.com", reason)
+
+    assert (error.exit_code, error.code) == (2, "network")
+    assert error.message == "the TLS certificate of api.example.com is not valid yet: check this machine's clock"
+    assert not error.retryable
+
+
+class ConnectProxy:
+    """A loopback HTTPS proxy: each CONNECT becomes a tunnel to 127.0.0.1:`port`, whatever host it names."""
+
+    def __init__(self, port: int) -> None:
+        import socketserver
+
+        self.connects: list[str] = []
+        proxy = self
+
+        class Tunnel(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = self.request.recv(4096)
+                    if not chunk:
+                        return
+                    head += chunk
+                proxy.connects.append(head.split(b"\r\n", 1)[0].decode())
+                with socket.create_connection(("127.0.0.1", port)) as upstream:
+                    self.request.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    pipe = threading.Thread(target=relay, args=(upstream, self.request), daemon=True)
+                    pipe.start()
+                    relay(self.request, upstream)
+                    pipe.join(10)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Tunnel)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def relay(source: socket.socket, target: socket.socket) -> None:
+    try:
+        while True:
+            data = source.recv(65536)
+            if not data:
+                break
+            target.sendall(data)
+        target.shutdown(socket.SHUT_WR)
+    except OSError:  # the other side closed first
+        pass
+
+
+def test_the_fallback_goes_through_an_https_proxy_tunnel(make_tls_gateway, tmp_path):
+    gateway = make_tls_gateway("other-host")  # for gateway.example.com: reached only through the proxy
+    port = gateway.url.rsplit(":", 1)[1]
+    proxy = ConnectProxy(int(port))
+    try:
+        cli = Cli(gateway, tmp_path)
+        key = gateway.add_key()["raw"]
+
+        result = cli.run("models", "--key", key, "--json", env={
+            **CA_IN_BUNDLE_ONLY, "TOKENROUTE_API_URL": f"https://gateway.example.com:{port}",
+            "HTTPS_PROXY": proxy.url})
+    finally:
+        proxy.stop()
+
+    assert result.code == 0, result
+    assert len(result.json()) == 3
+    assert proxy.connects == [f"CONNECT gateway.example.com:{port} HTTP/1.0"] * 2  # the first, then the fallback
+    assert [r.path_only for r in gateway.requests] == ["/v1/models"]
 
 
 # ---------------------------------------------------------------- one context per process
