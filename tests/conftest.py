@@ -21,7 +21,7 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -185,13 +185,23 @@ def console_script() -> str:
     return found
 
 
-@pytest.fixture
-def gateway() -> Any:
-    gw = FakeGateway().start()
+def serving(gw: FakeGateway) -> Iterator[FakeGateway]:
+    gw.start()
     try:
         yield gw
     finally:
         gw.stop()
+
+
+@pytest.fixture
+def gateway() -> Iterator[FakeGateway]:
+    yield from serving(FakeGateway())
+
+
+@pytest.fixture
+def staging() -> Iterator[FakeGateway]:
+    """A second gateway, beside `gateway` (a login per gateway)."""
+    yield from serving(FakeGateway())
 
 
 @pytest.fixture

@@ -236,14 +236,11 @@ def test_the_newest_earlier_key_wins_and_a_revoked_one_never_comes_back(cli, gat
     assert older["raw"].encode() not in every_file and newer["raw"].encode() not in every_file
 
 
-def test_an_earlier_key_belongs_to_the_first_gateway_used_after_the_upgrade(cli, gateway, earlier, api_key):
+def test_an_earlier_key_belongs_to_the_first_gateway_used_after_the_upgrade(cli, gateway, staging, earlier, api_key):
     earlier.key_01(api_key)
-    staging = FakeGateway().start()
-    try:
-        first = cli.run("env", env={"TOKENROUTE_API_URL": gateway.url})
-        other = cli.run("env", "--json", env={"TOKENROUTE_API_URL": staging.url})
-    finally:
-        staging.stop()
+
+    first = cli.run("env", env={"TOKENROUTE_API_URL": gateway.url})
+    other = cli.run("env", "--json", env={"TOKENROUTE_API_URL": staging.url})
 
     assert f"OPENAI_API_KEY={api_key}\n" in first.out
     assert other.code == 1
@@ -276,15 +273,6 @@ def test_after_logout_no_refresh_token_of_tokenroute_remains_under_home(cli, gat
 
 
 # -------------------------------------------------------------- several gateways
-
-
-@pytest.fixture
-def staging() -> Any:
-    gw = FakeGateway().start()
-    try:
-        yield gw
-    finally:
-        gw.stop()
 
 
 def login_to(cli: Cli, gw: FakeGateway) -> Result:
