@@ -2975,7 +2975,7 @@ def argument_schema(settings: dict[str, Any]) -> dict[str, Any]:
 def is_json_type(value: object, types: Sequence[str]) -> bool:
     if isinstance(value, bool):
         return "boolean" in types
-    if isinstance(value, float) and value.is_integer() and "integer" in types:
+    if isinstance(value, float) and value % 1 == 0 and "integer" in types:  # 7.0 (never inf: inf % 1 is NaN)
         return True
     kinds = {"string": str, "integer": int, "number": (int, float), "boolean": bool}
     return any(isinstance(value, kinds[name]) for name in types)

@@ -94,7 +94,9 @@ class Cli:
     def last_key(self) -> Path:
         return self.config_dir / "last_key.txt"
 
-    def run(self, *argv: str, env: dict[str, str] | None = None, tty: bool = False, stdin: bytes | None = None) -> Result:
+    def run(
+        self, *argv: str, env: dict[str, str] | None = None, tty: bool = False, stdin: bytes | None = None
+    ) -> Result:
         """Run `tokenroute ARGV` in process; `tty=True` plays a person at a terminal; `stdin`: its input, if any."""
         out, err = io.StringIO(), io.StringIO()
         ctx = tokenroute.Context(

@@ -332,7 +332,9 @@ def test_an_unknown_tool_is_invalid_params(cli: Cli) -> None:
         ("keys_create", {}, "name is required"),
     ],
 )
-def test_arguments_that_do_not_fit_are_usage_error_results(ready: Cli, name: str, arguments: dict, message: str) -> None:
+def test_arguments_that_do_not_fit_are_usage_error_results(
+    ready: Cli, name: str, arguments: dict, message: str
+) -> None:
     """SEP-1303: the model sees what to correct, as a tool error, not a protocol error."""
     result = call(ready, name, arguments)
     assert result.is_error is True
