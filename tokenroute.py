@@ -23,7 +23,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     import argparse
     from collections.abc import Callable, Iterator, Mapping, Sequence
-    from typing import Any, TextIO
+    from typing import Any, BinaryIO, TextIO
 
 __version__ = "1.0.0"
 
@@ -121,10 +121,12 @@ class Context:
         sleep: Callable[[float], None] = time.sleep,
         now: Callable[[], float] = time.time,
         open_browser: Callable[[str], bool] | None = None,
+        stdin: BinaryIO | None = None,
     ) -> None:
         self.env = env
         self.stdout = stdout
         self.stderr = stderr
+        self.stdin = stdin  # None: no input (the process was started without stdin, or a test gives none)
         self.stdin_tty = stdin_tty
         self.stdout_tty = stdout_tty
         self.stderr_tty = stderr_tty
@@ -132,6 +134,7 @@ class Context:
         self.now = now
         self.open_browser = open_browser or open_in_system_browser
         self.tls: TrustStore | None = None  # made by the first https request, shared by the rest
+        self.deadline: float | None = None  # an MCP tool call's end (ctx.now() time): no exchange or wait outlasts it
 
     @classmethod
     def from_process(cls) -> Context:
@@ -141,6 +144,7 @@ class Context:
             env=os.environ,
             stdout=sys.stdout or ClosedStream(),  # None when started with stdout closed (>&-)
             stderr=sys.stderr or ClosedStream(),
+            stdin=getattr(sys.stdin, "buffer", None),  # sys.stdin is None when started with stdin closed (<&-)
             stdin_tty=is_tty(sys.stdin),
             stdout_tty=is_tty(sys.stdout),
             stderr_tty=is_tty(sys.stderr),
@@ -348,6 +352,18 @@ def timeout_setting(ctx: Context) -> float:
     if not 0 < value <= 3600:
         raise CliError(f"TOKENROUTE_TIMEOUT must be a number of seconds, got {sanitize(raw)!r}", code="config")
     return value
+
+
+def call_timeout(ctx: Context, *, clip: bool = True) -> float:
+    """TOKENROUTE_TIMEOUT, or what is left of an MCP tool call's time when that is
+    less (`clip`); once the call's time is up, no exchange starts."""
+    timeout = timeout_setting(ctx)
+    if ctx.deadline is None:
+        return timeout
+    left = ctx.deadline - ctx.now()
+    if left <= 0:
+        raise network_error("timed out: the tool call took longer than TOKENROUTE_TIMEOUT")
+    return min(timeout, left) if clip else timeout
 
 
 def env_flag(value: str | None) -> bool:
@@ -916,6 +932,8 @@ class CredentialsLock:
         ensure_config_dir(self.ctx)
         path = lock_path(self.ctx)
         deadline = self.ctx.now() + timeout_setting(self.ctx)
+        if self.ctx.deadline is not None:  # an MCP tool call's: a free lock is still taken once it has passed
+            deadline = min(deadline, self.ctx.deadline)
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
             while not try_lock(self.fd):  # another process is refreshing: wait, within the timeout
@@ -1044,7 +1062,8 @@ def send(
         headers["Authorization"] = f"Bearer {token}"
     if idempotency_key is not None:
         headers["Idempotency-Key"] = idempotency_key
-    timeout = timeout_setting(ctx)
+    # A write cut short would leave its outcome unknown (a key made, a refresh token rotated away): it gets its time.
+    timeout = call_timeout(ctx, clip=method == "GET")
     deadline = ctx.now() + timeout
     opener = build_opener(ctx, scheme, host)
 
@@ -1603,6 +1622,8 @@ def poll_device_flow(
     start = ctx.now()
     expires_at = pending["expires_at"]
     end = expires_at if timeout is None else min(expires_at, start + timeout)
+    if ctx.deadline is not None:  # an MCP tool call's time is up: pending, like --timeout
+        end = min(end, ctx.deadline)
     interval = pending["interval"]
     next_poll = start + first_wait
     while True:
@@ -1851,18 +1872,16 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
         raise CliError("--no-wait starts a login and --resume finishes one: give one of them", code="usage")
     if args.resume:
         return resume_login(args, ctx, api_url)
-    if not args.force and logged_in(ctx, api_url):
+    started = login_start(ctx, api_url, force=args.force) if args.no_wait else current_login(ctx, api_url, args.force)
+    if started is not None:  # logged in already, or --no-wait's code to show (--resume finishes)
         if args.json:
-            render_json(ctx, {"status": "logged_in", "api_url": api_url})
-        else:
+            render_json(ctx, started)
+        elif started["status"] == "logged_in":
             say_ok(ctx, f"already logged in to {api_url} (tokenroute login --force to log in again)")
+        else:
+            render_pending(ctx, args, started, out=ctx.stdout)
         return EXIT_OK
-    check_writable(ensure_config_dir(ctx))  # before a person approves a code whose login could not be saved
-    pending = start_device_flow(ctx, api_url)
-    if args.no_wait:
-        save_pending_login(ctx, pending)
-        render_pending(ctx, args, pending, out=ctx.stdout)
-        return EXIT_OK
+    pending = new_device_login(ctx, api_url)
     render_pending(ctx, args, pending, out=ctx.stderr)
     if ctx.person_present and not args.no_browser:
         open_url_for_person(ctx, pending["verification_uri_complete"])
@@ -1904,12 +1923,25 @@ def logged_in(ctx: Context, api_url: str) -> bool:
 
 def login_start(ctx: Context, api_url: str, *, force: bool = False) -> dict[str, Any]:
     """`login --no-wait`: start a login for a person to approve, unless one still works."""
-    if not force and logged_in(ctx, api_url):
-        return {"status": "logged_in", "api_url": api_url}
-    check_writable(ensure_config_dir(ctx))
-    pending = start_device_flow(ctx, api_url)
+    current = current_login(ctx, api_url, force)
+    if current is not None:
+        return current
+    pending = new_device_login(ctx, api_url)
     save_pending_login(ctx, pending)
     return pending_view(pending)
+
+
+def current_login(ctx: Context, api_url: str, force: bool) -> dict[str, Any] | None:
+    """`{"status": "logged_in", ...}` when a stored login still works (and `force` is off); `login` stops there."""
+    if not force and logged_in(ctx, api_url):
+        return {"status": "logged_in", "api_url": api_url}
+    return None
+
+
+def new_device_login(ctx: Context, api_url: str) -> dict[str, Any]:
+    """A device code to approve; the folder is checked first, so no approved login goes unsaved."""
+    check_writable(ensure_config_dir(ctx))
+    return start_device_flow(ctx, api_url)
 
 
 def login_finish(ctx: Context, api_url: str, *, timeout: float | None = None) -> dict[str, Any]:
@@ -2022,9 +2054,7 @@ def pending_view(pending: dict[str, Any]) -> dict[str, Any]:
 
 
 def render_pending(ctx: Context, args: argparse.Namespace, pending: dict[str, Any], *, out: TextIO) -> None:
-    if args.json and args.no_wait:
-        render_json(ctx, pending_view(pending))
-        return
+    """The code for a person to approve; `pending` is the device flow's, or its `pending_view`."""
     out.write(f"Visit: {sanitize(pending['verification_uri'])}\n")
     out.write(f"And enter code: {sanitize(pending['user_code'])}\n")
     if pending["verification_uri_complete"] != pending["verification_uri"]:
@@ -2071,6 +2101,41 @@ def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
+class Show:
+    """The command of an operation that only shows data: `--json`, `fields` of an object
+    (`api_url` among them is the gateway's), or a `table` of a list. `arguments` are
+    the command's options the operation takes."""
+
+    def __init__(
+        self,
+        operation: Callable[..., Any],
+        *,
+        arguments: Sequence[str] = (),
+        fields: Sequence[str] = (),
+        table: tuple[Sequence[str], Callable[[dict[str, Any]], list[str]]] | None = None,
+        empty: str = "",
+    ) -> None:
+        self.operation = operation
+        self.arguments = arguments
+        self.fields = fields
+        self.table = table
+        self.empty = empty  # a note for an empty table
+
+    def __call__(self, args: argparse.Namespace, ctx: Context) -> int:
+        api_url, _ = api_url_setting(ctx, args.api_url)
+        data = self.operation(ctx, api_url, **{name: getattr(args, name) for name in self.arguments})
+        if args.json:
+            render_json(ctx, data)
+        elif self.table is None:
+            render_fields(ctx, dict(data, api_url=api_url), self.fields)
+        elif data or not self.empty:
+            headers, row = self.table
+            render_table(ctx, headers, [row(item) for item in data])
+        else:
+            note(ctx, self.empty)
+        return EXIT_OK
+
+
 ME_FIELDS = ("display_name", "email", "balance_usd", "status", "id", "logto_sub")
 
 
@@ -2078,28 +2143,14 @@ def whoami(ctx: Context, api_url: str) -> dict[str, Any]:
     return call_account(ctx, api_url, "GET", "/api/v1/me")
 
 
-def cmd_whoami(args: argparse.Namespace, ctx: Context) -> int:
-    api_url, _ = api_url_setting(ctx, args.api_url)
-    me = whoami(ctx, api_url)
-    if args.json:
-        render_json(ctx, me)
-    else:
-        render_fields(ctx, dict(me, api_url=api_url), (*ME_FIELDS, "api_url"))
-    return EXIT_OK
+cmd_whoami = Show(whoami, fields=(*ME_FIELDS, "api_url"))
 
 
 def balance(ctx: Context, api_url: str) -> dict[str, Any]:
     return call_account(ctx, api_url, "GET", "/api/v1/balance")
 
 
-def cmd_balance(args: argparse.Namespace, ctx: Context) -> int:
-    api_url, _ = api_url_setting(ctx, args.api_url)
-    credit = balance(ctx, api_url)
-    if args.json:
-        render_json(ctx, credit)
-    else:
-        render_fields(ctx, credit, ("balance_usd",))
-    return EXIT_OK
+cmd_balance = Show(balance, fields=("balance_usd",))
 
 
 def create_key(ctx: Context, api_url: str, *, name: str, no_cache: bool = False) -> dict[str, Any]:
@@ -2189,17 +2240,15 @@ def list_keys(ctx: Context, api_url: str) -> list[dict[str, Any]]:
     return [key for key in keys if isinstance(key, dict)]
 
 
-def cmd_keys_list(args: argparse.Namespace, ctx: Context) -> int:
-    api_url, _ = api_url_setting(ctx, args.api_url)
-    keys = list_keys(ctx, api_url)
-    if args.json:
-        render_json(ctx, keys)
-    elif not keys:
-        note(ctx, "No keys yet. Create one: tokenroute keys create --name NAME")
-    else:
-        headers = [FIELD_LABELS[column] for column in KEY_COLUMNS]
-        render_table(ctx, headers, [[human(c, k.get(c)) for c in KEY_COLUMNS] for k in keys])
-    return EXIT_OK
+def key_row(key: dict[str, Any]) -> list[str]:
+    return [human(column, key.get(column)) for column in KEY_COLUMNS]
+
+
+cmd_keys_list = Show(
+    list_keys,
+    table=([FIELD_LABELS[column] for column in KEY_COLUMNS], key_row),
+    empty="No keys yet. Create one: tokenroute keys create --name NAME",
+)
 
 
 def revoke_key(ctx: Context, api_url: str, *, id: str) -> dict[str, Any]:
@@ -2263,14 +2312,7 @@ def usage(ctx: Context, api_url: str, *, days: int = 30) -> dict[str, Any]:
     return call_account(ctx, api_url, "GET", f"/api/v1/me/usage?days={days}")
 
 
-def cmd_usage(args: argparse.Namespace, ctx: Context) -> int:
-    api_url, _ = api_url_setting(ctx, args.api_url)
-    spend = usage(ctx, api_url, days=args.days)
-    if args.json:
-        render_json(ctx, spend)
-    else:
-        render_fields(ctx, spend, USAGE_FIELDS)
-    return EXIT_OK
+cmd_usage = Show(usage, arguments=["days"], fields=USAGE_FIELDS)
 
 
 SHELL_FORMATS = {
@@ -2601,21 +2643,15 @@ def list_models(ctx: Context, api_url: str, *, key: str | None = None) -> list[d
     return [model for model in models if isinstance(model, dict)]
 
 
-def cmd_models(args: argparse.Namespace, ctx: Context) -> int:
-    api_url, _ = api_url_setting(ctx, args.api_url)
-    models = list_models(ctx, api_url, key=args.key)
-    if args.json:
-        render_json(ctx, models)
-    else:
-        headers = ("Model", "Provider", "Tier", "Input $/1M", "Output $/1M")
-        render_table(ctx, headers, [model_row(model) for model in models])
-    return EXIT_OK
-
-
 def model_row(model: dict[str, Any]) -> list[str]:
     """Prices per million tokens: per 1k they are fractions of a cent."""
     prices = [usd(model.get(c), per=1000) if model.get(c) is not None else "-" for c in MODEL_COLUMNS[3:]]
     return [show(model.get(c)) for c in MODEL_COLUMNS[:3]] + prices
+
+
+cmd_models = Show(
+    list_models, arguments=["key"], table=(("Model", "Provider", "Tier", "Input $/1M", "Output $/1M"), model_row)
+)
 
 
 class Check:
@@ -2855,7 +2891,8 @@ def fish_completion(tree: dict[str, Any]) -> str:
 # still speak it. Nothing here runs or is imported unless `mcp` does.
 
 MCP_MODERN_VERSIONS = ("2026-07-28",)
-MCP_HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")  # newest first
+# Newest first; not 2025-03-26, which requires JSON-RPC batches (this server answers one message a line).
+MCP_HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2024-11-05")
 MCP_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
 MCP_CAPABILITIES_KEY = "io.modelcontextprotocol/clientCapabilities"
 MCP_INSTRUCTIONS = (
@@ -2870,7 +2907,9 @@ def cmd_mcp(args: argparse.Namespace, ctx: Context) -> int:
     if ctx.stdin_tty:
         note(ctx, "tokenroute mcp speaks MCP on stdin and stdout: add it to your MCP host (see the README).")
     server = McpServer(ctx, args.api_url)
-    for line in iter(sys.stdin.buffer.readline, b""):
+    if ctx.stdin is None:  # started without stdin (<&-): end of input at once
+        return EXIT_OK
+    for line in iter(ctx.stdin.readline, b""):
         reply = server.handle(line)
         if reply is not None:
             ctx.stdout.write(reply + "\n")
@@ -2946,22 +2985,27 @@ class McpTool:
         }
 
     def values(self, arguments: dict[str, Any]) -> dict[str, Any]:
-        """The operation's keyword arguments; bad JSON types are bad params, bad values a usage error."""
+        """The operation's keyword arguments. Any argument that does not fit is a `usage`
+        error result (SEP-1303), so that the model can correct itself."""
         options = self.options()
         unknown = sorted(set(arguments) - set(options))
         if unknown:
-            raise McpError(-32602, f"Invalid arguments for tool {self.name}: unknown argument {unknown[0]!r}")
+            raise CliError(f"unknown argument {sanitize(unknown[0])!r} (see the tool's inputSchema)", code="usage")
         values = {}
         for name, settings in options.items():
             if name not in arguments:
                 if settings["required"]:
-                    raise McpError(-32602, f"Invalid arguments for tool {self.name}: missing {name!r}")
+                    raise CliError(f"{name} is required", code="usage")
                 continue
             value = arguments[name]
             types = argument_schema(settings)["type"]
             types = types if isinstance(types, list) else [types]
             if not is_json_type(value, types):
-                raise McpError(-32602, f"Invalid arguments for tool {self.name}: {name} must be {' or '.join(types)}")
+                raise CliError(f"{name} must be {' or '.join(types)}", code="usage")
+            if isinstance(value, str) and not is_utf8(value):
+                raise CliError(f"{name} is not valid UTF-8 text", code="usage")
+            if "integer" in types and isinstance(value, float):
+                value = int(value)  # 7.0: JSON Schema counts it as an integer
             try:
                 values[name] = settings["type"](str(value)) if "type" in settings else value
             except BadValue as error:
@@ -3033,6 +3077,8 @@ def argument_schema(settings: dict[str, Any]) -> dict[str, Any]:
 def is_json_type(value: object, types: Sequence[str]) -> bool:
     if isinstance(value, bool):
         return "boolean" in types
+    if isinstance(value, float) and value % 1 == 0 and "integer" in types:  # 7.0 (never inf: inf % 1 is NaN)
+        return True
     kinds = {"string": str, "integer": int, "number": (int, float), "boolean": bool}
     return any(isinstance(value, kinds[name]) for name in types)
 
@@ -3130,33 +3176,66 @@ class McpServer:
         raise McpError(-32601, f"Method not found: {method}")
 
     def call(self, tool: McpTool, arguments: dict[str, Any], version: str) -> dict[str, Any]:
-        """A tool's result: the operation's --json data, or its --json error with isError."""
+        """A tool's result: the operation's --json data, or its --json error with isError.
+
+        It runs here, on the server's thread, with a deadline every exchange and
+        wait honours: nothing of a call goes on after its answer.
+        """
         import io
         import json
 
-        ctx = Context(env=self.ctx.env, stdout=io.StringIO(), stderr=io.StringIO())  # no terminal: no prompt
+        notes = CopiedStream(self.ctx.stderr)  # a call's diagnostics: on stderr, and for the agent
+        ctx = Context(env=self.ctx.env, stdout=io.StringIO(), stderr=notes, sleep=self.ctx.sleep, now=self.ctx.now)
+        ctx.tls = self.ctx.tls  # one TLS context per process
         try:
             values = tool.values(arguments)
             seconds = timeout_setting(ctx)
             if tool.wait is not None:
                 values[tool.wait] = min(values.get(tool.wait, seconds), seconds)
                 seconds += values[tool.wait]
-            data = within_deadline(lambda: tool.run(ctx, self.api_url, values), seconds=seconds, host="the gateway")
+            ctx.deadline = ctx.now() + seconds
+            data = tool.run(ctx, self.api_url, values)
             try:
                 text = json_text(data)
             except (ValueError, RecursionError):  # NaN or absurd nesting from the server
                 raise server_error("the gateway's answer cannot be shown as JSON") from None
         except CliError as error:
             body = error_body(error)
-            return {"content": [{"type": "text", "text": json.dumps({"error": body})}], "structuredContent": body,
-                    "isError": True}
+            content = [{"type": "text", "text": json.dumps({"error": body})}, *notes.content()]
+            return {"content": content, "structuredContent": body, "isError": True}
+        finally:
+            self.ctx.tls = ctx.tls
         content = [{"type": "text", "text": text}]
         guide = mcp_result_guide(ctx, tool.name, data, values)
         if guide:
             content.append({"type": "text", "text": guide})
+        content += notes.content()
         # Before 2026-07-28, structured content had to be an object: a list goes under "items".
         structured = data if isinstance(data, dict) or version in MCP_MODERN_VERSIONS else {"items": data}
         return {"content": content, "structuredContent": structured, "isError": False}
+
+
+class CopiedStream:
+    """A call's stderr: written through to the server's stderr, and kept for the tool's result."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def content(self) -> list[dict[str, str]]:
+        """The notes as a text block of the result, or none."""
+        text = "".join(self.parts).strip()
+        return [{"type": "text", "text": text}] if text else []
 
 
 def mcp_result_guide(ctx: Context, tool: str, data: Any, values: dict[str, Any]) -> str | None:

@@ -94,8 +94,10 @@ class Cli:
     def last_key(self) -> Path:
         return self.config_dir / "last_key.txt"
 
-    def run(self, *argv: str, env: dict[str, str] | None = None, tty: bool = False) -> Result:
-        """Run `tokenroute ARGV` in process; `tty=True` plays a person at a terminal."""
+    def run(
+        self, *argv: str, env: dict[str, str] | None = None, tty: bool = False, stdin: bytes | None = None
+    ) -> Result:
+        """Run `tokenroute ARGV` in process; `tty=True` plays a person at a terminal; `stdin`: its input, if any."""
         out, err = io.StringIO(), io.StringIO()
         ctx = tokenroute.Context(
             env={**self.env, **(env or {})},
@@ -107,6 +109,7 @@ class Cli:
             sleep=self.clock.sleep,
             now=self.clock.now,
             open_browser=self.record_browser,
+            stdin=io.BytesIO(stdin) if stdin is not None else None,
         )
         code = tokenroute.main(list(argv), ctx)
         return Result(code, out.getvalue(), err.getvalue())
