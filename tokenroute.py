@@ -980,8 +980,13 @@ def lock_function() -> Callable[[int], bool] | None:
 def is_loopback(host: str) -> bool:
     """Whether `host` (a name, an IP address, or an IPv6 literal in brackets) is this machine."""
     host = host[1:-1] if host.startswith("[") else host
-    if host == "localhost":
-        return True
+    octets = host.split(".")
+    if host in ("localhost", "::1") or (
+        len(octets) == 4 and octets[0] == "127" and all(o.isascii() and o.isdigit() and int(o) < 256 for o in octets)
+    ):
+        return True  # the common cases, without importing ipaddress (`env` against a local gateway)
+    if ":" not in host and not host.replace(".", "").isdigit():
+        return False  # a name
     import ipaddress
 
     try:
