@@ -812,6 +812,15 @@ def shared_tokens(text: str | None) -> dict[str, Any] | None:
     return tokens if isinstance(tokens, dict) else None
 
 
+def shared_gateways(ctx: Context) -> list[str]:
+    """The gateways of the logins in ~/.paradigx/auth.json: another product's, or 0.2.0's
+    of a gateway not used since the upgrade (nothing tells the two apart)."""
+    folder = paradigx_dir(ctx)
+    tokens = shared_tokens(peek_text_file(os.path.join(folder, "auth.json"))) if folder else None
+    urls = {entry["api_url"] for entry in (tokens or {}).values() if isinstance(entry, dict) and isinstance(entry.get("api_url"), str)}
+    return sorted(sanitize(canonical_url(url) or url) for url in urls)
+
+
 def is_tokenroute_entry(entry: object, api_url: str) -> bool:
     return isinstance(entry, dict) and isinstance(entry.get("api_url"), str) and canonical_url(entry["api_url"]) == api_url
 
@@ -2103,6 +2112,10 @@ def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
     if kept:
         note(ctx, f"An API key for {', '.join(kept)} stays cached in {last_key_path(ctx)} (env, run, test and models "
              f"use it); forget it with `tokenroute logout{' --all' if args.all else ''} --forget-key`")
+    left = shared_gateways(ctx) if args.all else []
+    if left:  # 0.2.0's logins of gateways never used since look like any other product's
+        note(ctx, f"{os.path.join(paradigx_dir(ctx) or '', 'auth.json')} still holds logins for {', '.join(left)}; "
+             "if one is tokenroute 0.2.0's, `tokenroute --api-url URL logout` removes it")
     return EXIT_OK
 
 
@@ -3189,8 +3202,10 @@ class McpServer:
         import io
         import json
 
-        notes = CopiedStream(self.ctx.stderr)  # a call's diagnostics: on stderr, and for the agent
-        ctx = Context(env=self.ctx.env, stdout=io.StringIO(), stderr=notes, sleep=self.ctx.sleep, now=self.ctx.now)
+        # A call's diagnostics (notes, warnings) go to the server's stderr, never into a result on stdout.
+        ctx = Context(
+            env=self.ctx.env, stdout=io.StringIO(), stderr=self.ctx.stderr, sleep=self.ctx.sleep, now=self.ctx.now
+        )
         ctx.tls = self.ctx.tls  # one TLS context per process
         try:
             values = tool.values(arguments)
@@ -3206,7 +3221,7 @@ class McpServer:
                 raise server_error("the gateway's answer cannot be shown as JSON") from None
         except CliError as error:
             body = error_body(error)
-            content = [{"type": "text", "text": json.dumps({"error": body})}, *notes.content()]
+            content = [{"type": "text", "text": json.dumps({"error": body})}]
             return {"content": content, "structuredContent": body, "isError": True}
         finally:
             self.ctx.tls = ctx.tls
@@ -3214,33 +3229,9 @@ class McpServer:
         guide = mcp_result_guide(ctx, tool.name, data, values)
         if guide:
             content.append({"type": "text", "text": guide})
-        content += notes.content()
         # Before 2026-07-28, structured content had to be an object: a list goes under "items".
         structured = data if isinstance(data, dict) or version in MCP_MODERN_VERSIONS else {"items": data}
         return {"content": content, "structuredContent": structured, "isError": False}
-
-
-class CopiedStream:
-    """A call's stderr: written through to the server's stderr, and kept for the tool's result."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.parts: list[str] = []
-
-    def write(self, text: str) -> int:
-        self.parts.append(text)
-        return self.stream.write(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def isatty(self) -> bool:
-        return False
-
-    def content(self) -> list[dict[str, str]]:
-        """The notes as a text block of the result, or none."""
-        text = "".join(self.parts).strip()
-        return [{"type": "text", "text": text}] if text else []
 
 
 def mcp_result_guide(ctx: Context, tool: str, data: Any, values: dict[str, Any]) -> str | None:

@@ -451,7 +451,7 @@ def test_the_script_started_with_stdin_closed_exits_0(cli: Cli) -> None:
     assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
 
 
-def test_a_calls_notes_reach_stderr_and_the_agent(ready: Cli) -> None:
+def test_a_calls_notes_reach_stderr_never_the_result(ready: Cli) -> None:
     key = ready.gateway.add_key(name="cached")
     ready.cache_key(key["raw"], key["id"])
     code, answers, err = serve(ready, [request("tools/call", {"name": "keys_revoke", "arguments": {"id": key["id"]}})])
@@ -459,7 +459,7 @@ def test_a_calls_notes_reach_stderr_and_the_agent(ready: Cli) -> None:
     assert code == 0 and err == note + "\n"
     result = answers[0]["result"]
     assert result["isError"] is False and result["structuredContent"]["id"] == key["id"]
-    assert result["content"][1:] == [{"type": "text", "text": note}]
+    assert len(result["content"]) == 1 and "key cache" not in json.dumps(result)  # stdout is protocol only
     assert ready.cached_key() is None
 
 

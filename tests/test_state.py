@@ -827,6 +827,10 @@ def test_logout_all_removes_the_0_2_logins_of_every_gateway_it_knows(cli, gatewa
     left = json.loads(earlier.auth.read_text())["tokens"]
     assert list(left) == ["https://api.other-product.example"]
     assert b"rt-" not in b"".join(files_under(cli.home).values())
+    assert result.err.endswith(  # a login tokenroute cannot tell from another product's is named, with the fix
+        f"{earlier.auth} still holds logins for https://api.other-product.example; "
+        "if one is tokenroute 0.2.0's, `tokenroute --api-url URL logout` removes it\n"
+    )
 
 
 @POSIX
