@@ -2111,7 +2111,7 @@ def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
         ctx.stdout.write(f"Not logged in to {'any gateway' if args.all else api_url}; nothing to do\n")
     if kept:
         note(ctx, f"An API key for {', '.join(kept)} stays cached in {last_key_path(ctx)} (env, run, test and models "
-             f"use it); forget it with `tokenroute logout{' --all' if args.all else ''} --forget-key`")
+             f"use it); forget it with `tokenroute{gateway_option(args, api_url)} logout{' --all' if args.all else ''} --forget-key`")
     left = shared_gateways(ctx) if args.all else []
     if left:  # 0.2.0's logins of gateways never used since look like any other product's
         note(ctx, f"{os.path.join(paradigx_dir(ctx) or '', 'auth.json')} still holds logins for {', '.join(left)}; "
@@ -2224,7 +2224,8 @@ def cmd_keys_create(args: argparse.Namespace, ctx: Context) -> int:
         ctx.stdout.flush()
     except (OSError, ValueError) as exc:  # stdout closed, or its reader left
         key_id = sanitize(str(key.get("id", "")))
-        raise undelivered_key(ctx, exc, key_id, cached=not args.no_cache and not_cached is None) from None
+        cached = not args.no_cache and not_cached is None
+        raise undelivered_key(ctx, exc, key_id, cached=cached, gateway=gateway_option(args, api_url)) from None
     if args.no_cache:
         note(ctx, "Save this key now: it is shown only once (not cached: --no-cache).")
         return EXIT_OK
@@ -2235,7 +2236,9 @@ def cmd_keys_create(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
-def undelivered_key(ctx: Context, exc: Exception, key_id: str, *, cached: bool) -> CliError:
+def undelivered_key(ctx: Context, exc: Exception, key_id: str, *, cached: bool, gateway: str) -> CliError:
+    import shlex
+
     reason = describe(exc)
     if cached:
         return CliError(
@@ -2246,8 +2249,15 @@ def undelivered_key(ctx: Context, exc: Exception, key_id: str, *, cached: bool) 
         f"the new key {key_id} could not be printed ({reason}) and was not cached: it was delivered nowhere; "
         f"revoke it",
         code="output_failed",
-        next=f"tokenroute keys revoke {key_id}",
+        next=f"tokenroute{gateway} keys revoke {shlex.quote(key_id)}",
     )
+
+
+def gateway_option(args: argparse.Namespace, api_url: str) -> str:
+    """` --api-url URL` for a command to suggest, when the gateway came from that flag."""
+    import shlex
+
+    return f" --api-url {shlex.quote(api_url)}" if args.api_url else ""
 
 
 KEY_COLUMNS = ("id", "name", "key_prefix", "status", "balance_usd", "created_at")

@@ -891,3 +891,15 @@ def test_login_takes_over_a_0_2_login_even_beside_a_damaged_credentials_file(cli
 def last_error(result: Result) -> dict[str, Any]:
     """The `--json` error, the last line of stderr (warnings may come before it)."""
     return json.loads(result.err.splitlines()[-1])["error"]
+
+
+@POSIX
+def test_a_suggested_command_keeps_the_gateway_given_by_flag(cli, gateway):
+    cli.login()
+    env = {"TOKENROUTE_API_URL": "https://elsewhere.example"}  # the flag wins; the suggestion must name it too
+
+    result = closed_stdout(cli, "--api-url", gateway.url, "keys", "create", "--name", "ci", "--no-cache", "--json",
+                           env=env)
+
+    (key_id,) = gateway.keys
+    assert last_error(result)["next"] == f"tokenroute --api-url {gateway.url} keys revoke {key_id}"
