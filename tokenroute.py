@@ -1124,24 +1124,110 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, seconds) if seconds is not None and seconds == seconds else None
 
 
-def build_opener(ctx: Context, scheme: str, host: str) -> Any:
-    import urllib.request
+def build_opener(ctx: Context, scheme: str, host: str) -> Opener:
+    # Plain http only ever goes to loopback, and loopback is never proxied.
+    proxies = proxy_settings(ctx.env) if scheme == "https" and not is_loopback(host) else {}
+    return Opener(trust_store(ctx) if scheme == "https" else None, proxies.get("https"), proxies.get("no", ""))
 
-    class RefuseRedirects(urllib.request.HTTPRedirectHandler):
-        # A redirect could carry the bearer token to another host: never follow.
-        def http_error_302(self, *args: object) -> None:
-            return None  # the 3xx comes back as an answer; its Location is never parsed
 
-        http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+class Opener:
+    """HTTP/1.1 through http.client, one connection per request: urllib.request would import
+    tempfile, shutil, bz2, lzma and hashlib (about 10% of a command) for features never used."""
 
-    proxies = proxy_settings(ctx.env)
-    if is_loopback(host) or urllib.request.proxy_bypass_environment(host, proxies):
-        proxies = {}
-    proxies.pop("no", None)
-    handlers: list[Any] = [RefuseRedirects(), urllib.request.ProxyHandler(proxies)]
-    if scheme == "https":
-        handlers.append(https_handler(trust_store(ctx)))
-    return urllib.request.build_opener(*handlers)
+    def __init__(self, trust: TrustStore | None, proxy: str | None, no_proxy: str) -> None:
+        self.trust, self.proxy, self.no_proxy = trust, proxy, no_proxy
+
+    def open(self, method: str, url: str, data: bytes | None, headers: dict[str, str], timeout: float) -> Any:
+        """The answer, whatever its status (a 3xx is never followed): its headers read, its body not."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port  # .port: ValueError when not a number
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        try:
+            connection = self.connect(host, port, timeout)
+            try:
+                connection.request(method, target, body=data, headers={**headers, "Connection": "close"})
+            except BaseException:
+                connection.close()
+                raise
+        except OSError as exc:  # nothing answered: the host could not be reached (urllib said so too)
+            raise connection_error(host, exc) from None
+        try:
+            return connection.getresponse()
+        finally:
+            if connection.sock is not None:  # kept for a keep-alive answer, which reads through its own reference
+                connection.sock.close()
+
+    def connect(self, host: str, port: int | None, timeout: float) -> Any:
+        """A connection with its TLS handshake done; a certificate that does not verify is tried once
+        more against the whole default store."""
+        import ssl
+
+        try:
+            return self.connection(host, port, timeout)
+        except ssl.SSLCertVerificationError as exc:
+            # More CAs may complete a chain, but never change the host a certificate names.
+            if self.trust is None or exc.verify_code in CERT_FOR_ANOTHER_HOST or not self.trust.widen():
+                raise
+        # The handshake failed, so nothing was sent: trying again is safe for a POST too.
+        return self.connection(host, port, timeout)
+
+    def connection(self, host: str, port: int | None, timeout: float) -> Any:
+        import http.client
+
+        if self.trust is None:
+            connection = http.client.HTTPConnection(host, port, timeout=timeout)
+        elif self.proxy is None or bypasses_proxy(host, port, self.no_proxy):
+            connection = http.client.HTTPSConnection(host, port, timeout=timeout, context=self.trust.context)
+        else:  # TLS to the host inside a CONNECT tunnel: the proxy sees neither the request nor the key
+            address, authorization = proxy_address(self.proxy)
+            connection = http.client.HTTPSConnection(address, timeout=timeout, context=self.trust.context)
+            connection.set_tunnel(host, port, {"Proxy-Authorization": authorization} if authorization else None)
+        try:
+            connection.connect()
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+
+def bypasses_proxy(host: str, port: int | None, no_proxy: str) -> bool:
+    """NO_PROXY as urllib reads it: `*`, or names that are the host or a domain of it, with or without a port."""
+    if no_proxy == "*":
+        return True
+    host = host.lower()
+    names = (host, f"{host}:{port}") if port is not None else (host,)
+    for entry in no_proxy.split(","):
+        entry = entry.strip().lstrip(".").lower()
+        if entry and any(name == entry or name.endswith("." + entry) for name in names):
+            return True
+    return False
+
+
+def proxy_address(proxy: str) -> tuple[str, str | None]:
+    """A proxy variable's `host:port` and Proxy-Authorization, read as urllib reads them.
+
+    A ValueError for a malformed URL, whose message may hold the password: never shown.
+    """
+    from urllib.parse import unquote
+
+    scheme, colon, rest = proxy.partition(":")
+    if scheme and colon and "/" not in scheme and rest.startswith("/"):
+        if not rest.startswith("//"):
+            raise ValueError("proxy URL with no authority")
+        end = rest.find("/", max(2, rest.find("@")))
+        authority = rest[2:end] if end != -1 else rest[2:]
+    else:  # no scheme: `host:port`
+        authority = proxy
+    userinfo, at, address = authority.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    if not (at and user and password):
+        return unquote(address), None
+    import base64
+
+    credentials = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode("ascii")
+    return unquote(address), f"Basic {credentials}"
 
 
 def trust_store(ctx: Context) -> TrustStore:
@@ -1219,27 +1305,6 @@ def is_hash_name(name: str) -> bool:
     return len(stem) == 8 and set(stem) <= set("0123456789abcdef") and number.isascii() and number.isdigit()
 
 
-def https_handler(trust: TrustStore) -> Any:
-    import ssl
-    import urllib.error
-    import urllib.request
-
-    class FallBackToTheFullStore(urllib.request.HTTPSHandler):
-        def https_open(self, req: Any) -> Any:
-            try:
-                return super().https_open(req)
-            except urllib.error.URLError as exc:
-                # More CAs may complete a chain, but never change the host a certificate names.
-                reason = exc.reason
-                unverified = isinstance(reason, ssl.SSLCertVerificationError)
-                if not (unverified and reason.verify_code not in CERT_FOR_ANOTHER_HOST and trust.widen()):
-                    raise
-            # The handshake failed, so nothing was sent: trying again is safe for a POST too.
-            return super().https_open(req)
-
-    return FallBackToTheFullStore(context=trust.context)
-
-
 def proxy_settings(env: Mapping[str, str]) -> dict[str, str]:
     """Proxies from the usual *_proxy variables (lower case wins), as urllib reads them."""
     proxies = {}
@@ -1285,7 +1350,7 @@ def within_deadline(work: Callable[[], Any], *, seconds: float, host: str) -> An
 
 
 def exchange(
-    opener: Any,
+    opener: Opener,
     method: str,
     url: str,
     data: bytes | None,
@@ -1298,16 +1363,9 @@ def exchange(
     import http.client
     import socket
     import ssl
-    import urllib.error
-    import urllib.request
 
-    request = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
-        try:
-            handle = opener.open(request, timeout=timeout)
-        except urllib.error.HTTPError as exc:
-            handle = exc  # a non-2xx answer is still an answer
-        with handle:
+        with opener.open(method, url, data, headers, timeout) as handle:
             body = read_capped(handle)
             length = handle.headers.get("Content-Length")
             if length and length.isascii() and length.isdigit() and int(length) != len(body):
@@ -1315,8 +1373,6 @@ def exchange(
             return Response(handle.status, handle.headers, body)
     except (socket.timeout, TimeoutError):
         raise network_error(f"timed out waiting for {host} (TOKENROUTE_TIMEOUT to wait longer)") from None
-    except urllib.error.URLError as exc:
-        raise connection_error(host, exc.reason) from None
     except ssl.SSLError as exc:
         raise connection_error(host, exc) from None
     except (http.client.HTTPException, OSError) as exc:

@@ -26,6 +26,8 @@ import pytest
 
 from conftest import POSIX, console_script, posix_modes
 
+import tokenroute
+
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 skip_as_root = pytest.mark.skipif(AS_ROOT, reason="root reads and writes regardless of file modes")
@@ -1262,6 +1264,32 @@ def test_https_proxy_from_the_environment_carries_the_tunnel_without_the_key(cli
     assert tunnels and {(r.method, r.path) for r in tunnels} == {("CONNECT", "api.tokenroute.test:443")}
     assert all(r.header("Authorization") is None for r in tunnels)
     assert "sk-tr-abcd1234secret" not in result.err
+
+
+def test_proxy_credentials_go_in_the_tunnel_request_decoded_and_are_never_shown(cli, gateway):
+    proxy = gateway.recorder.url.replace("http://", "http://us%40er:p%3Ass@")
+    env = {"TOKENROUTE_API_URL": "https://api.tokenroute.test", "https_proxy": proxy, "HTTPS_PROXY": "http://127.0.0.1:9"}
+
+    result = cli.run("models", "--key", "sk-tr-abcd1234secret", env=env)
+
+    assert_clean_failure(result, 2)
+    tunnels = gateway.recorder.requests
+    assert tunnels and {(r.method, r.path) for r in tunnels} == {("CONNECT", "api.tokenroute.test:443")}
+    assert {r.header("Proxy-Authorization") for r in tunnels} == {"Basic dXNAZXI6cDpzcw=="}  # us@er:p:ss
+    assert "p%3Ass" not in result.err and "p:ss" not in result.err
+
+
+@pytest.mark.parametrize(("no_proxy", "host", "port", "bypassed"), [
+    ("*", "api.tokenroute.io", None, True),
+    ("tokenroute.io", "api.tokenroute.io", None, True),
+    (" .Tokenroute.IO ", "api.tokenroute.io", 443, True),
+    ("example.com, api.tokenroute.io:8443", "api.tokenroute.io", 8443, True),
+    ("api.tokenroute.io:8443", "api.tokenroute.io", None, False),
+    ("route.io", "api.tokenroute.io", None, False),
+    ("", "api.tokenroute.io", None, False),
+])
+def test_no_proxy_matches_as_urllib_reads_it(no_proxy, host, port, bypassed):
+    assert tokenroute.bypasses_proxy(host, port, no_proxy) is bypassed
 
 
 def test_loopback_gateway_is_never_reached_through_a_proxy(cli, gateway):
