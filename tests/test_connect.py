@@ -624,9 +624,9 @@ def test_env_write_leaves_lines_inside_a_multi_line_quoted_value_alone(cli: Cli,
         + "UNCLOSED='no end\nAFTER=1\n"
         + f"OPENAI_BASE_URL={gateway.url}/v1\n"
     )
-    read = read_with_python_dotenv(text)
-    assert (read["OPENAI_API_KEY"], read["OPENAI_BASE_URL"]) == (api_key, gateway.url + "/v1")
-    if dotenv is not None:  # the hand-written reader knows no multi-line values
+    if dotenv is not None:  # the hand-written reader knows no multi-line values: python-dotenv must agree
+        read = read_with_python_dotenv(text)
+        assert (read["OPENAI_API_KEY"], read["OPENAI_BASE_URL"]) == (api_key, gateway.url + "/v1")
         before = read_with_python_dotenv(MULTI_LINE)
         assert (read["CERT"], read["NOTE"]) == (before["CERT"], before["NOTE"])
         assert "OPENAI_API_KEY=sk-tr-inside1" in read["CERT"]
