@@ -781,7 +781,7 @@ def adopt_login(ctx: Context, api_url: str) -> list[str]:
     if earlier is not None and api_url not in logins:
         logins[api_url] = dict(earlier, api_url=api_url, resource=api_url)
         taken.append(f"took over the login of tokenroute 0.1.0 ({credentials_path(ctx)})")
-    if earlier is not None or taken:
+    if logins or earlier is not None:  # also brings an unversioned file to version 2, so this runs once
         write_logins(ctx, logins)
     if shared is not None and shared[1]:
         remove_shared_logins(shared[0], {api_url})

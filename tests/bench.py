@@ -189,26 +189,14 @@ def start_gateway(tmp: Path) -> tuple[FakeGateway, dict[str, str], dict[str, str
     """The gateway, a seeded key and login, the child environment, and the baselines' URLs."""
     gateway = FakeGateway().start()
     key = gateway.add_key(name="seed", balance_usd="5.00")["raw"]
-    tokens = gateway.issue_tokens(expires_in=86400)  # no refresh during the run
     config = tmp / "config"
-    config.mkdir(mode=0o700)
-    credentials = config / "credentials.json"
-    credentials.write_text(json.dumps({
-        "api_url": gateway.url,
-        "access_token": tokens["access_token"],
-        "refresh_token": tokens["refresh_token"],
-        "expires_at": time.time() + tokens["expires_in"],
-        "token_endpoint": gateway.url + "/oidc/token",
-        "client_id": "tokenroute-cli",
-        "resource": gateway.resource,
-    }))
-    credentials.chmod(0o600)
+    access_token = write_login(config, gateway, expires_in=86400)  # no refresh during the run
     skip = {"pythondontwritebytecode", "http_proxy", "https_proxy", "all_proxy", "no_proxy"}
     env = {k: v for k, v in os.environ.items() if k.lower() not in skip and not k.startswith("TOKENROUTE_")}
     env.update(TOKENROUTE_CONFIG_DIR=str(config), TOKENROUTE_API_URL=gateway.url, TOKENROUTE_API_KEY=key)
     fetches = {
         "models": [gateway.url + "/v1/models", "Bearer " + key],
-        "balance": [gateway.url + "/api/v1/balance", "Bearer " + tokens["access_token"]],
+        "balance": [gateway.url + "/api/v1/balance", "Bearer " + access_token],
     }
     return gateway, env, fetches
 
@@ -381,12 +369,13 @@ def trust_setup(tmp: Path, *, with_test_ca_in_directory: bool = True) -> dict[st
     return {"SSL_CERT_FILE": str(folder / "bundle.pem"), "SSL_CERT_DIR": str(certs)}
 
 
-def write_login(config: Path, gateway: FakeGateway, *, expires_in: int) -> None:
+def write_login(config: Path, gateway: FakeGateway, *, expires_in: int) -> str:
+    """Store a login as tokenroute writes it (folder "today": as the code before issue 8 did);
+    returns its access token."""
     tokens = gateway.issue_tokens(expires_in=expires_in)
     config.parent.mkdir(exist_ok=True)
     config.mkdir(mode=0o700, exist_ok=True)
-    credentials = config / "credentials.json"
-    credentials.write_text(json.dumps({
+    login = {
         "api_url": gateway.url,
         "access_token": tokens["access_token"],
         "refresh_token": tokens["refresh_token"],
@@ -394,8 +383,12 @@ def write_login(config: Path, gateway: FakeGateway, *, expires_in: int) -> None:
         "token_endpoint": gateway.url + "/oidc/token",
         "client_id": "tokenroute-cli",
         "resource": gateway.resource,
-    }))
+    }
+    credentials = config / "credentials.json"
+    before_issue_8 = config.parent.name.endswith("today")  # one login, no version
+    credentials.write_text(json.dumps(login if before_issue_8 else {"version": 2, "logins": {gateway.url: login}}))
     credentials.chmod(0o600)
+    return tokens["access_token"]
 
 
 def timed(argv: list[str], env: dict[str, str], before: Callable[[], None] | None) -> tuple[float, float]:
@@ -466,7 +459,7 @@ def bench_https(pairs: int) -> bool:
                    for name in ("new", "today", "refresh-new", "refresh-today")}
             for name in ("new", "today"):
                 write_login(tmp / name / "config", gateway, expires_in=86400)
-            token = json.loads((tmp / "new" / "config" / "credentials.json").read_text())["access_token"]
+            token = json.loads((tmp / "new" / "config" / "credentials.json").read_text())["logins"][gateway.url]["access_token"]
             python, fetch = sys.executable, str(tmp / "fetch.py")
 
             def tokenroute(name: str, *argv: str) -> list[str]:
