@@ -64,7 +64,7 @@ from fake_gateway import FakeGateway  # noqa: E402
 
 TIME_LIMITS = {"--version": 1.15, "env": 1.15, "run": 1.15, "--help": 2.3, "models": 1.05, "balance": 1.05}
 RSS_LIMIT_MIB = 1.0
-WHEEL_LIMIT_BYTES = 65_000  # 30_000 before issues 8-12 (state, run, env --write, output, MCP, TLS)
+WHEEL_LIMIT_BYTES = 73_000  # 30_000 before issues 8-12; about 15 KB of it is the README (the long description)
 WARMUP_RUNS = 3  # the first run of each writes __pycache__, as on a user's machine
 RSS_RUNS = 5
 GNU_TIME = "/usr/bin/time"

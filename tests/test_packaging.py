@@ -24,7 +24,7 @@ from fake_gateway import FakeGateway
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 SOURCE = REPO / "tokenroute.py"
-MAX_WHEEL_BYTES = 64 * 1024  # 30 KiB was 1.0's first cut; the module (state, run, MCP, TLS) and the README in its metadata grew
+MAX_WHEEL_BYTES = 72 * 1024  # 30 KiB was 1.0's first cut; the module (state, run, MCP, TLS) and the README in its metadata grew
 VERSION_LINE = "tokenroute %s\n" % tokenroute.__version__
 
 # Python 3.9 has no sys.stdlib_module_names: the modules a CLI like this may use.
