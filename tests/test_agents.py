@@ -4,7 +4,6 @@ ASCII output for every console."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shlex
