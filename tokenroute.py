@@ -3804,12 +3804,9 @@ def main(argv: Sequence[str] | None = None, ctx: Context | None = None) -> int:
     except KeyboardInterrupt:
         report(ctx, CliError("interrupted", code="interrupted", exit_code=EXIT_INTERRUPTED), as_json=as_json)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # `tokenroute keys list | head -1`: the reader left; end quietly
+    except (OSError, ValueError) as exc:  # only output reaches here (files raise CliError): stdout failed
         release_stdout(ctx)
-        return EXIT_OK
-    except (OSError, ValueError) as exc:  # only output reaches here (files raise CliError): stdout is closed
-        release_stdout(ctx)
-        if reader_left(exc, windows=os.name == "nt"):
+        if reader_left(exc, windows=os.name == "nt"):  # `tokenroute keys list | head -1`: end quietly
             return EXIT_OK
         report(ctx, CliError(f"cannot write the output: {describe(exc)}", code="output_failed"), as_json=as_json)
         return EXIT_USER
