@@ -1175,21 +1175,33 @@ class Opener:
 
     def connection(self, host: str, port: int | None, timeout: float) -> Any:
         import http.client
+        import ssl
 
+        tunnel = None
         if self.trust is None:
             connection = http.client.HTTPConnection(host, port, timeout=timeout)
         elif self.proxy is None or bypasses_proxy(host, port, self.no_proxy):
             connection = http.client.HTTPSConnection(host, port, timeout=timeout, context=self.trust.context)
         else:  # TLS to the host inside a CONNECT tunnel: the proxy sees neither the request nor the key
             address, authorization = proxy_address(self.proxy)
-            connection = http.client.HTTPSConnection(address, timeout=timeout, context=self.trust.context)
+            connection = tunnel = http.client.HTTPSConnection(address, timeout=timeout, context=self.trust.context)
             connection.set_tunnel(host, port, {"Proxy-Authorization": authorization} if authorization else None)
         try:
             connection.connect()
-        except BaseException:
+        except BaseException as exc:
             connection.close()
+            if tunnel is not None and isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError):
+                raise proxy_error(tunnel.host, tunnel.port, exc) from None  # the way through the proxy failed
             raise
         return connection
+
+
+def proxy_error(host: str, port: int, exc: OSError) -> CliError:
+    """The proxy failed, not the gateway: say which (never with its user name or password)."""
+    proxy = f"the HTTPS_PROXY proxy {sanitize(host)}:{port}"
+    if " 407 " in f" {exc} ":
+        return not_retryable(network_error(f"{proxy} wants a user name and password (407): put them in HTTPS_PROXY"))
+    return network_error(f"cannot reach {proxy}: {describe(exc)}")
 
 
 def bypasses_proxy(host: str, port: int | None, no_proxy: str) -> bool:
@@ -1221,6 +1233,9 @@ def proxy_address(proxy: str) -> tuple[str, str | None]:
     else:  # no scheme: `host:port`
         authority = proxy
     userinfo, at, address = authority.rpartition("@")
+    port = address.rpartition(":")[2] if ":" in address and not address.endswith("]") else ""
+    if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError("malformed proxy port")  # `user:password` with the host left out
     user, _, password = userinfo.partition(":")
     if not (at and user and password):
         return unquote(address), None
@@ -1312,6 +1327,8 @@ def proxy_settings(env: Mapping[str, str]) -> dict[str, str]:
         scheme, _, suffix = name.lower().rpartition("_")
         if suffix == "proxy" and scheme and env[name]:
             proxies[scheme] = env[name]
+        elif suffix == "proxy" and scheme and name.islower():
+            proxies.pop(scheme, None)  # an empty lower-case variable turns the upper-case one off
     if "REQUEST_METHOD" in env and "HTTP_PROXY" in env and "http_proxy" not in env:
         proxies.pop("http", None)  # under CGI, HTTP_PROXY comes from a request header (httpoxy)
     return proxies

@@ -1480,3 +1480,44 @@ def test_waiting_for_another_process_refresh_ends_within_the_timeout(cli, gatewa
     assert "another tokenroute process" in result.err
     assert gateway.refresh_count == 0
     assert 1 <= sum(cli.clock.sleeps) <= 1.2
+
+
+# ---------------------------------------------------------------- a proxy that fails
+
+
+PROXIED = {"TOKENROUTE_API_URL": "https://gateway.example.com", "NO_PROXY": "", "no_proxy": ""}
+
+
+def test_a_proxy_that_wants_a_password_is_named_and_not_retried(cli, raw_server):
+    answer, url = raw_server
+    answer["bytes"] = b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n"
+
+    result = cli.run("models", "--key", "sk-tr-abcd1234", env={**PROXIED, "HTTPS_PROXY": url})
+
+    assert_clean_failure(result, 2)
+    proxy = url.split("//")[1]
+    assert f"the HTTPS_PROXY proxy {proxy} wants a user name and password (407)" in result.err
+    assert cli.clock.sleeps == []  # a missing password does not come back on a retry
+
+
+def test_an_unreachable_proxy_is_named_not_the_gateway(cli, no_dns):
+    result = cli.run("models", "--key", "sk-tr-abcd1234", env={**PROXIED, "HTTPS_PROXY": "http://ada:s3cret@127.0.0.1:1"})
+
+    assert_clean_failure(result, 2)
+    assert "cannot reach the HTTPS_PROXY proxy 127.0.0.1:1" in result.err
+    assert "s3cret" not in result.err and "ada" not in result.err
+
+
+@pytest.mark.parametrize("proxy", ["http://ada:hunter2", "ada:hunter2"])
+def test_a_password_where_the_proxy_port_should_be_is_never_shown(cli, proxy):
+    result = cli.run("models", "--key", "sk-tr-abcd1234", env={**PROXIED, "HTTPS_PROXY": proxy})
+
+    assert_clean_failure(result, 1)
+    assert "hunter2" not in result.err
+    assert "proxy variable" in result.err
+
+
+def test_an_empty_lower_case_proxy_variable_turns_the_upper_case_one_off():
+    env = {"HTTPS_PROXY": "http://proxy.example:3128", "https_proxy": "", "HTTP_PROXY": "http://p.example:1"}
+
+    assert tokenroute.proxy_settings(env) == {"http": "http://p.example:1"}
