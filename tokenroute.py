@@ -771,20 +771,21 @@ def adopt_login(ctx: Context, api_url: str) -> list[str]:
     except CliError:
         return []  # a damaged file is reported by the command that needs it
     taken = []
-    shared = shared_logins(ctx, api_url)
-    if shared is not None and shared[1]:
-        check_writable(os.path.dirname(shared[0]))  # else the login would end up in two places
-    if api_url not in logins and shared is not None and shared[1]:
-        logins[api_url] = max(shared[1], key=lambda login: login["expires_at"])
-        taken.append(f"took over the login of tokenroute 0.2.0 ({shared[0]})")
+    path, found = shared_logins(ctx, api_url) or ("", [])
+    if found:
+        check_writable(os.path.dirname(path))  # else the login would end up in two places
+    if api_url not in logins and found:
+        logins[api_url] = max(found, key=lambda login: login["expires_at"])
+        taken.append(f"took over the login of tokenroute 0.2.0 ({path})")
     earlier = logins.pop("", None)
     if earlier is not None and api_url not in logins:
         logins[api_url] = dict(earlier, api_url=api_url, resource=api_url)
         taken.append(f"took over the login of tokenroute 0.1.0 ({credentials_path(ctx)})")
-    if logins or earlier is not None:  # also brings an unversioned file to version 2, so this runs once
-        write_logins(ctx, logins)
-    if shared is not None and shared[1]:
-        remove_shared_logins(shared[0], {api_url})
+    stored = peek_text_file(credentials_path(ctx))
+    if earlier is not None or taken or (stored is not None and f'"version": {STORE_VERSION}' not in stored):
+        write_logins(ctx, logins)  # an unversioned file of this release's first cut becomes version 2 once
+    if found:
+        remove_shared_logins(path, {api_url})
     return taken
 
 

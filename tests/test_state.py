@@ -902,3 +902,14 @@ def test_a_suggested_command_keeps_the_gateway_given_by_flag(cli, gateway):
 
     (key_id,) = gateway.keys
     assert last_error(result)["next"] == f"tokenroute --api-url {gateway.url} keys revoke {key_id}"
+
+
+def test_a_login_of_the_unversioned_first_cut_is_brought_to_version_2_once(cli, gateway):
+    login = cli.login()
+    cli.credentials.write_text(json.dumps(login))  # one login, no version: this release before issue 8
+
+    first = cli.run("whoami", "--json")
+    second = cli.run("balance", "--json")
+
+    assert (first.code, second.code) == (0, 0), (first, second)
+    assert json.loads(cli.credentials.read_text()) == {"version": 2, "logins": {gateway.url: login}}
