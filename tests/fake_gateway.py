@@ -3,7 +3,7 @@
 Tests start it on a free loopback port and point the CLI at ``gateway.url``;
 run standalone it is an offline sandbox whose logins are approved at once:
 
-    python3 tests/fake_gateway.py [--port 8787] [--host 127.0.0.1] [--tls]   # --port 0: any free port
+    python3 tests/fake_gateway.py [--port 8787] [--host 127.0.0.1] [--tls] [--verbose]   # --port 0: any free port
 
 With ``tls=`` (``--tls``) it serves https with a certificate from tests/tls/
 (see tests/make_certs.sh), and counts TLS handshakes, good and failed.
@@ -866,9 +866,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--port", type=int, default=8787, help="the port (default 8787; 0 picks a free one)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--tls", action="store_true", help="serve https with tests/tls/localhost.pem")
+    parser.add_argument("--verbose", action="store_true", help="log each request on stderr")
     args = parser.parse_args(argv)
     gateway = FakeGateway(auto_approve=True, auto_pay=True, interval=1, port=args.port, host=args.host,
-                          log_requests=True, tls=server_tls_context() if args.tls else None)
+                          log_requests=args.verbose, tls=server_tls_context() if args.tls else None)
     try:
         try:
             gateway.start()
