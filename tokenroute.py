@@ -261,15 +261,15 @@ def api_url_setting(ctx: Context, flag: str | None) -> tuple[str, str]:
     unset must not mean production); an empty TOKENROUTE_API_URL is unset, as
     every other TOKENROUTE_* variable and `${VAR:-default}` treat it.
     """
-    env_url = ctx.env.get("TOKENROUTE_API_URL", "")
+    env_url = ctx.env.get("TOKENROUTE_API_URL")
     if flag is not None:
         if not flag.strip():
             raise CliError(f"--api-url is empty: give the gateway's URL, or leave the flag out for {DEFAULT_API_URL}")
         url, source = flag, "--api-url"
-    elif env_url.strip():
+    elif env_url and env_url.strip():
         url, source = env_url, "TOKENROUTE_API_URL"
     else:
-        url, source = DEFAULT_API_URL, "default; TOKENROUTE_API_URL is set but empty" if env_url else "default"
+        url, source = DEFAULT_API_URL, "default" if env_url is None else "default; TOKENROUTE_API_URL is set but empty"
     if "@" in url:  # never echoed: the part before @ may be a password
         raise CliError(f"{source} must not hold a user name or password; remove the part up to @")
     canonical = canonical_url(url)
