@@ -1942,7 +1942,7 @@ def usd(value: object, *, per: int = 1) -> str:
     digits, point = whole + fraction, len(whole) + len(str(per)) - 1  # move the point right
     digits = digits.ljust(point, "0")
     whole, fraction = digits[:point] or "0", digits[point:].rstrip("0")
-    below_a_cent = not whole.strip("0") and fraction[:2] == "00" and fraction
+    below_a_cent = not whole.strip("0") and fraction[:2] == "00"
     if (per != 1 and len(fraction) > 2) or below_a_cent:
         return f"{sign}${int(whole):,}.{fraction}"
     cents = int(whole + fraction.ljust(2, "0")[:2]) + (fraction[2:3] >= "5")
@@ -2293,13 +2293,11 @@ class Show:
         arguments: Sequence[str] = (),
         fields: Sequence[str] = (),
         table: tuple[Sequence[str], Callable[[dict[str, Any]], list[str]]] | None = None,
-        empty: str = "",
     ) -> None:
         self.operation = operation
         self.arguments = arguments
         self.fields = fields
         self.table = table
-        self.empty = empty  # a note for an empty table
 
     def __call__(self, args: argparse.Namespace, ctx: Context) -> int:
         api_url, _ = api_url_setting(ctx, args.api_url)
@@ -2308,11 +2306,9 @@ class Show:
             render_json(ctx, data)
         elif self.table is None:
             render_fields(ctx, dict(data, api_url=api_url), self.fields)
-        elif data or not self.empty:
+        else:
             headers, row = self.table
             render_table(ctx, headers, [row(item) for item in data])
-        else:
-            note(ctx, self.empty)
         return EXIT_OK
 
 
@@ -2540,6 +2536,8 @@ def confirm(ctx: Context, question: str) -> bool:
     ctx.stderr.write(f"{question} [y/N] ")
     ctx.stderr.flush()
     answer = ctx.stdin.readline(100) if ctx.stdin is not None else b""
+    if not answer.endswith(b"\n"):  # end of input (Ctrl-D): what follows starts on a line of its own
+        note(ctx, "")
     return answer.strip().lower() in (b"y", b"yes")
 
 

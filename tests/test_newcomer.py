@@ -235,7 +235,8 @@ def test_a_terminal_that_answers_nothing_keeps_the_key(cli: Cli, gateway: FakeGa
     result = cli.run("keys", "revoke", seed["id"], "--json", tty=True, stdin=b"")
 
     assert (result.code, result.out) == (1, "")
-    assert json.loads(result.err.splitlines()[-1].partition("[y/N] ")[2])["error"]["code"] == "cancelled"
+    prompt, error = result.err.splitlines()
+    assert prompt.endswith("Revoke it? [y/N] ") and json.loads(error)["error"]["code"] == "cancelled"
     assert gateway.keys[seed["id"]]["status"] == "active"
 
 
