@@ -255,18 +255,28 @@ def paradigx_dir(ctx: Context) -> str | None:
 
 
 def api_url_setting(ctx: Context, flag: str | None) -> tuple[str, str]:
-    """The gateway base URL in canonical form and where it came from (flag, env, default)."""
-    if flag:
+    """The gateway base URL in canonical form and where it came from (flag, env, default).
+
+    An empty --api-url is an error (`--api-url "$STAGING"` with the variable
+    unset must not mean production); an empty TOKENROUTE_API_URL is unset, as
+    every other TOKENROUTE_* variable and `${VAR:-default}` treat it.
+    """
+    env_url = ctx.env.get("TOKENROUTE_API_URL")
+    if flag is not None:
+        if not flag.strip():
+            raise CliError(f"--api-url is empty: give the gateway's URL, or leave the flag out for {DEFAULT_API_URL}")
         url, source = flag, "--api-url"
-    elif ctx.env.get("TOKENROUTE_API_URL"):
-        url, source = ctx.env["TOKENROUTE_API_URL"], "TOKENROUTE_API_URL"
+    elif env_url and env_url.strip():
+        url, source = env_url, "TOKENROUTE_API_URL"
     else:
-        url, source = DEFAULT_API_URL, "default"
+        url, source = DEFAULT_API_URL, "default" if env_url is None else "default; TOKENROUTE_API_URL is set but empty"
     if "@" in url:  # never echoed: the part before @ may be a password
         raise CliError(f"{source} must not hold a user name or password; remove the part up to @")
     canonical = canonical_url(url)
     if canonical is None:
-        raise CliError(f"{source} is not a valid http(s) gateway URL: {sanitize(url.strip())!r}")
+        guess = with_scheme(url)
+        meant = f"; did you mean {guess}?" if guess else ""
+        raise CliError(f"{source} is not a valid http(s) gateway URL: {sanitize(url.strip())!r}{meant}")
     scheme, host = canonical.partition(":")[0], url_host(canonical)
     if scheme == "http" and not is_loopback(host):
         raise CliError(
@@ -274,6 +284,16 @@ def api_url_setting(ctx: Context, flag: str | None) -> tuple[str, str]:
             code="insecure_url",
         )
     return canonical, source
+
+
+def with_scheme(url: str) -> str | None:
+    """`localhost:8787` as the URL it likely means: http for this machine, https elsewhere."""
+    if "://" in url:
+        return None
+    guess = canonical_url("https://" + url.strip())
+    if guess is None:
+        return None
+    return "http" + guess[len("https"):] if is_loopback(url_host(guess)) else guess
 
 
 def canonical_url(url: str) -> str | None:
@@ -1534,9 +1554,61 @@ def expect_json(response: Response, kind: type) -> Any:
 def call_api(ctx: Context, method: str, url: str, *, key: str, json_body: object = None, kind: type = dict) -> Any:
     """An OpenAI-compatible /v1 call authorized by an API key."""
     response = send(ctx, method, url, token=key, json_body=json_body)
+    api_url, _, path = url.rpartition("/v1/")
+    if response.status == 404 and not is_openai_error(response.json()):  # the gateway's own 404s are OpenAI's
+        raise not_a_gateway(api_url, f"it answers /v1/{path} with HTTP 404", status=404)
+    if response.status == 402:
+        raise key_without_credit(ctx, api_url, key, error_from_response(response, account=False, secret=key))
     if response.status >= 300:
         raise error_from_response(response, account=False, secret=key)
     return expect_json(response, kind)
+
+
+def is_openai_error(data: object) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("error"), dict)
+
+
+def not_a_gateway(api_url: str, answer: str, *, status: int) -> CliError:
+    """A URL that answers, but not as a tokenroute gateway; with its base URL when it ends in /v1
+    (OPENAI_BASE_URL, copied from `tokenroute env`)."""
+    base = api_url[: -len("/v1")] if api_url.endswith("/v1") else None
+    hint = f"; the gateway's URL is probably {base} (without /v1)" if base else ""
+    return CliError(
+        f"no tokenroute gateway at {api_url} ({answer}){hint}",
+        code="not_a_gateway",
+        status=status,
+        payload={"suggested_api_url": base} if base else None,
+    )
+
+
+def key_without_credit(ctx: Context, api_url: str, key: str, error: CliError) -> CliError:
+    """A 402 that names the key used, where it came from and its balance (from the account's key
+    list when logged in, else as the gateway's message says): credit is per key."""
+    try:
+        in_use = resolve_api_key(ctx, None, api_url)
+    except CliError:
+        in_use = None
+    source = in_use[1] if in_use is not None and in_use[0] == key else "--key"
+    try:
+        keys = list_keys(ctx, api_url)
+    except CliError:  # not logged in, or the list fails: the gateway's message is all there is
+        keys = []
+    used = find_key(keys, key)
+    prefix = key[: len(KEY_PREFIX) + 4]  # shown as `sk-tr-abcd...`, as every key in a message
+    label = f"{show(used.get('name'))!r} ({prefix})" if used else prefix
+    balance = f" has {usd(used.get('balance_usd'))}" if used else ""
+    funded = [k for k in keys if k is not used and k.get("status") == "active" and has_credit(k.get("balance_usd"))]
+    others = f" (your key {show(funded[0].get('name'))!r} has {usd(funded[0].get('balance_usd'))})" if funded else ""
+    described = {name: used.get(name) for name in ("id", "name", "key_prefix", "balance_usd")} if used else {
+        "key_prefix": prefix}
+    return CliError(
+        f"{error.message}: the API key {label} from {source}{balance}; credit is per key{others}: "
+        "top up, or use a funded key with --key or TOKENROUTE_API_KEY",
+        code=error.code,
+        next=error.next,
+        status=error.status,
+        payload={"key": dict(described, source=source)},
+    )
 
 
 def call_account(
@@ -1651,6 +1723,11 @@ def discover(ctx: Context, api_url: str) -> dict[str, Any]:
     response = send(ctx, "GET", api_url + "/api/v1/auth/discovery")
     if response.status == 503:
         raise server_error("CLI login is not enabled on this gateway", status=503)
+    if response.status == 404 or (response.status < 300 and not isinstance(response.json(), dict)):
+        content_type = sanitize(response.headers.get("Content-Type") or "no content type")
+        raise not_a_gateway(
+            api_url, f"it answers /api/v1/auth/discovery with HTTP {response.status}, {content_type}", status=response.status
+        )
     if response.status >= 300:
         raise error_from_response(response, account=False)
     found = expect_json(response, dict)
@@ -1830,7 +1907,7 @@ FIELD_LABELS = {
     "id": "ID", "display_name": "Name", "email": "Email", "logto_sub": "Subject", "balance_usd": "Balance",
     "status": "Status", "currency": "Currency", "name": "Name", "key_prefix": "Prefix", "created_at": "Created",
     "range_days": "Days", "total_requests": "Requests", "total_tokens_in": "Tokens in",
-    "total_tokens_out": "Tokens out", "total_cost_usd": "Cost", "api_url": "Gateway",
+    "total_tokens_out": "Tokens out", "total_cost_usd": "Cost", "api_url": "Gateway", "in_use": "In use",
 }
 
 
@@ -1848,48 +1925,59 @@ def human(name: str, value: object) -> str:
 
 
 def usd(value: object, *, per: int = 1) -> str:
-    """A server amount (a decimal string) as `$1,234.50`: always cents.
+    """A server amount (a decimal string) as `$1,234.50`: cents at least.
 
     `per` (10, 100, 1000...) scales a unit price (per 1k tokens -> per 1M);
-    a price keeps the digits below a cent it has (`$0.075`), an amount is
-    rounded half up to cents. Anything else is shown as sent. Done on the
-    digits: importing decimal would cost human output a few ms of start-up.
+    a price keeps the digits below a cent it has (`$0.075`), an amount of a
+    cent or more is rounded half up to cents, and one below a cent keeps its
+    digits (`$0.0042`: spent, but not nothing). Anything else, and amounts
+    of absurd length, are shown as sent. Done on the digits: importing
+    decimal would cost human output a few ms of start-up.
     """
     text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
     sign, body = ("-", text[1:]) if text.startswith("-") else ("", text)
     whole, _, fraction = body.partition(".")
-    if not (whole + fraction).isdigit() or not (whole + fraction).isascii():
+    if not (whole + fraction).isdigit() or not (whole + fraction).isascii() or len(body) > MAX_AMOUNT_CHARS:
         return show(value)
     digits, point = whole + fraction, len(whole) + len(str(per)) - 1  # move the point right
     digits = digits.ljust(point, "0")
     whole, fraction = digits[:point] or "0", digits[point:].rstrip("0")
-    if per != 1 and len(fraction) > 2:
+    below_a_cent = not whole.strip("0") and fraction[:2] == "00"
+    if (per != 1 and len(fraction) > 2) or below_a_cent:
         return f"{sign}${int(whole):,}.{fraction}"
     cents = int(whole + fraction.ljust(2, "0")[:2]) + (fraction[2:3] >= "5")
-    if not cents and digits.strip("0") and not sign:
-        return "<$0.01"  # spent, but less than a cent: not nothing
     return f"{sign if cents else ''}${cents // 100:,}.{cents % 100:02d}"
 
 
+MAX_AMOUNT_CHARS = 40  # digits beyond any balance; Python refuses int() of over 4,300
+
+
 def readable_time(value: object) -> str:
-    """A server time (ISO 8601 text or Unix seconds) as `2026-11-30 14:02 UTC`."""
+    """A server time (ISO 8601 text or Unix seconds) as `2026-11-30 14:02 UTC`; as sent when it is
+    none, or one that UTC cannot hold (year 1 or 9999 with an offset)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e11:
-        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(value))
+        try:
+            return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(value))
+        except (OverflowError, OSError, ValueError):  # Windows' gmtime stops at the year 3000
+            return show(value)
     if not isinstance(value, str):
         return show(value)
     text = value.strip()
-    plain = text[:10].replace("-", "").isdigit() and text[10:11] in ("T", " ") and text[13:14] == ":"
+    digits = text[:4] + text[5:7] + text[8:10] + text[11:13] + text[14:16]
+    separators = text[4:5] + text[7:8] + text[10:11].replace(" ", "T") + text[13:14]
+    plain = len(digits) == 12 and digits.isascii() and digits.isdigit() and separators == "--T:"
     if plain and text[16:].lstrip("0123456789:.").upper() in ("", "Z", "+00:00"):
         return f"{text[:10]} {text[11:16]} UTC"  # already UTC: no datetime to import
     from datetime import datetime, timezone
 
     try:
         moment = datetime.fromisoformat(text)
-    except ValueError:
+        if moment.tzinfo is None:  # the gateway's times are UTC
+            moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
         return show(value)
-    if moment.tzinfo is None:  # the gateway's times are UTC
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d} {moment.hour:02d}:{moment.minute:02d} UTC"
 
 
 def readable_duration(seconds: float) -> str:
@@ -2205,13 +2293,11 @@ class Show:
         arguments: Sequence[str] = (),
         fields: Sequence[str] = (),
         table: tuple[Sequence[str], Callable[[dict[str, Any]], list[str]]] | None = None,
-        empty: str = "",
     ) -> None:
         self.operation = operation
         self.arguments = arguments
         self.fields = fields
         self.table = table
-        self.empty = empty  # a note for an empty table
 
     def __call__(self, args: argparse.Namespace, ctx: Context) -> int:
         api_url, _ = api_url_setting(ctx, args.api_url)
@@ -2220,11 +2306,9 @@ class Show:
             render_json(ctx, data)
         elif self.table is None:
             render_fields(ctx, dict(data, api_url=api_url), self.fields)
-        elif data or not self.empty:
+        else:
             headers, row = self.table
             render_table(ctx, headers, [row(item) for item in data])
-        else:
-            note(ctx, self.empty)
         return EXIT_OK
 
 
@@ -2338,41 +2422,123 @@ KEY_COLUMNS = ("id", "name", "key_prefix", "status", "balance_usd", "created_at"
 
 
 def list_keys(ctx: Context, api_url: str) -> list[dict[str, Any]]:
-    keys = call_account(ctx, api_url, "GET", "/api/v1/me/keys", kind=list)
-    return [key for key in keys if isinstance(key, dict)]
+    """The account's keys, each with `in_use`: whether env, run, test and models use it here."""
+    keys = [key for key in call_account(ctx, api_url, "GET", "/api/v1/me/keys", kind=list) if isinstance(key, dict)]
+    in_use = key_in_use(ctx, api_url)
+    used = find_key(keys, in_use[0]) if in_use else None
+    return [dict(key, in_use=key is used) for key in keys]
 
 
-def key_row(key: dict[str, Any]) -> list[str]:
-    return [human(column, key.get(column)) for column in KEY_COLUMNS]
+def key_in_use(ctx: Context, api_url: str) -> tuple[str, str] | None:
+    """The API key env, run, test and models use here, and where it comes from; None when none."""
+    try:
+        return resolve_api_key(ctx, None, api_url)
+    except CliError:
+        return None
 
 
-cmd_keys_list = Show(
-    list_keys,
-    table=([FIELD_LABELS[column] for column in KEY_COLUMNS], key_row),
-    empty="No keys yet. Create one: tokenroute keys create --name NAME",
-)
+def find_key(keys: list[dict[str, Any]], raw: str) -> dict[str, Any] | None:
+    """The listed key a raw key is, by its prefix (the gateway never lists raw keys); None when
+    none or several (of the active ones) match."""
+    matches = [
+        key for key in keys
+        if isinstance(key.get("key_prefix"), str) and len(key["key_prefix"]) > len(KEY_PREFIX)
+        and raw.startswith(key["key_prefix"])
+    ]
+    if len(matches) > 1:
+        matches = [key for key in matches if key.get("status") == "active"]
+    return matches[0] if len(matches) == 1 else None
+
+
+def has_credit(value: object) -> bool:
+    """Whether a server amount (a decimal string) is above zero."""
+    text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    whole, _, fraction = text.partition(".")
+    return (whole + fraction).isascii() and (whole + fraction).isdigit() and bool((whole + fraction).strip("0"))
+
+
+def key_row(key: dict[str, Any], columns: Sequence[str]) -> list[str]:
+    return [("yes" if key[column] else "") if column == "in_use" else human(column, key.get(column)) for column in columns]
+
+
+def cmd_keys_list(args: argparse.Namespace, ctx: Context) -> int:
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    keys = list_keys(ctx, api_url)
+    if args.json:
+        render_json(ctx, keys)
+        return EXIT_OK
+    if not keys:
+        note(ctx, "No keys yet. Create one: tokenroute keys create --name NAME")
+        return EXIT_OK
+    marked = any(key["in_use"] for key in keys)
+    columns = (*KEY_COLUMNS, "in_use") if marked else KEY_COLUMNS
+    render_table(ctx, [FIELD_LABELS[column] for column in columns], [key_row(key, columns) for key in keys])
+    in_use = key_in_use(ctx, api_url)
+    if in_use is not None:
+        ctx.stdout.flush()
+        if marked:
+            note(ctx, f"In use: the key env, run, test and models use (from {in_use[1]}).")
+        else:
+            note(ctx, f"The key that env, run, test and models use ({redact(in_use[0])}, from {in_use[1]}) "
+                      "is none of these.")
+    return EXIT_OK
 
 
 def revoke_key(ctx: Context, api_url: str, *, id: str) -> dict[str, Any]:
-    from urllib.parse import quote
-
-    if id in (".", ".."):
-        raise CliError(f"{id!r} is not a key id (see tokenroute keys list)")
-    key = call_account(ctx, api_url, "DELETE", "/api/v1/me/keys/" + quote(id, safe=""))
-    prefix = key.get("key_prefix")
-    if forget_cached_key(ctx, api_url, key_id=id, prefix=prefix if isinstance(prefix, str) else None):
+    key, uncached = revoke_and_forget(ctx, api_url, id=id)
+    if uncached:
         note(ctx, f"Removed it from the key cache ({last_key_path(ctx)}).")
     return key
 
 
+def revoke_and_forget(ctx: Context, api_url: str, *, id: str) -> tuple[dict[str, Any], bool]:
+    """Revoke a key, then forget it if it is the cached one; returns the revoked key and whether it was."""
+    from urllib.parse import quote
+
+    if id in (".", ".."):
+        raise CliError(f"{id!r} is not a key id (see tokenroute keys list)")
+    try:
+        key = call_account(ctx, api_url, "DELETE", "/api/v1/me/keys/" + quote(id, safe=""))
+    except CliError as error:
+        if error.status == 404:
+            error.next = "tokenroute keys list"
+        raise
+    prefix = key.get("key_prefix")
+    return key, forget_cached_key(ctx, api_url, key_id=id, prefix=prefix if isinstance(prefix, str) else None)
+
+
 def cmd_keys_revoke(args: argparse.Namespace, ctx: Context) -> int:
+    """Revoke a key; one that holds credit is confirmed first at a terminal (--yes skips), and its
+    loss is said after the revoke without one. Messages come in the order things happen."""
     api_url, _ = api_url_setting(ctx, args.api_url)
-    key = revoke_key(ctx, api_url, id=args.id)
+    listed = next((key for key in list_keys(ctx, api_url) if str(key.get("id")) == args.id), None)
+    credit = listed.get("balance_usd") if listed and listed.get("status") == "active" else None
+    credit = credit if has_credit(credit) else None
+    ask = credit is not None and ctx.person_present and not args.yes
+    if ask and not confirm(ctx, f"{sanitize(args.id)} ({show(listed.get('name'))}) holds {usd(credit)} of credit, "
+                                "lost with the key. Revoke it?"):
+        raise CliError("not revoked", code="cancelled")
+    key, uncached = revoke_and_forget(ctx, api_url, id=args.id)
     if args.json:
         render_json(ctx, key)
     else:
         say_ok(ctx, f"revoked {show(key.get('id', args.id))} ({show(key.get('name'))})")
+    ctx.stdout.flush()  # before the notes: in one terminal or log, things read in the order they happened
+    if credit is not None and not ask:
+        warn(ctx, f"the {usd(credit)} of credit on {sanitize(args.id)} is lost with it")
+    if uncached:
+        note(ctx, f"Removed it from the key cache ({last_key_path(ctx)}).")
     return EXIT_OK
+
+
+def confirm(ctx: Context, question: str) -> bool:
+    """Ask the person at the terminal; only a yes goes ahead."""
+    ctx.stderr.write(f"{question} [y/N] ")
+    ctx.stderr.flush()
+    answer = ctx.stdin.readline(100) if ctx.stdin is not None else b""
+    if not answer.endswith(b"\n"):  # end of input (Ctrl-D): what follows starts on a line of its own
+        note(ctx, "")
+    return answer.strip().lower() in (b"y", b"yes")
 
 
 def topup(ctx: Context, api_url: str, *, amount: str) -> dict[str, Any]:
@@ -2402,9 +2568,19 @@ def cmd_topup(args: argparse.Namespace, ctx: Context) -> int:
     expires = session.get("expires_at")
     until = f" The link expires {readable_time(expires)}." if expires is not None else ""
     note(ctx, f"Open it to pay {usd(session.get('amount_usd', args.amount))}; credit arrives once paid.{until}")
+    note(ctx, credited_key(session))
     if ctx.person_present and ctx.stdout_tty and not args.no_browser:
         open_url_for_person(ctx, url)
     return EXIT_OK
+
+
+def credited_key(session: dict[str, Any]) -> str:
+    """Which key the credit goes to, where the gateway's answer says (`key_id`, `key_name`,
+    `key_prefix`: its key fields' names); credit is per key."""
+    named = [show(session[name]) for name in ("key_name", "key_id", "key_prefix") if isinstance(session.get(name), str)]
+    if named:
+        return f"Credit is per key: this goes to the key {named[0]}" + (f" ({', '.join(named[1:])})." if named[1:] else ".")
+    return "Credit is per key: once paid, `tokenroute keys list` shows which key holds it."
 
 
 USAGE_FIELDS = ("range_days", "total_requests", "total_tokens_in", "total_tokens_out", "total_cost_usd")
@@ -2697,17 +2873,22 @@ def exec_error(program: str, exc: OSError) -> CliError:
 def try_chat(ctx: Context, api_url: str, *, model: str = DEFAULT_MODEL, key: str | None = None) -> dict[str, Any]:
     """`test`: one tiny chat completion, end to end."""
     key, _ = resolve_api_key(ctx, key, api_url)
-    completion = call_api(
-        ctx,
-        "POST",
-        api_url + "/v1/chat/completions",
-        key=key,
-        json_body={
-            "model": model,
-            "messages": [{"role": "user", "content": "Reply with the single word OK."}],
-            "max_tokens": 5,
-        },
-    )
+    try:
+        completion = call_api(
+            ctx,
+            "POST",
+            api_url + "/v1/chat/completions",
+            key=key,
+            json_body={
+                "model": model,
+                "messages": [{"role": "user", "content": "Reply with the single word OK."}],
+                "max_tokens": 5,
+            },
+        )
+    except CliError as error:
+        if error.status == 404 and error.code != "not_a_gateway":  # the model is unknown
+            error.next = "tokenroute models"
+        raise
     return {"ok": True, "model": model, "reply": chat_reply(completion), "usage": completion.get("usage")}
 
 
@@ -2783,7 +2964,7 @@ def run_checks(ctx: Context, args: argparse.Namespace | Args) -> list[Check]:
         checks.append(Check.failed("api url", error))
     else:
         checks.append(Check("api url", "ok", f"{api_url} (from {source})"))
-        checks += [check_gateway(ctx, api_url), check_login(ctx, api_url), check_api_key(ctx, args, api_url)]
+        checks += [check_gateway(ctx, api_url, source), check_login(ctx, api_url), check_api_key(ctx, args, api_url)]
     return checks + check_files(ctx)
 
 
@@ -2818,14 +2999,28 @@ def check_python() -> Check:
     return Check("python", "ok", f"Python {version} ({sys.executable or 'embedded'})")
 
 
-def check_gateway(ctx: Context, api_url: str) -> Check:
+def check_gateway(ctx: Context, api_url: str, source: str) -> Check:
     try:
         discover(ctx, api_url)
     except CliError as error:
         if error.status == 503:
             return Check("gateway", "warning", "reachable, but CLI login is not enabled on it")
-        return Check.failed("gateway", error)
+        check = Check.failed("gateway", error)
+        if error.code == "not_a_gateway":
+            check.fix = gateway_url_fix(source, (error.payload or {}).get("suggested_api_url"))
+        return check
     return Check("gateway", "ok", "reachable")
+
+
+def gateway_url_fix(source: str, base: str | None) -> str:
+    """How to point tokenroute at a gateway, from where the wrong URL came."""
+    import shlex
+
+    if base is None:
+        return "set --api-url or TOKENROUTE_API_URL to your tokenroute gateway's URL"
+    if source == "--api-url":
+        return f"tokenroute --api-url {shlex.quote(base)} doctor"
+    return f"export TOKENROUTE_API_URL={shlex.quote(base)}"
 
 
 def check_login(ctx: Context, api_url: str) -> Check:
@@ -2903,6 +3098,11 @@ def cmd_help_topic(args: argparse.Namespace, ctx: Context) -> int:
     if error is not None:
         raise error
     parse_args([*args.topic, "--help"], ctx)  # argparse prints the help and exits 0
+    return EXIT_OK
+
+
+def cmd_version(args: argparse.Namespace | Args, ctx: Context) -> int:
+    ctx.stdout.write(f"tokenroute {__version__}\n")
     return EXIT_OK
 
 
@@ -3425,7 +3625,8 @@ class Command:
 
 
 def option(*flags: str, **settings: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
-    """The arguments of one `add_argument` call."""
+    """The arguments of one `add_argument` call; `word=True`: the value may come as the command's
+    bare word instead (`keys create laptop`, as gh and fly take names), not as both."""
     return flags, settings
 
 
@@ -3458,23 +3659,24 @@ COMMANDS = (
     Command("whoami", cmd_whoami, "show the current user and balance", "tokenroute whoami --json"),
     Command(
         "keys create", cmd_keys_create, "create an sk-tr-* API key (shown once)", "tokenroute keys create --name laptop",
-        option("--name", required=True, type=non_empty, help="a name to recognise the key by"),
+        option("--name", required=True, word=True, type=non_empty, help="a name to recognise the key by"),
         option("--no-cache", action="store_true", help="do not cache the raw key in last_key.txt"),
     ),
     Command("keys list", cmd_keys_list, "list your API keys", "tokenroute keys list"),
     Command(
         "keys revoke", cmd_keys_revoke, "revoke an API key", "tokenroute keys revoke key_123",
         option("id", type=non_empty, help="the key id (from keys list)"),
+        option("--yes", action="store_true", help="do not ask, even when the key still holds credit"),
     ),
     Command("balance", cmd_balance, "show the credit across your active keys", "tokenroute balance --json"),
     Command(
         "topup", cmd_topup, "get a Stripe Checkout URL to add credit", "tokenroute topup --amount 5",
-        option("--amount", required=True, type=parse_amount, metavar="USD", help="amount in USD, e.g. 5 or 12.50"),
+        option("--amount", required=True, word=True, type=parse_amount, metavar="USD", help="amount in USD, e.g. 5 or 12.50"),
         NO_BROWSER_OPTION,
     ),
     Command(
         "usage", cmd_usage, "show spend over the last N days", "tokenroute usage --days 7",
-        option("--days", type=parse_days, default=30, metavar="N", help="1-365 (default 30)"),
+        option("--days", type=parse_days, default=30, word=True, metavar="N", help="1-365 (default 30)"),
     ),
     Command(
         "env", cmd_env, "print OPENAI_API_KEY and OPENAI_BASE_URL", "tokenroute env --write",
@@ -3485,7 +3687,7 @@ COMMANDS = (
     ),
     Command(
         "test", cmd_test, "send a tiny chat completion end to end", "tokenroute test --model openai/gpt-4o",
-        option("--model", default=DEFAULT_MODEL, type=non_empty, help=f"model id (default {DEFAULT_MODEL})"),
+        option("--model", default=DEFAULT_MODEL, word=True, type=non_empty, help=f"model id (default {DEFAULT_MODEL})"),
         KEY_OPTION,
     ),
     Command("models", cmd_models, "list available models with pricing", "tokenroute models --json", KEY_OPTION),
@@ -3497,6 +3699,7 @@ COMMANDS = (
         option("shell", choices=("bash", "zsh", "fish")),
     ),
     Command("mcp", cmd_mcp, "serve your account as MCP tools on stdin/stdout", "tokenroute mcp"),
+    Command("version", cmd_version, "print the version", "tokenroute version"),
     Command(
         "help", cmd_help_topic, "show the help of a command", "tokenroute help keys create",
         option("topic", nargs="*", metavar="COMMAND", help="a command, e.g. `keys create`"),
@@ -3519,6 +3722,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
         def convert(text: str) -> Any:
+            if text is argparse.SUPPRESS:  # a bare word's default (`option(word=True)`): none was given
+                return text
             try:
                 return parse(text)
             except BadValue as error:  # shown as is, not as "invalid parse_days value"
@@ -3561,7 +3766,15 @@ def build_parser() -> argparse.ArgumentParser:
             for flags, settings in command.options:
                 if "type" in settings:
                     settings = dict(settings, type=checked(settings["type"]))
-                sub.add_argument(*flags, **settings)
+                target: Any = sub
+                if settings.get("word"):  # `keys create laptop` as `--name laptop`; one of the two
+                    target = sub.add_mutually_exclusive_group(required=settings.get("required", False))
+                    settings = {name: value for name, value in settings.items() if name not in ("word", "required")}
+                    target.add_argument(
+                        dest_of(flags[0]), nargs="?", default=argparse.SUPPRESS, type=settings.get("type"),
+                        metavar=settings.get("metavar") or dest_of(flags[0]).upper(), help=f"same as {flags[0]}",
+                    )
+                target.add_argument(*flags, **settings)
     return parser
 
 
@@ -3613,11 +3826,18 @@ def parse_fast(argv: Sequence[str]) -> Args | None:
         return None
     for flag, settings in options.items():
         values[dest_of(flag)] = False if settings.get("action") == "store_true" else settings.get("default")
+    worded = [flag for flag, settings in options.items() if settings.get("word")]
+    given = []
     stream = iter(rest[command.name.count(" ") + 1:])
     for word in stream:
         flag, equals, text = word.partition("=")
+        if flag not in options and worded and not word.startswith("-"):
+            flag, equals, text = worded[0], "=", word  # `topup 5`: --amount's bare word
+            given.append("word")
+        elif flag in worded:
+            given.append("flag")
         settings = options.get(flag)
-        if settings is None:
+        if settings is None or given.count("word") > 1 or len(set(given)) > 1:
             return None
         if settings.get("action") == "store_true":
             if equals:
@@ -3734,11 +3954,6 @@ def dest_of(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
-def cmd_version(args: Args, ctx: Context) -> int:
-    ctx.stdout.write(f"tokenroute {__version__}\n")
-    return EXIT_OK
-
-
 def cmd_help(args: Args, ctx: Context) -> int:
     """The top-level help, from COMMANDS (argparse renders each command's own -h)."""
     width = max(len(command.name) for command in COMMANDS) + 2
@@ -3767,7 +3982,10 @@ def parse_args(argv: Sequence[str], ctx: Context) -> argparse.Namespace | Args:
     usage = parser.by_name[name].format_usage().strip()
     if extras:
         plural = "s" if len(extras) > 1 else ""
-        raise CliError(f"unrecognized argument{plural}: {' '.join(extras)}", code="usage", usage=usage)
+        version = "; for the version, use --version" if {"-v", "-V"} & set(extras) else ""
+        raise CliError(f"unrecognized argument{plural}: {' '.join(extras)}{version}", code="usage", usage=usage)
+    if not hasattr(args, "func") and name in GROUPS and not getattr(args, "json", False):
+        return Args(func=cmd_help_topic, topic=[name], json=False, api_url=None)  # `tokenroute keys`, as bare `tokenroute`
     if not hasattr(args, "func"):
         where = f"tokenroute {name}".strip()
         raise CliError(f"{where} needs a COMMAND (see `{where} -h`)", code="usage", usage=usage)

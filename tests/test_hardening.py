@@ -1232,7 +1232,7 @@ def test_empty_name_or_id_exits_1_before_any_request(cli, gateway, argv):
 
 
 @pytest.mark.parametrize(
-    "argv", [["frobnicate"], ["whoami", "--frob"], ["keys", "frob"], ["--frob"], ["keys"], ["--api-url", "https://api.tokenroute.io"], ["topup"]]
+    "argv", [["frobnicate"], ["whoami", "--frob"], ["keys", "frob"], ["--frob"], ["--api-url", "https://api.tokenroute.io"], ["topup"]]
 )
 def test_unknown_command_or_option_exits_1_with_the_usage_line(cli, gateway, argv):
     cli.login()

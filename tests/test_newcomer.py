@@ -1,0 +1,537 @@
+"""The first ten minutes (issue 16 §3, §5, §6) and odd input (issue 15 §7).
+
+Credit lives on each key, and every place that touches it says which key;
+a URL that is no gateway says so (and what the gateway's URL probably is);
+the habits people bring from gh and fly work; an empty --api-url, a time at
+the edge of the calendar and an absurd amount get a clear answer, never a
+traceback. Each behaviour runs through the installed console script against
+the fake gateway; a few run in process where a terminal is played.
+"""
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import json
+import os
+import re
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+import tokenroute
+from conftest import Cli, console_script
+from fake_gateway import FakeGateway
+
+posix_only = pytest.mark.skipif(os.name != "posix", reason="a pseudo-terminal is POSIX's")
+
+
+def sent(gateway: FakeGateway, method: str, path: str) -> list[Any]:
+    return [r for r in gateway.requests if r.method == method and r.path_only == path]
+
+
+def key_named(gateway: FakeGateway, name: str) -> dict[str, str]:
+    return next(key for key in gateway.keys.values() if key["name"] == name)
+
+
+def script_merged(cli: Cli, *argv: str) -> tuple[int, str]:
+    """The console script with stdout and stderr in one stream, as a terminal or a log shows them."""
+    done = subprocess.run([console_script(), *argv], env=cli.process_env(), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+    return done.returncode, done.stdout
+
+
+def script_at_terminal(cli: Cli, *argv: str, typed: bytes) -> tuple[int, str, str]:
+    """The console script with stdin and stderr on a pseudo-terminal (a person there) and stdout piped;
+    `typed` is what the person types. Returns the exit code, stdout, and what the terminal showed."""
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        child = subprocess.Popen([console_script(), *argv], env=cli.process_env(), stdin=slave,
+                                 stdout=subprocess.PIPE, stderr=slave)
+    finally:
+        os.close(slave)
+    os.write(master, typed)
+    out, _ = child.communicate(timeout=60)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the terminal's other side is closed
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    return child.returncode, out.decode(), shown.decode()
+
+
+class QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def web_server(tmp_path: Path) -> Iterator[str]:
+    """A plain web server (a folder with an index.html), no gateway: every API path is a 404."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<h1>Welcome</h1>")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietFiles, directory=str(site)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+# ------------------------------------------------------- §3 credit is per key
+
+
+def test_a_402_names_the_cached_key_its_balance_and_the_funded_one(cli: Cli, gateway: FakeGateway) -> None:
+    gateway.add_key(name="seed", balance_usd="5.00")
+    cli.login()
+    assert "$5.00" in cli.script("balance").out
+    assert cli.script("keys", "create", "--name", "laptop").code == 0  # a $0.00 key, now the cached one
+    laptop = key_named(gateway, "laptop")
+
+    result = cli.script("test")
+    as_json = cli.script("test", "--json")
+
+    assert (result.code, result.out) == (1, "")
+    assert result.err == (
+        f"error: Insufficient balance: the API key 'laptop' ({laptop['key_prefix']}...) from {cli.last_key} has "
+        "$0.00; credit is per key (your key 'seed' has $5.00): top up, or use a funded key with --key or "
+        "TOKENROUTE_API_KEY; run `tokenroute topup --amount 5`\n"
+    )
+    error = as_json.error()
+    assert (as_json.code, error["code"], error["status"], error["next"]) == (
+        1, "insufficient_balance", 402, "tokenroute topup --amount 5")
+    assert error["key"] == {"id": laptop["id"], "name": "laptop", "key_prefix": laptop["key_prefix"],
+                            "balance_usd": "0.00", "source": str(cli.last_key)}
+    assert laptop["raw"] not in result.err + as_json.err
+
+
+def test_a_402_without_a_login_names_the_key_by_prefix_and_keeps_the_gateways_word(cli: Cli, gateway: FakeGateway) -> None:
+    empty = gateway.add_key(name="empty", balance_usd="0.00")["raw"]
+    body = {"error": {"message": "Insufficient balance ($0.00 left)", "type": "insufficient_quota",
+                      "code": "insufficient_balance"}}
+    gateway.fail("/v1/chat/completions", status=402, body=body)
+
+    result = cli.script("test", env={"TOKENROUTE_API_KEY": empty})
+
+    assert result.code == 1
+    assert result.err == (
+        f"error: Insufficient balance ($0.00 left): the API key {empty[:10]}... from TOKENROUTE_API_KEY; credit is "
+        "per key: top up, or use a funded key with --key or TOKENROUTE_API_KEY; run `tokenroute topup --amount 5`\n"
+    )
+    assert sent(gateway, "GET", "/api/v1/me/keys") == []  # not logged in: nothing asked of the account
+
+
+def test_keys_list_marks_the_key_env_run_test_and_models_use(cli: Cli, gateway: FakeGateway) -> None:
+    seed = gateway.add_key(name="seed", balance_usd="5.00")
+    cli.login()
+    cli.script("keys", "create", "laptop")
+    laptop = key_named(gateway, "laptop")
+
+    human = cli.script("keys", "list")
+    listed = cli.script("keys", "list", "--json").json()
+    from_env = cli.script("keys", "list", "--json", env={"TOKENROUTE_API_KEY": seed["raw"]}).json()
+
+    assert human.code == 0
+    lines = human.out.splitlines()
+    assert lines[0].split()[-2:] == ["In", "use"]
+    assert next(line for line in lines if laptop["id"] in line).endswith("  yes")
+    assert not next(line for line in lines if seed["id"] in line).endswith("yes")
+    assert human.err == f"In use: the key env, run, test and models use (from {cli.last_key}).\n"
+    assert {key["id"]: key["in_use"] for key in listed} == {seed["id"]: False, laptop["id"]: True}
+    assert {key["id"]: key["in_use"] for key in from_env} == {seed["id"]: True, laptop["id"]: False}
+    gateway_fields = {k: v for k, v in seed.items() if k != "raw"}
+    assert next(key for key in listed if key["id"] == seed["id"]) == {**gateway_fields, "in_use": False}
+
+
+def test_keys_list_says_when_the_key_in_use_is_none_of_the_accounts(cli: Cli, gateway: FakeGateway) -> None:
+    seed = gateway.add_key(name="seed")
+    cli.login()
+
+    result = cli.script("keys", "list", env={"TOKENROUTE_API_KEY": "sk-tr-fromsomewhereelse"})
+
+    assert result.code == 0 and "In use" not in result.out and seed["id"] in result.out
+    assert result.err == ("The key that env, run, test and models use (sk-tr-from..., from TOKENROUTE_API_KEY) "
+                          "is none of these.\n")
+
+
+def test_revoking_a_key_with_credit_without_a_terminal_goes_ahead_and_says_what_is_lost_in_order(
+    cli: Cli, gateway: FakeGateway
+) -> None:
+    cli.login()
+    cli.script("keys", "create", "laptop")
+    laptop = key_named(gateway, "laptop")
+    gateway.set_balance(laptop["id"], "2.50")
+
+    code, shown = script_merged(cli, "keys", "revoke", laptop["id"])
+
+    assert code == 0
+    assert shown == (
+        f"OK revoked {laptop['id']} (laptop)\n"
+        f"warning: the $2.50 of credit on {laptop['id']} is lost with it\n"
+        f"Removed it from the key cache ({cli.last_key}).\n"
+    )
+    assert gateway.keys[laptop["id"]]["status"] == "revoked"
+
+
+def test_revoking_a_key_without_credit_says_nothing_about_credit(cli: Cli, gateway: FakeGateway) -> None:
+    empty = gateway.add_key(name="empty", balance_usd="0.00")
+    cli.login()
+
+    result = cli.script("keys", "revoke", empty["id"])
+
+    assert (result.code, result.out, result.err) == (0, f"OK revoked {empty['id']} (empty)\n", "")
+
+
+@posix_only
+def test_revoking_a_key_with_credit_at_a_terminal_asks_first(cli: Cli, gateway: FakeGateway) -> None:
+    seed = gateway.add_key(name="seed", balance_usd="5.00")
+    cli.login()
+
+    declined = script_at_terminal(cli, "keys", "revoke", seed["id"], typed=b"n\n")
+
+    assert declined[0] == 1 and declined[1] == ""
+    assert f"{seed['id']} (seed) holds $5.00 of credit, lost with the key. Revoke it? [y/N]" in declined[2]
+    assert "not revoked" in declined[2]
+    assert sent(gateway, "DELETE", f"/api/v1/me/keys/{seed['id']}") == []
+    assert gateway.keys[seed["id"]]["status"] == "active"
+
+    accepted = script_at_terminal(cli, "keys", "revoke", seed["id"], typed=b"y\n")
+
+    assert accepted[0] == 0 and accepted[1] == f"OK revoked {seed['id']} (seed)\n"
+    assert "Revoke it? [y/N]" in accepted[2] and "warning" not in accepted[2]
+    assert gateway.keys[seed["id"]]["status"] == "revoked"
+
+
+@posix_only
+def test_revoke_yes_does_not_ask_at_a_terminal(cli: Cli, gateway: FakeGateway) -> None:
+    seed = gateway.add_key(name="seed", balance_usd="5.00")
+    cli.login()
+
+    code, out, shown = script_at_terminal(cli, "keys", "revoke", seed["id"], "--yes", typed=b"")
+
+    assert (code, out) == (0, f"OK revoked {seed['id']} (seed)\n")
+    assert "[y/N]" not in shown and f"the $5.00 of credit on {seed['id']} is lost with it" in shown
+    assert gateway.keys[seed["id"]]["status"] == "revoked"
+
+
+def test_a_terminal_that_answers_nothing_keeps_the_key(cli: Cli, gateway: FakeGateway) -> None:
+    seed = gateway.add_key(name="seed", balance_usd="5.00")
+    cli.login()
+
+    result = cli.run("keys", "revoke", seed["id"], "--json", tty=True, stdin=b"")
+
+    assert (result.code, result.out) == (1, "")
+    prompt, error = result.err.splitlines()
+    assert prompt.endswith("Revoke it? [y/N] ") and json.loads(error)["error"]["code"] == "cancelled"
+    assert gateway.keys[seed["id"]]["status"] == "active"
+
+
+def test_topup_says_credit_is_per_key_and_names_the_key_where_the_gateway_does(cli: Cli, gateway: FakeGateway) -> None:
+    cli.login()
+
+    plain = cli.script("topup", "5")
+    session = {"checkout_url": "https://checkout.stripe.com/c/pay/cs_1", "session_id": "cs_1", "amount_usd": "5",
+               "expires_at": 1796047329, "key_id": "key_1", "key_name": "laptop", "key_prefix": "sk-tr-abcd"}
+    gateway.fail("/api/v1/topup", status=200, body=session, count=2)
+    named = cli.script("topup", "5")
+    as_json = cli.script("topup", "5", "--json")
+
+    assert plain.code == 0
+    assert plain.err.endswith("\nCredit is per key: once paid, `tokenroute keys list` shows which key holds it.\n")
+    assert named.err.endswith("\nCredit is per key: this goes to the key laptop (key_1, sk-tr-abcd).\n")
+    assert as_json.json() == session  # the gateway's fields, as they are
+
+
+# -------------------------------------------------- §5 wrong URLs say so
+
+
+def test_a_url_ending_in_v1_says_no_gateway_and_suggests_the_base(cli: Cli, gateway: FakeGateway) -> None:
+    url = gateway.url + "/v1"
+
+    result = cli.script("--api-url", url, "login")
+    as_json = cli.script("--api-url", url, "login", "--json")
+
+    assert (result.code, result.out) == (1, "")
+    assert result.err == (
+        f"error: no tokenroute gateway at {url} (it answers /api/v1/auth/discovery with HTTP 404, "
+        f"application/json); the gateway's URL is probably {gateway.url} (without /v1)\n"
+    )
+    error = as_json.error()
+    assert (error["code"], error["status"], error["suggested_api_url"]) == ("not_a_gateway", 404, gateway.url)
+
+
+def test_an_api_key_call_to_a_v1_url_says_no_gateway_too(cli: Cli, gateway: FakeGateway, api_key: str) -> None:
+    result = cli.script("models", "--key", api_key, env={"TOKENROUTE_API_URL": gateway.url + "/v1"})
+
+    assert result.code == 1
+    assert result.err == (
+        f"error: no tokenroute gateway at {gateway.url}/v1 (it answers /v1/models with HTTP 404); "
+        f"the gateway's URL is probably {gateway.url} (without /v1)\n"
+    )
+
+
+def test_a_plain_web_server_is_no_gateway_in_login_and_doctor(cli: Cli, web_server: str) -> None:
+    login = cli.script("--api-url", web_server, "login")
+    doctor = cli.script("--api-url", web_server, "doctor")
+    report = cli.script("--api-url", web_server, "doctor", "--json").json()
+
+    assert login.code == 1
+    assert login.err.startswith(f"error: no tokenroute gateway at {web_server} (it answers /api/v1/auth/discovery "
+                                "with HTTP 404, text/html")
+    assert "probably" not in login.err
+    assert doctor.code == 1
+    assert f"problem  gateway  no tokenroute gateway at {web_server}" in doctor.out
+    assert "fix: set --api-url or TOKENROUTE_API_URL to your tokenroute gateway's URL\n" in doctor.out
+    gateway_check = next(check for check in report["checks"] if check["name"] == "gateway")
+    assert gateway_check["fix"] == "set --api-url or TOKENROUTE_API_URL to your tokenroute gateway's URL"
+
+
+def test_a_web_page_answering_everything_is_no_gateway_either(cli: Cli, gateway: FakeGateway) -> None:
+    gateway.fail("/api/v1/auth/discovery", status=200, body="<!doctype html><h1>Welcome</h1>", content_type="text/html")
+
+    result = cli.script("login", "--json")
+
+    assert result.code == 1
+    assert result.error()["code"] == "not_a_gateway"
+
+
+def test_doctors_fix_for_a_v1_url_names_the_base_url_where_it_came_from(cli: Cli, gateway: FakeGateway) -> None:
+    url = gateway.url + "/v1"
+
+    flag = cli.script("--api-url", url, "doctor")
+    env = cli.script("doctor", env={"TOKENROUTE_API_URL": url})
+
+    assert f"fix: tokenroute --api-url {gateway.url} doctor\n" in flag.out
+    assert f"fix: export TOKENROUTE_API_URL={gateway.url}\n" in env.out
+    assert cli.script("--api-url", gateway.url, "doctor").out.count("problem  gateway") == 0
+
+
+@pytest.mark.parametrize(("typed", "meant"), [
+    ("localhost:8787", "http://localhost:8787"),
+    ("127.0.0.1:8787/", "http://127.0.0.1:8787"),
+    ("[::1]:8787", "http://[::1]:8787"),
+    ("api.example.com", "https://api.example.com"),
+    ("gateway.example.com:8443", "https://gateway.example.com:8443"),
+])
+def test_a_url_without_a_scheme_suggests_one(cli: Cli, gateway: FakeGateway, typed: str, meant: str) -> None:
+    result = cli.script("--api-url", typed, "login")
+
+    assert (result.code, result.out) == (1, "")
+    assert result.err == f"error: --api-url is not a valid http(s) gateway URL: {typed!r}; did you mean {meant}?\n"
+    assert gateway.requests == []
+
+
+# ------------------------------------------------- §6 the habits people bring
+
+
+def test_names_amounts_days_and_models_come_as_words(cli: Cli, gateway: FakeGateway, api_key: str) -> None:
+    cli.login()
+
+    created = cli.script("keys", "create", "laptop", "--json")
+    topup = cli.script("topup", "12.50", "--json")
+    usage = cli.script("usage", "7", "--json")
+    tried = cli.script("test", "openai/gpt-4o", "--key", api_key, "--json")
+
+    assert [r.code for r in (created, topup, usage, tried)] == [0, 0, 0, 0]
+    assert sent(gateway, "POST", "/api/v1/me/keys")[0].json == {"name": "laptop"}
+    assert sent(gateway, "POST", "/api/v1/topup")[0].json == {"amount_usd": "12.50"}
+    assert sent(gateway, "GET", "/api/v1/me/usage")[0].query == {"days": "7"}
+    assert sent(gateway, "POST", "/v1/chat/completions")[0].json["model"] == "openai/gpt-4o"
+    assert tried.json()["model"] == "openai/gpt-4o"
+
+
+@pytest.mark.parametrize("argv", [
+    ["keys", "create", "laptop", "--name", "ci"],
+    ["keys", "create", "--name", "ci", "laptop"],
+    ["topup", "5", "--amount", "5"],
+    ["keys", "create", "laptop", "ci"],
+    ["keys", "create"],
+    ["topup", "0"],
+])
+def test_a_word_and_its_flag_together_or_a_bad_word_is_a_usage_error(cli: Cli, gateway: FakeGateway,
+                                                                        argv: list[str]) -> None:
+    cli.login()
+
+    result = cli.script(*argv)
+
+    assert (result.code, result.out) == (1, "")
+    assert result.err.startswith("error: ") and "usage: tokenroute" in result.err
+    assert gateway.requests == []
+
+
+def test_version_prints_the_version_and_dash_v_points_to_it(cli: Cli) -> None:
+    version = cli.script("version")
+    short = cli.script("-v")
+
+    assert (version.code, version.out, version.err) == (0, f"tokenroute {tokenroute.__version__}\n", "")
+    assert (short.code, short.out) == (1, "")
+    assert short.err.startswith("error: unrecognized argument: -v; for the version, use --version\n")
+
+
+def test_keys_alone_shows_its_help_and_exits_0(cli: Cli, gateway: FakeGateway) -> None:
+    result = cli.script("keys")
+
+    assert (result.code, result.err) == (0, "")
+    assert result.out.startswith("usage: tokenroute keys ")
+    assert all(f"    {name} " in result.out for name in ("create", "list", "revoke"))
+    assert cli.script("keys", "--json").error()["code"] == "usage"  # JSON wanted: an error, not help text
+    assert gateway.requests == []
+
+
+def test_key_and_model_not_found_say_what_to_run_next(cli: Cli, gateway: FakeGateway, api_key: str) -> None:
+    cli.login()
+
+    key = cli.script("keys", "revoke", "key_missing", "--json")
+    model = cli.script("test", "--model", "nope/none", "--key", api_key)
+
+    assert (key.code, key.error()["message"], key.error()["next"]) == (1, "Key not found", "tokenroute keys list")
+    assert (model.code, model.err) == (1, "error: Model 'nope/none' not found; run `tokenroute models`\n")
+
+
+def test_usage_keeps_the_places_of_a_cost_below_a_cent(cli: Cli, gateway: FakeGateway) -> None:
+    cli.login()
+    answer = {"range_days": 30, "total_requests": 1, "total_tokens_in": 10, "total_tokens_out": 1,
+              "total_cost_usd": "0.0000075"}
+    gateway.fail("/api/v1/me/usage", status=200, body=answer)
+
+    result = cli.script("usage")
+
+    assert result.code == 0
+    assert re.search(r"^Cost:\s+\$0\.0000075$", result.out, re.M), result.out
+
+
+def test_completion_offers_the_new_words(cli: Cli) -> None:
+    script = cli.script("completion", "bash").out
+
+    top = re.search(r'^ *""\) words="([^"]*)"', script, re.M)
+    revoke = re.search(r'^ *"keys revoke"\) words="([^"]*)"', script, re.M)
+    assert top and "version" in top.group(1).split(), script
+    assert revoke and "--yes" in revoke.group(1).split(), script
+
+
+NEW_LINES = [
+    ["keys", "create", "laptop"],
+    ["keys", "create", "laptop", "--no-cache", "--json"],
+    ["--json", "topup", "5"],
+    ["topup", "12.50", "--no-browser"],
+    ["usage", "7"],
+    ["test", "openai/gpt-4o", "--key", "sk-tr-abc123"],
+    ["version"],
+]
+
+
+@pytest.mark.parametrize("argv", NEW_LINES, ids=" ".join)
+def test_the_fast_parser_reads_words_as_argparse_does(argv: list[str]) -> None:
+    fast = tokenroute.parse_fast(argv)
+    full = tokenroute.build_parser().parse_args(argv)
+
+    assert fast is not None
+    expected = {name: value for name, value in vars(full).items() if not name.endswith("command")}
+    assert vars(fast) == {"json": False, "api_url": None, **expected}
+
+
+@pytest.mark.parametrize("argv", [
+    ["keys", "create", "laptop", "--name", "ci"], ["topup", "5", "--amount=5"], ["keys", "create", "a", "b"],
+    ["usage", "0"], ["keys", "create", "-x"],
+], ids=" ".join)
+def test_the_fast_parser_leaves_a_doubled_or_bad_word_to_argparse(argv: list[str]) -> None:
+    assert tokenroute.parse_fast(argv) is None
+
+
+# ------------------------------------------------- issue 15 §7: odd input
+
+
+@pytest.mark.parametrize("argv", [
+    ["--api-url", "", "balance"], ["--api-url=", "balance"], ["balance", "--api-url", " "], ["env", "--api-url="],
+])
+def test_an_empty_api_url_flag_is_an_error_naming_the_flag(cli: Cli, gateway: FakeGateway, argv: list[str]) -> None:
+    cli.login()  # TOKENROUTE_API_URL names the gateway: an empty flag must not fall back to it (or production)
+    cli.cache_key("sk-tr-cachedkey1234")
+
+    result = cli.script(*argv)
+
+    assert (result.code, result.out) == (1, "")
+    assert result.err == (
+        f"error: --api-url is empty: give the gateway's URL, or leave the flag out for {tokenroute.DEFAULT_API_URL}\n"
+    )
+    assert gateway.requests == []
+
+
+def test_an_empty_tokenroute_api_url_is_unset(cli: Cli, tmp_path: Path) -> None:
+    result = cli.script("env", "--key", "sk-tr-abc123", env={"TOKENROUTE_API_URL": ""})
+    ctx = tokenroute.Context(env={"TOKENROUTE_API_URL": ""}, stdout=io.StringIO(), stderr=io.StringIO())
+
+    assert (result.code, result.err) == (0, "")
+    assert result.out == f"OPENAI_API_KEY=sk-tr-abc123\nOPENAI_BASE_URL={tokenroute.DEFAULT_API_URL}/v1\n"
+    assert tokenroute.api_url_setting(ctx, None) == (
+        tokenroute.DEFAULT_API_URL, "default; TOKENROUTE_API_URL is set but empty")  # what doctor shows
+
+
+EDGE_TIMES = ["9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00"]
+
+
+def test_times_at_the_edge_of_the_calendar_are_shown_as_sent(cli: Cli, gateway: FakeGateway) -> None:
+    for number, moment in enumerate(EDGE_TIMES):
+        gateway.keys[gateway.add_key(name=f"edge{number}")["id"]]["created_at"] = moment
+    cli.login()
+    session = {"checkout_url": "https://checkout.stripe.com/c/pay/cs_1", "session_id": "cs_1", "amount_usd": "5",
+               "expires_at": EDGE_TIMES[0]}
+    gateway.fail("/api/v1/topup", status=200, body=session)
+
+    listed = cli.script("keys", "list")
+    topup = cli.script("topup", "5")
+
+    assert listed.code == 0 and all(moment in listed.out for moment in EDGE_TIMES), listed
+    assert topup.code == 0 and f"The link expires {EDGE_TIMES[0]}." in topup.err, topup
+
+
+def test_a_time_that_only_looks_like_utc_cannot_reach_the_terminal_raw(cli: Cli, gateway: FakeGateway) -> None:
+    gateway.keys[gateway.add_key(name="odd")["id"]]["created_at"] = "2024-01-01T\x1b[:2J"
+    cli.login()
+
+    result = cli.script("keys", "list")
+
+    assert result.code == 0 and "\x1b" not in result.out
+    assert "2024-01-01T\\x1b[:2J" in result.out
+
+
+def test_a_5000_digit_amount_is_shown_as_sent(cli: Cli, gateway: FakeGateway) -> None:
+    huge = "9" * 5000
+    gateway.keys[gateway.add_key(name="rich")["id"]]["balance_usd"] = huge
+    cli.login()
+    gateway.fail("/api/v1/balance", status=200, body={"balance_usd": huge, "currency": "USD"})
+
+    listed = cli.script("keys", "list")
+    balance = cli.script("balance")
+    as_json = cli.script("keys", "list", "--json")
+
+    assert listed.code == 0 and huge in listed.out, listed.err
+    assert (balance.code, balance.out) == (0, f"Balance: {huge}\n")
+    assert as_json.json()[0]["balance_usd"] == huge
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    ("0.0042", "$0.0042"), ("-0.004", "-$0.004"), ("0.01", "$0.01"), ("1.004", "$1.00"), ("1" * 41, "1" * 41),
+])
+def test_amounts_below_a_cent_keep_their_places(value: str, shown: str) -> None:
+    assert tokenroute.usd(value) == shown
+
+
+@pytest.mark.parametrize("value", [*EDGE_TIMES, "0001-01-01T00:00:00+00:01", 10**11, -1, float("nan")])
+def test_readable_time_never_raises(value: object) -> None:
+    assert tokenroute.readable_time(value) == tokenroute.show(value)
+
