@@ -331,12 +331,16 @@ def test_headers_are_added_and_replace_the_defaults(cli, gateway, api_key):
     assert [value for name, value in request.headers.items() if name.lower() == "accept"] == ["application/json"]
 
 
-@pytest.mark.parametrize("header", ["Authorization: Bearer sk-tr-other", "host: evil.example", "Content-Length: 5",
-                                    "Transfer-Encoding: chunked", "X-Broken", "X-Bad: a\x01b", "Bad Name: x"])
-def test_headers_tokenroute_sets_or_that_are_malformed_are_refused(cli, gateway, api_key, header):
+@pytest.mark.parametrize(
+    "header, message",
+    [("Authorization: Bearer sk-tr-other", "tokenroute sets it itself"), ("host: evil.example", "sets it itself"),
+     ("Content-Length: 5", "sets it itself"), ("Transfer-Encoding: chunked", "sets it itself"),
+     ("X-Broken", "give 'Name: value'"), ("X-Bad: a\x01b", "give 'Name: value'"), ("Bad Name: x", "give 'Name: value'")],
+)
+def test_headers_tokenroute_sets_or_that_are_malformed_are_refused(cli, gateway, api_key, header, message):
     result = cli.script("api", "/v1/models", "--key", api_key, "-H", header)
 
-    assert result.code == 1 and "Traceback" not in result.err
+    assert result.code == 1 and message in result.err, result
     assert gateway.requests == []
     assert_nothing_shows(result, "sk-tr-other")
 
