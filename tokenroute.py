@@ -1413,7 +1413,9 @@ def exchange_failure(exc: Exception, *, host: str, proxied: bool) -> CliError:
     return CliError(f"{sanitize(host)} is not a valid host name")
 
 
-def send_streamed(ctx: Context, method: str, url: str, *, data: bytes | None, headers: dict[str, str]) -> StreamedAnswer:
+def send_streamed(
+    ctx: Context, method: str, url: str, *, data: bytes | None, headers: dict[str, str]
+) -> StreamedAnswer:
     """`api`'s exchange: sent once whatever the method, no redirect followed, the body left to read."""
     scheme, host = check_url(url)
     timeout = call_timeout(ctx)
@@ -3066,7 +3068,8 @@ def gateway_path(api_url: str, target: str) -> str:
             raise CliError("the URL must not hold a user name or password; remove the part up to @")
         prefix = api_url.partition("://")[2].partition("/")[2]
         path, prefix = "/" + path, "/" + prefix if prefix else ""
-        if canonical_url(f"{scheme}://{authority}") != api_url[: len(api_url) - len(prefix)] or not path.startswith(prefix + "/"):
+        origin = api_url[: len(api_url) - len(prefix)]
+        if canonical_url(f"{scheme}://{authority}") != origin or not path.startswith(prefix + "/"):
             raise CliError(f"{sanitize(target)} is not on the gateway in use ({api_url}): tokenroute api sends "
                            "requests only there (choose the gateway with --api-url)")
         target = path[len(prefix):]
@@ -3074,8 +3077,8 @@ def gateway_path(api_url: str, target: str) -> str:
     decoded = unquote(path.partition("?")[0])
     plain = path.isascii() and path.isprintable() and not any(c in path for c in " \\#") and decoded.isprintable()
     if not plain or decoded.startswith("//") or "\\" in decoded or {".", ".."} & set(decoded.split("/")):
-        raise CliError(f"{sanitize(target)!r} is not a plain path on the gateway, like /v1/models: no // at its "
-                       "start, no . or .. segments, backslashes, spaces, # or control characters (percent-encode others)")
+        raise CliError(f"{sanitize(target)!r} is not a plain path on the gateway, like /v1/models: no // at its start, "
+                       "no . or .. segments, backslashes, spaces, # or control characters (percent-encode others)")
     return path
 
 
@@ -3083,8 +3086,8 @@ def path_credential(path: str) -> str | None:
     """The credential a path takes, as the gateway routes it: "login" for /api/..., "key" for /v1/..., else None."""
     from urllib.parse import unquote
 
-    where = unquote(path.partition("?")[0])
-    return next((name for top, name in (("/api", "login"), ("/v1", "key")) if (where + "/").startswith(top + "/")), None)
+    where = unquote(path.partition("?")[0]) + "/"
+    return next((name for top, name in (("/api/", "login"), ("/v1/", "key")) if where.startswith(top)), None)
 
 
 def api_fields(raw: Sequence[str], typed: Sequence[str]) -> list[tuple[str, str, object]]:
@@ -3125,7 +3128,8 @@ def api_request(ctx: Context, args: argparse.Namespace, api_url: str) -> tuple[s
     headers = {"User-Agent": f"tokenroute/{__version__}", "Accept": "*/*"}
     for line in args.header or ():
         name, colon, value = (part.strip() for part in line.partition(":"))
-        if not (colon and name.isascii() and name.replace("-", "").isalnum() and value.isascii() and value.isprintable()):
+        if not (colon and name.isascii() and name.replace("-", "").isalnum() and value.isascii()
+                and value.isprintable()):
             raise CliError(f"-H {sanitize(line)!r}: give 'Name: value' in printable ASCII", code="usage")
         if name.lower() in OWN_HEADERS:
             raise CliError(f"-H {name}: tokenroute sets it itself (the credential follows the path)", code="usage")
@@ -3198,7 +3202,8 @@ def cmd_api(args: argparse.Namespace, ctx: Context) -> int:
             write(answer_head(answer, secret).encode())
         content_type = (answer.headers.get("Content-Type") or "").partition(";")[0].strip().lower()
         is_json = content_type.endswith(("/json", "+json"))
-        if answer.status < 300 and (content_type == "text/event-stream" or not (is_json or answer.headers.get("Content-Length"))):
+        unbounded = not (is_json or answer.headers.get("Content-Length"))
+        if answer.status < 300 and (content_type == "text/event-stream" or unbounded):
             for chunk in answer.chunks():
                 write(chunk)
             write(b"")
@@ -3237,8 +3242,9 @@ def answer_writer(ctx: Context) -> Callable[[bytes], None]:
             binary.flush()
             return
         text = decoder.decode(chunk, final=not chunk)
-        if ctx.stdout_tty:
-            text = "\n".join("\t".join(map(sanitize, line.split("\t"))) for line in text.replace("\r\n", "\n").split("\n"))
+        if ctx.stdout_tty:  # lines and tabs kept, every other control character shown
+            lines = text.replace("\r\n", "\n").split("\n")
+            text = "\n".join("\t".join(map(sanitize, line.split("\t"))) for line in lines)
         ctx.stdout.write(text)
         ctx.stdout.flush()
 
