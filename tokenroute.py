@@ -1399,26 +1399,87 @@ def exchange(
     proxied: bool,
 ) -> Response:
     import http.client
-    import socket
-    import ssl
 
     try:
         with opener.open(method, url, data, headers, timeout) as handle:
-            body = read_capped(handle)
-            length = handle.headers.get("Content-Length")
-            if length and length.isascii() and length.isdigit() and int(length) != len(body):
-                raise network_error(f"the connection to {host} closed mid-answer")
-            return Response(handle.status, handle.headers, body)
-    except (socket.timeout, TimeoutError):
-        raise network_error(f"timed out waiting for {host} (TOKENROUTE_TIMEOUT to wait longer)") from None
-    except ssl.SSLError as exc:
-        raise connection_error(host, exc) from None
-    except (http.client.HTTPException, OSError) as exc:
-        raise network_error(f"connection to {host} failed: {describe(exc)}") from None
-    except ValueError:  # a malformed host, or a malformed *_proxy URL (which may hold a password: never shown)
-        if proxied:
-            raise CliError("a proxy variable (HTTPS_PROXY, HTTP_PROXY, ...) holds a malformed URL", code="config") from None
-        raise CliError(f"{sanitize(host)} is not a valid host name") from None
+            return read_answer(handle, host)
+    except (http.client.HTTPException, OSError, ValueError) as exc:
+        raise exchange_failure(exc, host=host, proxied=proxied) from None
+
+
+def read_answer(handle: Any, host: str) -> Response:
+    """The whole answer; one shorter than its Content-Length is a network error."""
+    body = read_capped(handle)
+    length = handle.headers.get("Content-Length")
+    if length and length.isascii() and length.isdigit() and int(length) != len(body):
+        raise network_error(f"the connection to {host} closed mid-answer")
+    return Response(handle.status, handle.headers, body)
+
+
+def exchange_failure(exc: Exception, *, host: str, proxied: bool) -> CliError:
+    """What a failed exchange (http.client.HTTPException, OSError or ValueError) means to the user."""
+    import http.client
+    import socket
+    import ssl
+
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return network_error(f"timed out waiting for {host} (TOKENROUTE_TIMEOUT to wait longer)")
+    if isinstance(exc, ssl.SSLError):
+        return connection_error(host, exc)
+    if isinstance(exc, (http.client.HTTPException, OSError)):
+        return network_error(f"connection to {host} failed: {describe(exc)}")
+    if proxied:  # a malformed *_proxy URL, which may hold a password: never shown
+        return CliError("a proxy variable (HTTPS_PROXY, HTTP_PROXY, ...) holds a malformed URL", code="config")
+    return CliError(f"{sanitize(host)} is not a valid host name")
+
+
+def send_streamed(
+    ctx: Context, method: str, url: str, *, data: bytes | None, headers: dict[str, str]
+) -> StreamedAnswer:
+    """`api`'s exchange: sent once whatever the method, no redirect followed, the body left to read."""
+    scheme, host = check_url(url)
+    timeout = call_timeout(ctx)
+    opener = build_opener(ctx, scheme, host)
+    answer = StreamedAnswer(host, deadline=ctx.now() + timeout, proxied=bool(proxy_settings(ctx.env)))
+    # The deadline bounds the wait for the headers; the socket timeout, each wait for more of a stream.
+    answer.handle = within_deadline(
+        lambda: answer.guarded(opener.open, method, url, data, headers, timeout), seconds=timeout, host=host
+    )
+    answer.status, answer.headers = answer.handle.status, answer.handle.headers
+    return answer
+
+
+class StreamedAnswer:
+    """An answer whose headers are read: `whole()` reads its body within the exchange's
+    deadline, `chunks()` yields it as it arrives."""
+
+    def __init__(self, host: str, *, deadline: float, proxied: bool) -> None:
+        self.host, self.deadline, self.proxied = host, deadline, proxied
+        self.handle: Any = None  # an http.client.HTTPResponse
+        self.status = 0
+        self.headers: Mapping[str, str] = {}
+
+    def guarded(self, work: Callable[..., Any], *args: Any) -> Any:
+        import http.client
+
+        try:
+            return work(*args)
+        except (http.client.HTTPException, OSError, ValueError) as exc:
+            raise exchange_failure(exc, host=self.host, proxied=self.proxied) from None
+
+    def whole(self, ctx: Context) -> Response:
+        return within_deadline(
+            lambda: self.guarded(read_answer, self.handle, self.host), seconds=self.deadline - ctx.now(), host=self.host
+        )
+
+    def chunks(self) -> Iterator[bytes]:
+        while True:
+            chunk = self.guarded(self.handle.read1, 65536)
+            if not chunk:
+                break
+            yield chunk
+        if self.handle.length:  # bytes of its Content-Length never came
+            raise network_error(f"the connection to {self.host} closed mid-answer")
 
 
 def connection_error(host: str, reason: object) -> CliError:
@@ -3185,6 +3246,221 @@ def fish_completion(tree: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------- api ---
+# `tokenroute api PATH`: any endpoint of the gateway in use, with the credential
+# its path takes (the login for /api/..., the API key for /v1/..., none elsewhere),
+# the answer printed as it arrives. Not an MCP tool: an arbitrary call is no tool for a model.
+
+API_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+OWN_HEADERS = ("authorization", "proxy-authorization", "host", "content-length", "transfer-encoding", "connection")
+SECRET_HEADERS = ("authorization", "proxy-authorization", "cookie", "set-cookie")
+
+
+def gateway_path(api_url: str, target: str) -> str:
+    """TARGET (a path, or a URL of this gateway) as the path and query to send there; another
+    host, and a path that may reach another place than it reads, are refused."""
+    from urllib.parse import unquote
+
+    scheme, sep, rest = target.partition("://")
+    if sep and scheme.isascii() and scheme.isalpha():  # not "/path?next=https://..."
+        authority, _, path = rest.partition("/")
+        if "@" in authority:  # never echoed: the part before @ may be a password
+            raise CliError("the URL must not hold a user name or password; remove the part up to @")
+        prefix = api_url.partition("://")[2].partition("/")[2]
+        path, prefix = "/" + path, "/" + prefix if prefix else ""
+        origin = api_url[: len(api_url) - len(prefix)]
+        if canonical_url(f"{scheme}://{authority}") != origin or not path.startswith(prefix + "/"):
+            raise CliError(f"{sanitize(target)} is not on the gateway in use ({api_url}): tokenroute api sends "
+                           "requests only there (choose the gateway with --api-url)")
+        target = path[len(prefix):]
+    path = target if target.startswith("/") else "/" + target
+    decoded = unquote(path.partition("?")[0])
+    plain = path.isascii() and path.isprintable() and not any(c in path for c in " \\#") and decoded.isprintable()
+    if not plain or decoded.startswith("//") or "\\" in decoded or {".", ".."} & set(decoded.split("/")):
+        raise CliError(f"{sanitize(target)!r} is not a plain path on the gateway, like /v1/models: no // at its start, "
+                       "no . or .. segments, backslashes, spaces, # or control characters (percent-encode others)")
+    return path
+
+
+def path_credential(path: str) -> str | None:
+    """The credential a path takes, as the gateway routes it: "login" for /api/..., "key" for /v1/..., else None."""
+    from urllib.parse import unquote
+
+    where = unquote(path.partition("?")[0]) + "/"
+    return next((name for top, name in (("/api/", "login"), ("/v1/", "key")) if where.startswith(top)), None)
+
+
+def api_fields(raw: Sequence[str], typed: Sequence[str]) -> list[tuple[str, str, object]]:
+    """-f and -F as (name, text, JSON value): -F takes numbers, true, false, null, arrays and objects as such."""
+    import json
+
+    fields: list[tuple[str, str, object]] = []
+    for flag, word in [("-f", word) for word in raw] + [("-F", word) for word in typed]:
+        name, equals, text = word.partition("=")
+        problem = None
+        if not equals or not name:
+            problem = "give NAME=VALUE"
+        elif "[" in name:
+            problem = "no nested names: give the whole value as JSON with -F"
+        elif any(name == other for other, _, _ in fields):
+            problem = "given twice"
+        elif flag == "-F" and text.startswith("@"):  # gh reads a file there: never an upload by surprise
+            problem = "-F reads no file: send one with --input FILE, a string starting with @ with -f"
+        if problem:
+            raise CliError(f"{flag} {sanitize(word)!r}: {problem}", code="usage")
+        value: object = text
+        if flag == "-F":
+            try:
+                value = json.loads(text, parse_constant=reject_constant)
+            except (ValueError, RecursionError):
+                pass
+        fields.append((name, text, text if isinstance(value, str) else value))
+    return fields
+
+
+def api_request(ctx: Context, args: argparse.Namespace, api_url: str) -> tuple[str, str, bytes | None, dict[str, str]]:
+    """Method, path, body and headers as gh api makes them: with a body and no -X, POST; fields
+    in a JSON object, or in the query string with GET, HEAD or --input."""
+    import json
+
+    path = gateway_path(api_url, args.path)
+    fields = api_fields(args.raw_field or (), args.field or ())
+    headers = {"User-Agent": f"tokenroute/{__version__}", "Accept": "*/*"}
+    for line in args.header or ():
+        name, colon, value = (part.strip() for part in line.partition(":"))
+        if not (colon and name.isascii() and name.replace("-", "").isalnum() and value.isascii()
+                and value.isprintable()):
+            raise CliError(f"-H {sanitize(line)!r}: give 'Name: value' in printable ASCII", code="usage")
+        if name.lower() in OWN_HEADERS:
+            raise CliError(f"-H {name}: tokenroute sets it itself (the credential follows the path)", code="usage")
+        headers = {other: v for other, v in headers.items() if other.lower() != name.lower()}  # -H replaces a default
+        headers[name] = value
+    body = read_body(ctx, args.input) if args.input is not None else None
+    method = args.method or ("POST" if fields or body is not None else "GET")
+    if fields and (body is not None or method in ("GET", "HEAD")):
+        from urllib.parse import urlencode
+
+        path += ("&" if "?" in path else "?") + urlencode([(name, text) for name, text, _ in fields])
+    elif fields:
+        try:
+            body = json.dumps({name: value for name, _, value in fields}, allow_nan=False).encode()
+        except ValueError:
+            raise CliError("a -F number is too large for JSON", code="usage") from None
+    if body is not None and not any(name.lower() == "content-type" for name in headers):
+        headers["Content-Type"] = "application/json"
+    return method, path, body, headers
+
+
+def read_body(ctx: Context, source: str) -> bytes:
+    """--input: a file's bytes, or stdin's for `-`."""
+    if source == "-":
+        if ctx.stdin is None:
+            raise CliError("--input -: there is no standard input to read")
+        return ctx.stdin.read()
+    try:
+        with open(source, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise CliError(f"cannot read {source}: {exc.strerror or exc.__class__.__name__}") from None
+
+
+def call_gateway(
+    ctx: Context, api_url: str, request: tuple[str, str, bytes | None, dict[str, str]], *, key: str | None
+) -> tuple[StreamedAnswer, str | None]:
+    """The answer to `request` sent with the credential its path takes, and that credential.
+    A 401 on an account path refreshes the login once and sends it again, as call_account does."""
+    method, path, body, headers = request
+    credential = path_credential(path)
+    if key is not None and credential != "key":
+        raise CliError("--key is for /v1/... paths: an API key authorizes only those", code="usage")
+
+    def send(secret: str | None) -> StreamedAnswer:
+        signed = headers if secret is None else {**headers, "Authorization": f"Bearer {secret}"}
+        return send_streamed(ctx, method, api_url + path, data=body, headers=signed)
+
+    if credential != "login":
+        secret = resolve_api_key(ctx, key, api_url)[0] if credential == "key" else None
+        return send(secret), secret
+    creds = require_credentials(ctx, api_url)
+    token = fresh_access_token(ctx, creds)
+    answer = send(token)
+    if answer.status == 401:
+        answer.handle.close()  # the gateway did not act on it
+        token = fresh_access_token(ctx, creds, rejected=token)
+        answer = send(token)
+    return answer, token
+
+
+def cmd_api(args: argparse.Namespace, ctx: Context) -> int:
+    """The answer as it arrives, and for a status of 300 or more the usual error after it."""
+    api_url, _ = api_url_setting(ctx, args.api_url)
+    request = api_request(ctx, args, api_url)
+    answer, secret = call_gateway(ctx, api_url, request, key=args.key)
+    write = answer_writer(ctx)
+    with answer.handle:
+        if args.include:
+            write(answer_head(answer, secret).encode())
+        content_type = (answer.headers.get("Content-Type") or "").partition(";")[0].strip().lower()
+        is_json = content_type.endswith(("/json", "+json"))
+        unbounded = not (is_json or answer.headers.get("Content-Length"))
+        if answer.status < 300 and (content_type == "text/event-stream" or unbounded):
+            for chunk in answer.chunks():
+                write(chunk)
+            write(b"")
+            return EXIT_OK
+        response = answer.whole(ctx)
+    data = response.json() if is_json and ctx.stdout_tty else None
+    try:
+        pretty = json_text(data) if data is not None else None
+    except (ValueError, RecursionError):  # NaN or absurd nesting: shown as it came
+        pretty = None
+    if pretty is not None:
+        ctx.stdout.write(pretty)
+    else:
+        write(response.body)
+        write(b"\n" if ctx.stdout_tty and response.body[-1:] not in (b"", b"\n") else b"")
+    if response.status < 300:
+        return EXIT_OK
+    error = error_from_response(response, account=path_credential(request[1]) == "login", secret=secret)
+    if response.status == 401 and secret is None:
+        error.message += "; tokenroute api sends a credential only to /api/... (the login) and /v1/... (the API key)"
+    raise error
+
+
+def answer_writer(ctx: Context) -> Callable[[bytes], None]:
+    """Writes bytes to stdout at once: as they are to a pipe or file; to a terminal as text
+    whose control characters are shown, not obeyed. b"" ends the text."""
+    import codecs
+
+    binary = None if ctx.stdout_tty else getattr(ctx.stdout, "buffer", None)
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def write(chunk: bytes) -> None:
+        if binary is not None:
+            ctx.stdout.flush()
+            binary.write(chunk)
+            binary.flush()
+            return
+        text = decoder.decode(chunk, final=not chunk)
+        if ctx.stdout_tty:  # lines and tabs kept, every other control character shown
+            lines = text.replace("\r\n", "\n").split("\n")
+            text = "\n".join("\t".join(map(sanitize, line.split("\t"))) for line in lines)
+        ctx.stdout.write(text)
+        ctx.stdout.flush()
+
+    return write
+
+
+def answer_head(answer: StreamedAnswer, secret: str | None) -> str:
+    """--include: the status line and headers, those that carry credentials redacted."""
+    version = "1.0" if answer.handle.version == 10 else "1.1"
+    lines = [f"HTTP/{version} {answer.status} {sanitize(answer.handle.reason or '')}".rstrip()]
+    for name, value in answer.headers.items():
+        hidden = name.lower() in SECRET_HEADERS or (secret is not None and secret in value)
+        lines.append(f"{sanitize(name)}: {'(redacted)' if hidden else sanitize(redact(value))}")
+    return "\n".join(lines) + "\n\n"
+
+
 # ------------------------------------------------------------------- mcp ---
 # `tokenroute mcp`: the operations above as MCP tools over stdio (JSON-RPC 2.0,
 # one message a line). The server is dual-era: a request whose `_meta` names a
@@ -3693,6 +3969,19 @@ COMMANDS = (
     Command("models", cmd_models, "list available models with pricing", "tokenroute models --json", KEY_OPTION),
     Command(
         "doctor", cmd_doctor, "check that tokenroute works here", "tokenroute doctor --json", KEY_OPTION, aliases=["status"]
+    ),
+    Command(
+        "api", cmd_api, "call any gateway endpoint with the right credential", "tokenroute api /api/v1/me",
+        option("path", metavar="PATH", help="a path on the gateway (/api/v1/me, /v1/models) or its full URL"),
+        option("-X", "--method", type=str.upper, choices=API_METHODS, metavar="METHOD",
+               help="GET, or POST when there is a body"),
+        option("-f", "--raw-field", action="append", metavar="NAME=VALUE", help="a string field of the JSON body"),
+        option("-F", "--field", action="append", metavar="NAME=VALUE",
+               help="a typed field: numbers, true, false, null, JSON arrays and objects as such"),
+        option("--input", metavar="FILE", help="send FILE as the body (- for stdin); fields go in the query"),
+        option("-H", "--header", action="append", metavar="'NAME: VALUE'", help="add a request header"),
+        option("-i", "--include", action="store_true", help="print the status line and headers first"),
+        KEY_OPTION,
     ),
     Command(
         "completion", cmd_completion, "print a shell completion script", "tokenroute completion bash > tokenroute.bash",

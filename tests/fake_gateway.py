@@ -147,6 +147,7 @@ class _Reply:
     payload: Any  # JSON-able, or bytes sent as they are
     headers: dict[str, str] = field(default_factory=dict)
     content_type: str = "application/json"
+    events: Optional[list[bytes]] = None  # a text/event-stream: sent one by one, held after the first (hold_streams)
 
 
 def _detail(status: int, detail: str, **headers: str) -> _Reply:
@@ -406,6 +407,8 @@ class FakeGateway:
         self._faults: list[_Fault] = []
         self._lock = threading.RLock()
         self._stopping = threading.Event()
+        self._streams_flow = threading.Event()
+        self._streams_flow.set()
         self._serving: Optional[_ServerThread] = None
         self._routes: dict[str, dict[str, Endpoint]] = {
             "/api/v1/auth/discovery": {"GET": self._discovery},
@@ -510,6 +513,13 @@ class FakeGateway:
                     return code
         raise LookupError("no such pending device code: %r" % user_code)
 
+    def hold_streams(self) -> None:
+        """Event streams stop after their first event until release_streams() (or stop())."""
+        self._streams_flow.clear()
+
+    def release_streams(self) -> None:
+        self._streams_flow.set()
+
     # ---- fault injection
 
     def fail(self, path: str, *, status: int = 500, body: Any = b'{"detail":"boom"}',
@@ -592,7 +602,19 @@ class FakeGateway:
             return
         with self._lock:
             reply = self._dispatch(request)
-        handler.send_reply(reply)
+        if reply.events is None:
+            handler.send_reply(reply)
+            return
+        handler.send_response(reply.status)  # HTTP/1.0: no length, the body ends when the connection closes
+        handler.send_header("Content-Type", reply.content_type)
+        handler.send_header("Cache-Control", "no-cache")
+        handler.end_headers()
+        for number, event in enumerate(reply.events):
+            while number == 1 and not self._streams_flow.wait(0.01):
+                if self._stopping.is_set():
+                    return
+            handler.wfile.write(event)
+            handler.wfile.flush()
 
     def _dispatch(self, request: Recorded) -> _Reply:
         methods = self._resolve(request.path_only)
@@ -846,12 +868,24 @@ class FakeGateway:
                 + Decimal(tokens_out) * Decimal(model["output_usd_per_1k"])) / 1000
         key["balance_usd"] = str(Decimal(key["balance_usd"]) - cost)
         self.record_usage(tokens_in, tokens_out, str(cost))
+        if body.get("stream") is True:
+            return _Reply(200, None, content_type="text/event-stream", events=_chat_events(model["id"], ["O", "K"]))
         return _Reply(200, {"id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion",
                             "created": int(time.time()), "model": model["id"],
                             "choices": [{"index": 0, "message": {"role": "assistant", "content": "OK"},
                                          "finish_reason": "stop"}],
                             "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out,
                                       "total_tokens": tokens_in + tokens_out}})
+
+
+def _chat_events(model: str, pieces: list[str]) -> list[bytes]:
+    """A streamed chat completion as OpenAI sends it: a chunk per piece, a last one, then [DONE]."""
+    base = {"id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion.chunk",
+            "created": int(time.time()), "model": model}
+    deltas = [{"role": "assistant", "content": pieces[0]}] + [{"content": piece} for piece in pieces[1:]] + [{}]
+    chunks = [dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": None if delta else "stop"}])
+              for delta in deltas]
+    return [b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks] + [b"data: [DONE]\n\n"]
 
 
 def _without_raw(key: dict[str, str]) -> dict[str, str]:

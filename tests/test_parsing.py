@@ -59,6 +59,8 @@ LEFT_TO_ARGPARSE = [
     ["env", "--export=yes"],
     ["env", "--write"],  # nargs="?": argparse decides whether a value follows
     ["help", "keys"],
+    ["api", "/v1/models"],
+    ["api", "-X", "POST", "/api/v1/me/keys", "--json"],
     ["bogus"],
 ]
 
