@@ -2485,13 +2485,7 @@ def write_env_file(args: argparse.Namespace, ctx: Context, variables: dict[str, 
         raise CliError("--write writes dotenv lines: leave out --export and --shell", code="usage")
     path = os.path.realpath(args.write)  # a symlinked .env is updated at its target
     old, status = read_env_file(args.write, path)
-    if old is not None and old.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise CliError(f"{args.write} is UTF-16 (PowerShell 5.1's >> writes that); save it as UTF-8 first")
-    line = ambiguous_line(old or b"", variables)
-    if line is not None:
-        raise CliError(f"python-dotenv and node --env-file read line {line} of {args.write} differently (a quoted "
-                       "value one of them ends elsewhere); fix that line so that both read it alike, then run this again")
-    new, changes = set_dotenv_values(old or b"", variables)
+    new, changes = updated_env_file(args.write, old or b"", variables)
     if new != old:
         keep = None if status is None or not hasattr(os, "fchown") else (status.st_uid, status.st_gid)
         try:  # a new file is private; an existing one keeps its mode, owner and group
@@ -2540,6 +2534,20 @@ def read_env_file(shown: str, path: str) -> tuple[bytes | None, os.stat_result |
         raise CliError(f"cannot read {shown}: {exc.strerror}") from None
 
 
+def updated_env_file(shown: str, text: bytes, variables: dict[str, str]) -> tuple[bytes, list[str]]:
+    """`text` with the variables set, and OPENAI_API_BASE where the file sets it (LangChain reads it
+    before OPENAI_BASE_URL); refused where python-dotenv and node would not read them alike."""
+    if text.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise CliError(f"{shown} is UTF-16 (PowerShell 5.1's >> writes that); save it as UTF-8 first")
+    if any(dotenv_name(entry) == "OPENAI_API_BASE" for entry in dotenv_entries(text.removeprefix(BOM))):
+        variables = {**variables, "OPENAI_API_BASE": variables["OPENAI_BASE_URL"]}
+    line = ambiguous_line(text, variables)
+    if line is not None:
+        raise CliError(f"python-dotenv and node --env-file read line {line} of {shown} differently (a quoted "
+                       "value one of them ends elsewhere); fix that line so that both read it alike, then run this again")
+    return set_dotenv_values(text, variables)
+
+
 def owner_names(status: os.stat_result) -> str:
     """`app:www-data`, numbers where the names are unknown."""
     import grp
@@ -2566,7 +2574,7 @@ def set_dotenv_values(text: bytes, variables: dict[str, str]) -> tuple[bytes, li
     Returns the new text and what changed, for people.
     """
     bom = BOM if text.startswith(BOM) else b""
-    lines = dotenv_entries(text[len(bom):])
+    lines = dotenv_entries(text.removeprefix(BOM))
     eol = b"\r\n" if lines and lines[0].endswith(b"\r\n") else b"\n"
     if lines and not lines[-1].endswith(b"\n"):
         lines[-1] += eol
@@ -2614,7 +2622,8 @@ def dotenv_entries(text: bytes, quotes: Sequence[bytes] = PYTHON_DOTENV_QUOTES) 
 
     line = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)?")
     opening = b"".join(quote[:1] for quote in quotes)
-    quoted_start = re.compile(rb"[^\S\r\n]*(?:export[^\S\r\n]+)?(?:'[^'\r\n=]+'|[^=#\s]+)[^\S\r\n]*=[^\S\r\n]*(?=[%s])" % opening)
+    quoted_start = re.compile(
+        rb"[^\S\r\n]*(?:export[^\S\r\n]+)?(?:'[^'\r\n=]+'|[^=#\s]+)[^\S\r\n]*=[^\S\r\n]*(?=[%s])" % opening)
     quoted = {quote[0]: re.compile(quote, re.DOTALL) for quote in quotes}
     entries: list[bytes] = []
     start = 0
@@ -2632,7 +2641,7 @@ def dotenv_entries(text: bytes, quotes: Sequence[bytes] = PYTHON_DOTENV_QUOTES) 
 def ambiguous_line(text: bytes, variables: dict[str, str]) -> int | None:
     """The first line where python-dotenv and node --env-file disagree on an entry
     of one of the variables (where it starts or ends), None when they agree."""
-    text = text[len(BOM):] if text.startswith(BOM) else text
+    text = text.removeprefix(BOM)
 
     def spans(quotes: Sequence[bytes]) -> set[tuple[int, int]]:
         found: set[tuple[int, int]] = set()

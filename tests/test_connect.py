@@ -766,10 +766,19 @@ def test_env_write_leaves_lines_inside_a_multi_line_quoted_value_alone(cli: Cli,
         assert "OPENAI_API_KEY=sk-tr-inside1" in read["CERT"]
 
 
+def python_dotenv_reads_as_today() -> bool:
+    """python-dotenv 1.2.3+: the rules env --write follows (pip installs it on Python 3.10+; 3.9 gets 1.2.1)."""
+    if dotenv is None:
+        return False
+    from importlib.metadata import version
+
+    return tuple(int(part) for part in version("python-dotenv").split(".")[:3] if part.isdigit()) >= (1, 2, 3)
+
+
 def read_with_each(path: Path) -> dict[str, dict[str, str]]:
-    """The two variables as python-dotenv (the real one) and node --env-file (where installed) read the file."""
+    """The two variables as python-dotenv (1.2.3+) and node --env-file read the file, where they are installed."""
     readers = {}
-    if dotenv is not None:
+    if python_dotenv_reads_as_today():
         read = read_with_python_dotenv(path.read_bytes().decode("utf-8"))
         readers["python-dotenv"] = {name: read.get(name, "") for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
     if shutil.which("node"):
@@ -778,7 +787,7 @@ def read_with_each(path: Path) -> dict[str, dict[str, str]]:
 
 
 @pytest.mark.parametrize("start", [
-    b"\xef\xbb\xbfOPENAI_API_KEY=sk-tr-stale1\r\nDEBUG=1\r\n",  # Notepad's UTF-8: node reads the mark as part of the name
+    b"\xef\xbb\xbfOPENAI_API_KEY=sk-tr-stale1\r\nDEBUG=1\r\n",  # Notepad's UTF-8; node reads the mark into the name
     b"\xef\xbb\xbfDEBUG=1\nOPENAI_API_KEY=sk-tr-stale1\n",  # the mark stays: it is not before one of the two
     b'DATA_DIR="C:\\\\data\\\\"\nOPENAI_API_KEY=sk-tr-stale1\nGREETING="hi"\n',  # ends at its last quote
     b"'OPENAI_API_KEY'=sk-tr-stale1\nexport  OPENAI_BASE_URL = https://old.example/v1\n",
@@ -799,6 +808,20 @@ def test_env_write_replaces_the_key_where_todays_readers_read_it(cli: Cli, gatew
     assert read == {reader: {"OPENAI_API_KEY": api_key, "OPENAI_BASE_URL": gateway.url + "/v1"} for reader in read}
     again = write_env(cli, api_key, str(path))
     assert (again.code, path.read_bytes()) == (0, text)  # read back as it was written
+
+
+def test_env_write_points_an_old_clients_openai_api_base_at_the_gateway_too(cli: Cli, gateway: FakeGateway,
+                                                                             api_key: str, tmp_path: Path) -> None:
+    # LangChain reads OPENAI_API_BASE before OPENAI_BASE_URL: left as it was, it would take the key to OpenAI.
+    path = tmp_path / ".env"
+    path.write_text("OPENAI_API_BASE=https://api.openai.com/v1\nOPENAI_API_KEY=sk-proj-old\n")
+
+    result = write_env(cli, api_key, str(path))
+
+    assert result.code == 0, result
+    assert path.read_text() == (f"OPENAI_API_BASE={gateway.url}/v1\nOPENAI_API_KEY={api_key}\n"
+                                f"OPENAI_BASE_URL={gateway.url}/v1\n")
+    assert result.err == f"Updated {path}: OPENAI_API_KEY replaced, OPENAI_BASE_URL added, OPENAI_API_BASE replaced\n"
 
 
 @pytest.mark.parametrize("start", [
@@ -848,8 +871,8 @@ def test_env_write_under_umask_077_keeps_a_0640_file_0640(cli: Cli, api_key: str
     path.write_text("A=1\n")
     path.chmod(0o640)
 
-    done = subprocess.run([console_script(), "env", "--write", str(path)], env=cli.process_env(
-        {"TOKENROUTE_API_KEY": api_key}), capture_output=True, text=True, timeout=60, preexec_fn=lambda: os.umask(0o077))
+    done = subprocess.run([console_script(), "env", "--write", str(path)], capture_output=True, text=True, timeout=60,
+                          env=cli.process_env({"TOKENROUTE_API_KEY": api_key}), preexec_fn=lambda: os.umask(0o077))
 
     assert done.returncode == 0, done.stderr
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
@@ -878,7 +901,7 @@ def test_sudo_env_write_keeps_the_apps_owner_group_and_mode(cli: Cli, gateway: F
 SETPRIV = shutil.which("setpriv")
 
 
-@pytest.mark.skipif(not AS_ROOT or SETPRIV is None, reason="needs root and setpriv to drop the right to give files away")
+@pytest.mark.skipif(not AS_ROOT or SETPRIV is None, reason="needs root, and setpriv to drop its right to give files away")
 def test_env_write_that_cannot_keep_the_owner_changes_nothing(cli: Cli, api_key: str, tmp_path: Path) -> None:
     path = tmp_path / ".env"
     path.write_text("A=1\nOPENAI_API_KEY=sk-tr-old\n")
