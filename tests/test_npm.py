@@ -232,8 +232,9 @@ def test_ctrl_c_at_a_terminal_reaches_the_cli_once_and_the_launcher_waits_for_it
 
     master, terminal = pty.openpty()
     try:
-        launcher = start_launcher(echo_package, "count-interrupts", env=clean_env(tmp_path, TOKENROUTE_PYTHON=sys.executable),
-                                  stdin=terminal, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        launcher = start_launcher(echo_package, "count-interrupts", stdin=terminal,
+                                  env=clean_env(tmp_path, TOKENROUTE_PYTHON=sys.executable),
+                                  preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # the session's terminal
         os.write(master, b"\x03")  # Ctrl-C: the terminal sends SIGINT to its foreground process group
         result = finish(launcher)
     finally:

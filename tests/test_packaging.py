@@ -157,8 +157,9 @@ def imported_top_level_names(path: Path) -> set[str]:
 def is_standard_module(name: str) -> bool:
     """Whether `name` is a module of Python's standard library: sys.stdlib_module_names (3.10+),
     else where this Python finds it: built in, frozen, or in its stdlib folder and not site-packages."""
-    if hasattr(sys, "stdlib_module_names"):
-        return name in sys.stdlib_module_names
+    listed = getattr(sys, "stdlib_module_names", None)
+    if listed is not None:
+        return name in listed
     if name in sys.builtin_module_names:
         return True
     spec = importlib.util.find_spec(name)

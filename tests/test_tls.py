@@ -210,8 +210,8 @@ def test_the_trust_store_widens_at_most_once_per_process(tls_gateway, monkeypatc
     # a second handshake with the whole store; the store holds all of it from then on.
     handshakes: list[ssl.SSLContext] = []  # counted here: the gateway counts on its own threads, later
     real_wrap = ssl.SSLContext.wrap_socket
-    monkeypatch.setattr(ssl.SSLContext, "wrap_socket",
-                        lambda context, *args, **kwargs: handshakes.append(context) or real_wrap(context, *args, **kwargs))
+    monkeypatch.setattr(ssl.SSLContext, "wrap_socket", lambda context, *args, **kwargs: (
+        handshakes.append(context) or real_wrap(context, *args, **kwargs)))
     trust = tokenroute.TrustStore(CA_NOWHERE)
     opener = tokenroute.Opener(trust, None, "")
 
