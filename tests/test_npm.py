@@ -54,7 +54,8 @@ if args[0] == "count-interrupts":
     received = []
     signal.signal(signal.SIGINT, lambda *_: received.append(1))
     print("ready", flush=True)
-    signal.pause()
+    while not received:  # not signal.pause(): the signal may come before it
+        time.sleep(0.01)
     time.sleep(1)  # room for a second SIGINT, were one sent
     print("interrupts", len(received), flush=True)
     raise SystemExit(130)
