@@ -434,19 +434,30 @@ def write_private_file(ctx: Context, path: str, text: str) -> None:
         raise file_error("cannot write", path, exc) from None
 
 
-def replace_file(path: str, data: bytes, *, mode: int) -> None:
+class OwnerNotKept(OSError):
+    """replace_file could not give the new file the owner and group asked for."""
+
+
+def replace_file(path: str, data: bytes, *, mode: int, owner: tuple[int, int] | None = None) -> None:
     """Atomically replace `path` with `data`, in `mode` from the first byte; OSError on failure.
 
     The temp file is created in the same folder (so the umask cannot widen
     it and a crash never leaves a half-written secret), then renamed over
     the target; a symlink planted at the target is replaced, not followed.
+    `owner` (uid, gid): the new file's, set before any byte is written;
+    OwnerNotKept when this process may not give it away.
     Bytes, so that Windows writes the same line endings as everyone else.
     """
     tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
-    fd = os.open(tmp, flags, mode)
+    fd = os.open(tmp, flags, 0o600 if owner else mode)  # owner-only until it is the owner's
     try:
         with os.fdopen(fd, "wb") as handle:
+            if owner is not None:
+                try:
+                    os.fchown(handle.fileno(), *owner)  # before the fchmod: a chown clears set-id bits
+                except OSError as exc:
+                    raise OwnerNotKept(exc.errno, exc.strerror) from None
             if hasattr(os, "fchmod"):
                 os.fchmod(handle.fileno(), mode)  # a umask may have taken bits of a shared file's mode
             handle.write(data)
@@ -2702,23 +2713,23 @@ def shell_word(value: str) -> str:
 
 
 def write_env_file(args: argparse.Namespace, ctx: Context, variables: dict[str, str]) -> int:
-    """`env --write`: set the variables in a dotenv file in place, once each."""
+    """`env --write`: set the variables in a dotenv file in place, once each.
+
+    The file stays what it was: its mode, owner and group (`sudo tokenroute
+    env --write` on an app's file), or nothing changes at all.
+    """
     if args.export or args.shell != "dotenv":
         raise CliError("--write writes dotenv lines: leave out --export and --shell", code="usage")
     path = os.path.realpath(args.write)  # a symlinked .env is updated at its target
-    try:
-        with open(path, "rb") as handle:
-            old: bytes | None = handle.read()
-    except FileNotFoundError:
-        old = None
-    except OSError as exc:
-        raise CliError(f"cannot read {args.write}: {exc.strerror}") from None
-    if old is not None and old.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise CliError(f"{args.write} is UTF-16 (PowerShell 5.1's >> writes that); save it as UTF-8 first")
-    new, changes = set_dotenv_values(old or b"", variables)
+    old, status = read_env_file(args.write, path)
+    new, changes = updated_env_file(args.write, old or b"", variables)
     if new != old:
-        try:  # a new file is private; an existing one keeps its mode
-            replace_file(path, new, mode=0o600 if old is None else os.stat(path).st_mode & 0o7777)
+        keep = None if status is None or not hasattr(os, "fchown") else (status.st_uid, status.st_gid)
+        try:  # a new file is private; an existing one keeps its mode, owner and group
+            replace_file(path, new, mode=0o600 if status is None else status.st_mode & 0o7777, owner=keep)
+        except OwnerNotKept:
+            raise CliError(f"cannot update {args.write} and keep its owner and group ({owner_names(status)}): "
+                           "run this as its owner, or as root; the file is unchanged") from None
         except OSError as exc:
             raise CliError(f"cannot write {args.write}: {exc.strerror}") from None
     if args.json:
@@ -2734,14 +2745,73 @@ def write_env_file(args: argparse.Namespace, ctx: Context, variables: dict[str, 
     return EXIT_OK
 
 
+def read_env_file(shown: str, path: str) -> tuple[bytes | None, os.stat_result | None]:
+    """The bytes and status of the file `shown` names (at `path`, its real path); None, None when absent.
+
+    Anything but a regular file is refused before it is opened: a FIFO would
+    block (or stream a writer's data into a file put in its place), a device
+    such as /dev/stdout would read the terminal. O_NONBLOCK and the check of
+    what was opened keep a FIFO swapped in meanwhile from blocking or being read.
+    """
+    import stat
+
+    try:
+        before = os.stat(shown)  # follows symlinks, /dev/stdout's to a pipe or a terminal included
+        if not stat.S_ISREG(before.st_mode):
+            raise CliError(f"{shown} is not a regular file; --write updates a file (or a symlink to one)")
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+        with os.fdopen(os.open(path, flags), "rb") as handle:
+            status = os.fstat(handle.fileno())
+            if (status.st_dev, status.st_ino) != (before.st_dev, before.st_ino):
+                raise CliError(f"{shown} was replaced while it was read; run this again")
+            return handle.read(), status
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        raise CliError(f"cannot read {shown}: {exc.strerror}") from None
+
+
+def updated_env_file(shown: str, text: bytes, variables: dict[str, str]) -> tuple[bytes, list[str]]:
+    """`text` with the variables set, and OPENAI_API_BASE where the file sets it (LangChain reads it
+    before OPENAI_BASE_URL); refused where python-dotenv and node would not read them alike."""
+    if text.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise CliError(f"{shown} is UTF-16 (PowerShell 5.1's >> writes that); save it as UTF-8 first")
+    if any(dotenv_name(entry) == "OPENAI_API_BASE" for entry in dotenv_entries(text.removeprefix(BOM))):
+        variables = {**variables, "OPENAI_API_BASE": variables["OPENAI_BASE_URL"]}
+    line = ambiguous_line(text, variables)
+    if line is not None:
+        raise CliError(f"python-dotenv and node --env-file read line {line} of {shown} differently (a quoted "
+                       "value one of them ends elsewhere); fix that line so that both read it alike, then run this again")
+    return set_dotenv_values(text, variables)
+
+
+def owner_names(status: os.stat_result) -> str:
+    """`app:www-data`, numbers where the names are unknown."""
+    import grp
+    import pwd
+
+    try:
+        user = pwd.getpwuid(status.st_uid).pw_name
+    except KeyError:
+        user = str(status.st_uid)
+    try:
+        group = grp.getgrgid(status.st_gid).gr_name
+    except KeyError:
+        group = str(status.st_gid)
+    return f"{user}:{group}"
+
+
 def set_dotenv_values(text: bytes, variables: dict[str, str]) -> tuple[bytes, list[str]]:
     """`text` with each variable set once, where it first was; every other line byte for byte.
 
     Works on bytes so that any encoding, CRLF ending, quoting and comment
-    outside the variables' own lines survives. Returns the new text and what
-    changed, for people.
+    outside the variables' own lines survives. A UTF-8 byte-order mark stays,
+    unless the first line is one of the variables: node reads the mark as
+    part of that name.
+    Returns the new text and what changed, for people.
     """
-    lines = dotenv_entries(text)
+    bom = BOM if text.startswith(BOM) else b""
+    lines = dotenv_entries(text.removeprefix(BOM))
     eol = b"\r\n" if lines and lines[0].endswith(b"\r\n") else b"\n"
     if lines and not lines[-1].endswith(b"\n"):
         lines[-1] += eol
@@ -2760,25 +2830,38 @@ def set_dotenv_values(text: bytes, variables: dict[str, str]) -> tuple[bytes, li
         lines[at[0]] = prefix + f"{name}={value}".encode() + ending
         if lines[at[0]] != first:
             changes.append(f"{name} replaced")
+        if bom and at[0] == 0:
+            bom = b""
+            changes.append(f"the byte-order mark before {name} removed (node reads it as part of the name)")
         for number in reversed(at[1:]):
             del lines[number]
         if len(at) > 1:
             changes.append(f"{len(at) - 1} older {name} removed")
-    return b"".join(lines), changes
+    return bom + b"".join(lines), changes
 
 
-def dotenv_entries(text: bytes) -> list[bytes]:
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which Windows editors put first
+# Where a quoted value ends, for the two readers a .env file is written for.
+# python-dotenv (1.2.3+): a backslash escapes any character, so "C:\\data\\" ends
+# at its last quote. node --env-file: the next same quote ends it, backticks quote too.
+PYTHON_DOTENV_QUOTES = (rb"'(?:\\.|[^'\\])*'", rb'"(?:\\.|[^"\\])*"')
+NODE_QUOTES = (rb"'[^']*'", rb'"[^"]*"', rb"`[^`]*`")
+
+
+def dotenv_entries(text: bytes, quotes: Sequence[bytes] = PYTHON_DOTENV_QUOTES) -> list[bytes]:
     """The file's lines, except that a quoted value spanning lines stays one entry with its line.
 
-    python-dotenv (and node's) read `CERT="...` up to the closing quote, so an
-    `OPENAI_API_KEY=` line inside it is part of CERT, not a variable. A quote
-    that never closes makes no multi-line value, as python-dotenv reads it.
+    A reader takes `CERT="...` up to the closing quote, so an `OPENAI_API_KEY=`
+    line inside it is part of CERT, not a variable. A quote that never closes
+    makes no multi-line value (python-dotenv and node read it so).
     """
     import re
 
     line = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)?")
-    quoted_start = re.compile(rb"[^\S\r\n]*(?:export[^\S\r\n]+)?[^=#\s]+[^\S\r\n]*=[^\S\r\n]*(?=[\"'])")
-    quoted = {ord('"'): re.compile(rb'"(?:\\"|[^"])*"'), ord("'"): re.compile(rb"'(?:\\'|[^'])*'")}
+    opening = b"".join(quote[:1] for quote in quotes)
+    quoted_start = re.compile(
+        rb"[^\S\r\n]*(?:export[^\S\r\n]+)?(?:'[^'\r\n=]+'|[^=#\s]+)[^\S\r\n]*=[^\S\r\n]*(?=[%s])" % opening)
+    quoted = {quote[0]: re.compile(quote, re.DOTALL) for quote in quotes}
     entries: list[bytes] = []
     start = 0
     while start < len(text):
@@ -2792,14 +2875,34 @@ def dotenv_entries(text: bytes) -> list[bytes]:
     return entries
 
 
+def ambiguous_line(text: bytes, variables: dict[str, str]) -> int | None:
+    """The first line where python-dotenv and node --env-file disagree on an entry
+    of one of the variables (where it starts or ends), None when they agree."""
+    text = text.removeprefix(BOM)
+
+    def spans(quotes: Sequence[bytes]) -> set[tuple[int, int]]:
+        found: set[tuple[int, int]] = set()
+        at = 0
+        for entry in dotenv_entries(text, quotes):
+            if dotenv_name(entry) in variables:
+                found.add((at, at + len(entry)))
+            at += len(entry)
+        return found
+
+    differ = spans(PYTHON_DOTENV_QUOTES) ^ spans(NODE_QUOTES)
+    return text[: min(differ)[0]].count(b"\n") + 1 if differ else None
+
+
 def dotenv_name(line: bytes) -> str | None:
-    """The variable a dotenv line sets (`NAME=`, `export NAME=`, `NAME =`), or None."""
+    """The variable a dotenv line sets (`NAME=`, `export NAME=`, `NAME =`, `'NAME'=`), or None."""
     words = line.strip().split(b"=", 1)
     if len(words) < 2:
         return None
     name = words[0].strip()
     if name.startswith(b"export") and name[6:7].isspace():
         name = name[6:].strip()
+    if len(name) > 2 and name[:1] == name[-1:] == b"'":  # python-dotenv's quoted name
+        name = name[1:-1]
     try:
         return name.decode("ascii") if name else None
     except UnicodeDecodeError:
@@ -2807,18 +2910,25 @@ def dotenv_name(line: bytes) -> str | None:
 
 
 def warn_if_committable(ctx: Context, path: str, *, shown: str) -> None:
-    """Warn when git tracks the file or would take it in `git add .`; silent without git."""
+    """Warn when git tracks the file or would take it in `git add .`; silent without git.
+
+    The folder may be anyone's clone, and its git configuration may run commands
+    (core.fsmonitor, hooks) that could read the key just written: git runs with
+    them off, and never as a `git` found in the current folder (a relative PATH
+    entry, or Windows' Python before 3.12, which looks there first).
+    """
     import shutil
     import subprocess
 
     git = shutil.which("git", path=ctx.env.get("PATH"))
-    if git is None:
+    if git is None or not os.path.isabs(git):
         return
     folder, name = os.path.split(path)
+    no_commands = ["-c", "core.fsmonitor=", "-c", f"core.hooksPath={os.devnull}"]
 
     def status(*words: str) -> int | None:
         try:
-            return subprocess.run([git, *words, "--", name], cwd=folder or ".", env=dict(ctx.env),
+            return subprocess.run([git, *no_commands, *words, "--", name], cwd=folder or ".", env=dict(ctx.env),
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   timeout=10).returncode
         except (OSError, subprocess.SubprocessError):
@@ -2836,9 +2946,7 @@ def warn_if_committable(ctx: Context, path: str, *, shown: str) -> None:
 def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
     """Run a command with the two variables in its environment: no key in a file."""
     api_url, _ = api_url_setting(ctx, args.api_url)
-    env = {**ctx.env, **env_values(ctx, api_url, key=args.key)}
-    if "PATH" in env:
-        env["PATH"] = without_own_bin(env["PATH"], virtual_env=env.get("VIRTUAL_ENV"))
+    env = child_environment(ctx.env, env_values(ctx, api_url, key=args.key))
     for stream in (ctx.stdout, ctx.stderr):
         if stream is not None:  # None: started with the stream closed
             stream.flush()  # what is buffered here would be lost in the exec
@@ -2847,21 +2955,49 @@ def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
     return run_and_wait(args.command, env)
 
 
-def without_own_bin(path: str, *, virtual_env: str | None) -> str:
-    """PATH for the child without the bin folder of tokenroute's own virtual environment in front.
+def child_environment(env: Mapping[str, str], variables: dict[str, str]) -> dict[str, str]:
+    """`run`'s child environment: the caller's, where the gateway's key and URL win under every name
+    an OpenAI client reads them by, so that no client bypasses the gateway or sends it another key.
+
+    openai<1, LangChain and LiteLLM read the URL as OPENAI_API_BASE (LangChain before
+    OPENAI_BASE_URL); openai<1 reads a key from the file OPENAI_API_KEY_PATH names
+    before OPENAI_API_KEY.
+    """
+    child = {name: value for name, value in env.items() if name != "OPENAI_API_KEY_PATH"}
+    child.update(variables, OPENAI_API_BASE=variables["OPENAI_BASE_URL"])
+    if "PATH" in child:
+        child["PATH"] = without_own_bin(child["PATH"])
+    return child
+
+
+def without_own_bin(path: str) -> str:
+    """PATH for the child without the bin folder of tokenroute's own tool environment in front.
 
     `uvx tokenroute run -- python app.py`: uvx puts its tool environment's
-    bin first, whose `python` lacks the user's packages. That folder stays
-    when it is the user's own active virtualenv (tokenroute installed in it),
-    and a Python that is no virtual environment (/usr/bin) is never left out.
+    bin first, whose `python` lacks the user's packages. Only an environment
+    a tool installer made for tokenroute alone is left out; the user's own
+    virtualenv with tokenroute in it (`PATH=/app/.venv/bin:$PATH`, uv's Docker
+    guide) stays, and so does a Python that is no virtual environment.
     """
     folders = path.split(os.pathsep)
-    in_venv = sys.prefix != sys.base_prefix
-    if not in_venv or len(folders) < 2 or not same_folder(folders[0], os.path.dirname(sys.executable)):
-        return path
-    if virtual_env and same_folder(virtual_env, sys.prefix):
+    if len(folders) < 2 or not same_folder(folders[0], os.path.dirname(sys.executable)) or not is_tool_environment():
         return path
     return os.pathsep.join(folders[1:])
+
+
+def is_tool_environment() -> bool:
+    """Whether this Python is a virtual environment made for one tool: by `uv tool install`
+    (uv-receipt.toml), pipx (pipx_metadata.json), or uvx (in uv's cache, which CACHEDIR.TAG marks)."""
+    if sys.prefix == sys.base_prefix:
+        return False
+    if any(os.path.isfile(os.path.join(sys.prefix, name)) for name in ("uv-receipt.toml", "pipx_metadata.json")):
+        return True
+    folder = os.path.abspath(sys.prefix)
+    while os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+        if os.path.isfile(os.path.join(folder, "CACHEDIR.TAG")):
+            return True
+    return False
 
 
 def same_folder(one: str, other: str) -> bool:
@@ -2872,8 +3008,13 @@ def same_folder(one: str, other: str) -> bool:
 
 
 def replace_process(command: Sequence[str], env: dict[str, str]) -> None:
-    """exec the command: no parent left to forward signals to or hold memory; returns only on failure."""
+    """exec the command: no parent left to forward signals to or hold memory; returns only on failure.
+
+    A file without `#!` is a shell script: it runs under /bin/sh, as execvp(3),
+    every shell and `env` run it (Python's os.execvpe reports ENOEXEC instead).
+    """
     import _signal  # builtin and already loaded: `signal` would import enum
+    import errno
 
     # Python ignores SIGPIPE and SIGXFSZ, and an exec keeps ignored signals:
     # `tokenroute run -- yes | head -1` must end `yes` as a shell would.
@@ -2882,11 +3023,35 @@ def replace_process(command: Sequence[str], env: dict[str, str]) -> None:
     for number in ignored:
         _signal.signal(number, _signal.SIG_DFL)
     try:
-        os.execvpe(command[0], list(command), env)
+        try:
+            os.execvpe(command[0], list(command), env)
+        except OSError as exc:
+            script = located(command[0], env) if exc.errno == errno.ENOEXEC else None
+            if script is None or is_binary(script):
+                raise
+            os.execve("/bin/sh", ["/bin/sh", script, *command[1:]], env)
     except OSError as exc:
         for number in ignored:  # back as they were: reporting the failure must not die of a closed pipe
             _signal.signal(number, _signal.SIG_IGN)
-        raise exec_error(command[0], exc) from None
+        raise exec_error(command[0], exc, env) from None
+
+
+def located(program: str, env: Mapping[str, str]) -> str | None:
+    """The file `program` names, as an exec would look it up on the child's PATH."""
+    import shutil
+
+    return program if os.sep in program else shutil.which(program, path=env.get("PATH", os.defpath))
+
+
+def is_binary(path: str) -> bool:
+    """Whether the file holds a program for another machine, not a script: a NUL byte in its
+    first line, as bash decides before it would run a file as a script."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(80)
+    except OSError:
+        return True
+    return b"\0" in head.split(b"\n", 1)[0]
 
 
 def run_and_wait(command: Sequence[str], env: dict[str, str]) -> int:
@@ -2899,7 +3064,7 @@ def run_and_wait(command: Sequence[str], env: dict[str, str]) -> int:
     try:
         child = subprocess.Popen([program, *command[1:]], env=env)
     except OSError as exc:
-        raise exec_error(command[0], exc) from None
+        raise exec_error(command[0], exc, env) from None
     while True:
         try:
             status = child.wait()
@@ -2921,14 +3086,30 @@ def exit_status(status: int) -> int:
     return status - 2**32 if status > 0x7FFFFFFF else status
 
 
-def exec_error(program: str, exc: OSError) -> CliError:
+def exec_error(program: str, exc: OSError, env: Mapping[str, str]) -> CliError:
     import errno
 
     name = sanitize(program)
-    if exc.errno == errno.ENOENT:
+    found = located(program, env) if exc.errno == errno.ENOENT else None
+    if exc.errno == errno.ENOENT and (found is None or not os.path.isfile(found)):
         return CliError(f"{name}: command not found", code="command_not_found", exit_code=EXIT_NOT_FOUND)
     reason = exc.strerror or exc.__class__.__name__
+    if found is not None:  # the file is there: what starts it is not
+        interpreter = interpreter_of(found)
+        reason = (f"its interpreter {sanitize(interpreter)} is missing" if interpreter
+                  else f"{reason} (a program it needs to start, such as its loader, is missing)")
     return CliError(f"{name}: cannot run it: {reason}", code="command_not_executable", exit_code=EXIT_NOT_EXECUTABLE)
+
+
+def interpreter_of(path: str) -> str | None:
+    """The program a script's `#!` line names, None for a file without one."""
+    try:
+        with open(path, "rb") as handle:
+            line = handle.readline(256)
+    except OSError:
+        return None
+    words = line[2:].split() if line.startswith(b"#!") else []
+    return words[0].decode(errors="replace") if words else None
 
 
 def try_chat(ctx: Context, api_url: str, *, model: str = DEFAULT_MODEL, key: str | None = None) -> dict[str, Any]:

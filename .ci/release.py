@@ -2,6 +2,7 @@
 
     python .ci/release.py check [vX.Y.Z]   the tag, __version__ and npm/package.json agree
     python .ci/release.py build [DIR]      sdist, wheel built from it, npm tarball, SHA256SUMS
+                                           (DIR: new, empty, or an earlier build's; default dist)
     python .ci/release.py notes VERSION    that version's CHANGELOG.md section
 
 `build` is offline: it needs flit_core installed next to this Python (the
@@ -60,9 +61,8 @@ def check(tag: str | None, *, repo: Path = REPO, github_repository: str | None =
 def build(out: Path, *, npm: bool = True, repo: Path = REPO) -> list[Path]:
     """Build every release file into `out`; returns the files SHA256SUMS covers."""
     version = check(None, repo=repo)
-    if out.exists():
-        shutil.rmtree(out)
-    (out / "python").mkdir(parents=True)
+    empty_output_folder(out)
+    (out / "python").mkdir()
     sdist = build_sdist(repo, out / "python")
     wheel = build_wheel_from_sdist(sdist, out / "python")
     if npm:
@@ -78,6 +78,28 @@ def build(out: Path, *, npm: bool = True, repo: Path = REPO) -> list[Path]:
         if not path.name.startswith(("tokenroute.py", f"tokenroute-{version}")):
             raise ReleaseError(f"unexpected file name {path.name}")
     return covered
+
+
+BUILT_HERE = ".release-build"  # in every folder `build` made: only such a folder is ever emptied
+
+
+def empty_output_folder(out: Path) -> None:
+    """Make `out` an empty folder marked as a build's: a new one, an empty one, or one an earlier
+    build made. Anything else (the checkout, ~/Downloads, a file) is refused before anything is deleted."""
+    if out.exists() and not out.is_dir():
+        raise ReleaseError(f"{out} is not a folder; build into a new or empty folder")
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    if entries and not (out / BUILT_HERE).is_file():
+        raise ReleaseError(f"{out} is not empty and no earlier build made it; build into a new or empty folder "
+                           "(nothing was deleted)")
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / BUILT_HERE).write_text("made by .ci/release.py build, which empties this folder when it builds again\n",
+                                  encoding="utf-8")
 
 
 def build_sdist(repo: Path, out: Path) -> Path:

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import pytest
 
 import tokenroute
-from conftest import REPO, Cli, Result, console_script
+from conftest import REPO, Cli, Result, console_script, posix_modes
 from fake_gateway import FakeGateway
 
 try:
@@ -161,6 +161,79 @@ def test_command_found_but_not_executable_exits_126(cli: Cli, api_key: str, tmp_
     assert result.err.startswith(f"error: {target}: cannot run it: ")
 
 
+@posix_only
+@pytest.mark.parametrize("how", ["by path", "on PATH"])
+def test_a_script_without_a_shebang_runs_under_sh_as_a_shell_runs_it(cli: Cli, api_key: str, tmp_path: Path,
+                                                                     how: str) -> None:
+    tool = tmp_path / "tool"
+    tool.write_text('echo "ran $0 $1 with ${OPENAI_API_KEY%%${OPENAI_API_KEY#sk-tr-}}"\n')
+    tool.chmod(0o755)
+    path = f"{tmp_path}{os.pathsep}{os.environ['PATH']}"
+
+    result = script(cli, "run", "--key", api_key, "--", str(tool) if how == "by path" else "tool", "a b",
+                    env={"PATH": path})
+
+    assert (result.code, result.out, result.err) == (0, f"ran {tool} a b with sk-tr-\n", "")
+
+
+@posix_only
+def test_a_program_for_another_machine_is_not_run_as_a_script(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    program = tmp_path / "program"
+    program.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(56) + b"\necho never\n")  # a header no exec accepts
+    program.chmod(0o755)
+
+    result = script(cli, "run", "--key", api_key, "--", str(program))
+
+    assert (result.code, result.out) == (126, "")
+    assert result.err == f"error: {program}: cannot run it: Exec format error\n"
+
+
+@posix_only
+def test_a_script_whose_interpreter_is_missing_says_so_not_command_not_found(cli: Cli, api_key: str,
+                                                                             tmp_path: Path) -> None:
+    tool = tmp_path / "tool"
+    tool.write_text("#!/nonexistent/python9 -u\nprint('never')\n")
+    tool.chmod(0o755)
+
+    result = script(cli, "run", "--key", api_key, "--", str(tool))
+
+    assert (result.code, result.out) == (126, "")
+    assert result.err == f"error: {tool}: cannot run it: its interpreter /nonexistent/python9 is missing\n"
+
+
+# How OpenAI clients find their key and URL: openai>=1 (and node's), openai<1 (a key file first,
+# then OPENAI_API_KEY; OPENAI_API_BASE, else OpenAI's own), LangChain (OPENAI_API_BASE first).
+CLIENTS_SEE = """
+import json, os
+env = os.environ
+key_file = env.get("OPENAI_API_KEY_PATH")
+old_key = open(key_file).read().strip() if key_file else env.get("OPENAI_API_KEY")
+print(json.dumps({
+    "openai": [env.get("OPENAI_BASE_URL", "https://api.openai.com/v1"), env.get("OPENAI_API_KEY")],
+    "openai<1": [env.get("OPENAI_API_BASE", "https://api.openai.com/v1"), old_key],
+    "langchain": [env.get("OPENAI_API_BASE") or env.get("OPENAI_BASE_URL"), env.get("OPENAI_API_KEY")],
+    "real key anywhere": any("sk-proj-REAL" in value for value in env.values()),
+}))
+"""
+
+
+def test_no_openai_variable_in_the_environment_wins_over_the_gateway_in_the_child(cli: Cli, gateway: FakeGateway,
+                                                                                 api_key: str, tmp_path: Path) -> None:
+    real = "sk-proj-REALopenaikey000000000000"
+    key_file = tmp_path / "openai-key"
+    key_file.write_text(real + "\n")
+    openai = {"OPENAI_API_KEY": real, "OPENAI_BASE_URL": "https://api.openai.com/v1",
+              "OPENAI_API_BASE": "https://api.openai.com/v1", "OPENAI_API_KEY_PATH": str(key_file)}
+
+    result = script(cli, "run", "--key", api_key, "--", sys.executable, "-c", CLIENTS_SEE, env=openai)
+
+    assert result.code == 0, result
+    seen = json.loads(result.out)
+    gateway_and_key = [gateway.url + "/v1", api_key]
+    assert seen == {"openai": gateway_and_key, "openai<1": gateway_and_key, "langchain": gateway_and_key,
+                    "real key anywhere": False}
+
+
 @pytest.mark.parametrize("how", ["in process", "console script"])
 def test_run_without_a_key_exits_1_and_never_starts_the_child(cli: Cli, tmp_path: Path, how: str) -> None:
     marker = tmp_path / "started"
@@ -275,18 +348,64 @@ def test_a_childs_status_becomes_an_exit_status_a_shell_reads_the_same(status: i
 PRINT_PATH = "import os; print(os.environ['PATH'])"
 
 
-@pytest.mark.parametrize("case", ["tool bin first", "user's active venv", "tool bin not first"])
-def test_uvx_tool_bin_is_left_out_of_the_childs_path(cli: Cli, api_key: str, tmp_path: Path, case: str) -> None:
-    tool_bin = str(Path(console_script()).parent)  # the bin folder of the Python the console script runs
-    other = str(tmp_path)
-    path = os.pathsep.join([other, tool_bin, other] if case == "tool bin not first" else [tool_bin, other])
-    venv = str(Path(tool_bin).parent) if case == "user's active venv" else ""
+def make_venv(folder: Path) -> Path:
+    """A virtual environment at `folder` (without pip: quick to make); returns its python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True, timeout=120,
+                   capture_output=True)
+    return folder / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
-    result = script(cli, "run", "--key", api_key, "--", sys.executable, "-c", PRINT_PATH,
-                    env={"PATH": path, "VIRTUAL_ENV": venv})
 
-    assert result.code == 0, result
-    assert result.out.strip() == (other if case == "tool bin first" else path)
+def run_in_venv(cli: Cli, python: Path, api_key: str, *child: str, path: str) -> subprocess.CompletedProcess[str]:
+    """`tokenroute run` as that environment's Python runs it, with PATH as given."""
+    return subprocess.run([str(python), str(REPO / "tokenroute.py"), "run", "--key", api_key, "--", *child],
+                          env=cli.process_env({"PATH": path, "VIRTUAL_ENV": ""}), capture_output=True, text=True,
+                          timeout=60)
+
+
+# Where each installer makes tokenroute's own environment, and the file that tells it is one.
+TOOL_ENVIRONMENTS = {
+    "uvx": ("uv-cache/archive-v0/b7Jx2kQ", "uv-cache/CACHEDIR.TAG"),
+    "uv tool install": ("uv-tools/tokenroute", "uv-tools/tokenroute/uv-receipt.toml"),
+    "pipx": ("pipx/venvs/tokenroute", "pipx/venvs/tokenroute/pipx_metadata.json"),
+}
+
+
+@pytest.mark.parametrize("installer", sorted(TOOL_ENVIRONMENTS))
+def test_the_tool_environment_an_installer_made_is_left_out_of_the_childs_path(cli: Cli, api_key: str,
+                                                                             tmp_path: Path, installer: str) -> None:
+    folder, marker = TOOL_ENVIRONMENTS[installer]
+    python = make_venv(tmp_path / folder)
+    (tmp_path / marker).write_text("")
+    elsewhere = str(tmp_path / "bin")
+
+    done = run_in_venv(cli, python, api_key, sys.executable, "-c", PRINT_PATH,
+                       path=os.pathsep.join([str(python.parent), elsewhere]))
+
+    assert (done.returncode, done.stdout.strip()) == (0, elsewhere), done.stderr
+
+
+def test_the_apps_own_virtualenv_with_tokenroute_in_it_stays_first_on_the_childs_path(cli: Cli, api_key: str,
+                                                                                     tmp_path: Path) -> None:
+    # uv's Docker guide: PATH="/app/.venv/bin:$PATH", no VIRTUAL_ENV; `python` must be the app's.
+    python = make_venv(tmp_path / "app" / ".venv")
+    path = os.pathsep.join([str(python.parent), os.path.dirname(os.path.realpath(sys.executable))])
+    prefix = "import sys; print(sys.prefix)"
+
+    done = run_in_venv(cli, python, api_key, "python", "-c", prefix, path=path)
+
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()) == tmp_path / "app" / ".venv"
+
+
+def test_a_tool_environment_not_first_on_path_leaves_path_as_it_was(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    folder, marker = TOOL_ENVIRONMENTS["uvx"]
+    python = make_venv(tmp_path / folder)
+    (tmp_path / marker).write_text("")
+    path = os.pathsep.join([str(tmp_path / "bin"), str(python.parent), str(tmp_path / "bin")])
+
+    done = run_in_venv(cli, python, api_key, sys.executable, "-c", PRINT_PATH, path=path)
+
+    assert (done.returncode, done.stdout.strip()) == (0, path), done.stderr
 
 
 @posix_only
@@ -298,6 +417,21 @@ def test_the_folder_of_a_python_that_is_no_virtualenv_stays_on_the_childs_path(a
                           capture_output=True, text=True, timeout=60)
 
     assert (done.returncode, done.stdout.strip()) == (0, path), done.stderr
+
+
+@pytest.mark.parametrize("url", ["https://[fe80::1%lo]", "http://[fe80::1%25lo]:8080", "https://[FE80::1%eth0]:8443/"])
+def test_a_gateway_url_with_an_ipv6_zone_id_is_refused(cli: Cli, api_key: str, tmp_path: Path, url: str) -> None:
+    # A zone names this machine's interface: no name for a gateway, and not one spelling of it.
+    marker = tmp_path / "started"
+    by_flag = cli.run("env", "--api-url", url, "--key", api_key)
+    by_env = cli.run("run", "--key", api_key, "--", sys.executable, "-c", f"open({str(marker)!r}, 'w')",
+                     env={"TOKENROUTE_API_URL": url})
+
+    assert (by_flag.code, by_flag.out) == (1, "")
+    assert by_flag.err.startswith("error: --api-url ") and by_flag.err.count("\n") == 1
+    assert (by_env.code, by_env.out) == (1, "")
+    assert by_env.err.startswith("error: TOKENROUTE_API_URL ") and by_env.err.count("\n") == 1
+    assert tokenroute.canonical_url(url) is None and not marker.exists()
 
 
 # ---------------------------------------------------------------- env --write
@@ -630,6 +764,192 @@ def test_env_write_leaves_lines_inside_a_multi_line_quoted_value_alone(cli: Cli,
         before = read_with_python_dotenv(MULTI_LINE)
         assert (read["CERT"], read["NOTE"]) == (before["CERT"], before["NOTE"])
         assert "OPENAI_API_KEY=sk-tr-inside1" in read["CERT"]
+
+
+def python_dotenv_reads_as_today() -> bool:
+    """python-dotenv 1.2.3+: the rules env --write follows (pip installs it on Python 3.10+; 3.9 gets 1.2.1)."""
+    if dotenv is None:
+        return False
+    from importlib.metadata import version
+
+    return tuple(int(part) for part in version("python-dotenv").split(".")[:3] if part.isdigit()) >= (1, 2, 3)
+
+
+def read_with_each(path: Path) -> dict[str, dict[str, str]]:
+    """The two variables as python-dotenv (1.2.3+) and node --env-file read the file, where they are installed."""
+    readers = {}
+    if python_dotenv_reads_as_today():
+        read = read_with_python_dotenv(path.read_bytes().decode("utf-8"))
+        readers["python-dotenv"] = {name: read.get(name, "") for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    if shutil.which("node"):
+        readers["node"] = read_with_node(path)
+    return readers
+
+
+@pytest.mark.parametrize("start", [
+    b"\xef\xbb\xbfOPENAI_API_KEY=sk-tr-stale1\r\nDEBUG=1\r\n",  # Notepad's UTF-8; node reads the mark into the name
+    b"\xef\xbb\xbfDEBUG=1\nOPENAI_API_KEY=sk-tr-stale1\n",  # the mark stays: it is not before one of the two
+    b'DATA_DIR="C:\\\\data\\\\"\nOPENAI_API_KEY=sk-tr-stale1\nGREETING="hi"\n',  # ends at its last quote
+    b"'OPENAI_API_KEY'=sk-tr-stale1\nexport  OPENAI_BASE_URL = https://old.example/v1\n",
+], ids=["byte-order mark", "byte-order mark before another name", "backslash before the closing quote",
+        "python-dotenv's quoted name"])
+def test_env_write_replaces_the_key_where_todays_readers_read_it(cli: Cli, gateway: FakeGateway, api_key: str,
+                                                                  tmp_path: Path, start: bytes) -> None:
+    path = tmp_path / ".env"
+    path.write_bytes(start)
+
+    result = write_env(cli, api_key, str(path))
+
+    assert result.code == 0, result
+    text = path.read_bytes()
+    assert text.count(b"OPENAI_API_KEY=") == 1 and b"stale" not in text
+    assert text.startswith(b"\xef\xbb\xbf") == start.startswith(b"\xef\xbb\xbfDEBUG")
+    read = read_with_each(path)
+    assert read == {reader: {"OPENAI_API_KEY": api_key, "OPENAI_BASE_URL": gateway.url + "/v1"} for reader in read}
+    again = write_env(cli, api_key, str(path))
+    assert (again.code, path.read_bytes()) == (0, text)  # read back as it was written
+
+
+def test_env_write_points_an_old_clients_openai_api_base_at_the_gateway_too(cli: Cli, gateway: FakeGateway,
+                                                                             api_key: str, tmp_path: Path) -> None:
+    # LangChain reads OPENAI_API_BASE before OPENAI_BASE_URL: left as it was, it would take the key to OpenAI.
+    path = tmp_path / ".env"
+    path.write_text("OPENAI_API_BASE=https://api.openai.com/v1\nOPENAI_API_KEY=sk-proj-old\n")
+
+    result = write_env(cli, api_key, str(path))
+
+    assert result.code == 0, result
+    assert path.read_text() == (f"OPENAI_API_BASE={gateway.url}/v1\nOPENAI_API_KEY={api_key}\n"
+                                f"OPENAI_BASE_URL={gateway.url}/v1\n")
+    assert result.err == f"Updated {path}: OPENAI_API_KEY replaced, OPENAI_BASE_URL added, OPENAI_API_BASE replaced\n"
+
+
+@pytest.mark.parametrize("start", [
+    b"NOTE=`two\nOPENAI_API_KEY=sk-tr-stale1\nlines`\n",  # node reads a backtick value over lines
+    b'DATA_DIR="C:\\data\\"\nOPENAI_API_KEY=sk-tr-stale1\nGREETING="hi"\n',  # python-dotenv: \" goes on
+], ids=["backticks", "one backslash before the closing quote"])
+def test_env_write_refuses_a_file_python_dotenv_and_node_read_differently(cli: Cli, api_key: str, tmp_path: Path,
+                                                                          start: bytes) -> None:
+    path = tmp_path / ".env"
+    path.write_bytes(start)
+
+    result = write_env(cli, api_key, str(path))
+
+    assert (result.code, result.out) == (1, "")
+    assert result.err.startswith(f"error: python-dotenv and node --env-file read line 2 of {path} differently")
+    assert path.read_bytes() == start
+
+
+@posix_only
+@pytest.mark.parametrize("kind", ["FIFO", "folder", "device", "/dev/stdout"])
+def test_env_write_refuses_anything_but_a_file_before_reading_it(cli: Cli, api_key: str, tmp_path: Path,
+                                                                 kind: str) -> None:
+    target = tmp_path / "target"
+    if kind == "FIFO":
+        os.mkfifo(target)  # no writer: opening it to read would wait forever
+    elif kind == "folder":
+        target.mkdir()
+    elif kind == "device":
+        if not hasattr(os, "mknod") or os.geteuid() != 0:
+            pytest.skip("making a device node needs root")
+        os.mknod(target, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # another /dev/null
+    before = target.lstat() if kind != "/dev/stdout" else None
+    name = "/dev/stdout" if kind == "/dev/stdout" else str(target)
+
+    result = write_env(cli, api_key, name)  # stdout: a pipe to the test
+
+    assert (result.code, result.out) == (1, "")
+    assert result.err == f"error: {name} is not a regular file; --write updates a file (or a symlink to one)\n"
+    if before is not None:
+        assert stat.S_IFMT(target.lstat().st_mode) == stat.S_IFMT(before.st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["home"] if kind == "/dev/stdout" else ["home", "target"])
+
+
+@posix_modes
+def test_env_write_under_umask_077_keeps_a_0640_file_0640(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text("A=1\n")
+    path.chmod(0o640)
+
+    done = subprocess.run([console_script(), "env", "--write", str(path)], capture_output=True, text=True, timeout=60,
+                          env=cli.process_env({"TOKENROUTE_API_KEY": api_key}), preexec_fn=lambda: os.umask(0o077))
+
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert api_key in path.read_text()
+
+
+AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="giving a file to another user needs root (sudo tokenroute env --write)")
+def test_sudo_env_write_keeps_the_apps_owner_group_and_mode(cli: Cli, gateway: FakeGateway, api_key: str,
+                                                            tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text("A=1\n")
+    os.chown(path, 4321, 8765)  # app:www-data, say
+    path.chmod(0o640)
+
+    result = write_env(cli, api_key, str(path))
+
+    assert result.code == 0, result
+    status = path.stat()
+    assert (status.st_uid, status.st_gid, stat.S_IMODE(status.st_mode)) == (4321, 8765, 0o640)
+    assert path.read_text() == "A=1\n" + two_lines(gateway, api_key)
+
+
+SETPRIV = shutil.which("setpriv")
+
+
+@pytest.mark.skipif(not AS_ROOT or SETPRIV is None, reason="needs root, and setpriv to drop its right to give files away")
+def test_env_write_that_cannot_keep_the_owner_changes_nothing(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text("A=1\nOPENAI_API_KEY=sk-tr-old\n")
+    os.chown(path, 4321, 8765)
+    path.chmod(0o640)
+    before = path.stat()
+    # Root without CAP_CHOWN: it may write the folder, but not give a new file to the app's user.
+    argv = [SETPRIV, "--inh-caps=-chown", "--bounding-set=-chown", console_script(), "env", "--write", str(path)]
+
+    done = subprocess.run(argv, env=cli.process_env({"TOKENROUTE_API_KEY": api_key}), capture_output=True, text=True,
+                          timeout=60)
+
+    assert (done.returncode, done.stdout) == (1, ""), done.stderr
+    assert done.stderr == (f"error: cannot update {path} and keep its owner and group (4321:8765): "
+                           "run this as its owner, or as root; the file is unchanged\n")
+    assert (path.read_text(), path.stat().st_ino, path.stat().st_uid) == ("A=1\nOPENAI_API_KEY=sk-tr-old\n",
+                                                                          before.st_ino, 4321)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".env", "home"]  # no temporary file left
+
+
+@pytest.mark.skipif(GIT is None, reason="git is not installed")
+def test_env_write_runs_no_command_the_repositorys_git_config_names(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    subprocess.run([GIT, "init", "-q", str(tmp_path)], check=True)
+    marker = tmp_path / "ran"
+    hook = tmp_path / "fsmonitor.sh"
+    hook.write_text(f"#!/bin/sh\ncat .env >> {marker}\n")  # what a hostile clone's config could do
+    hook.chmod(0o755)
+    subprocess.run([GIT, "-C", str(tmp_path), "config", "core.fsmonitor", str(hook)], check=True)
+
+    result = write_env(cli, api_key, cwd=tmp_path)
+
+    assert result.code == 0, result
+    assert "git does not ignore it; add it to .gitignore" in result.err  # git still ran
+    assert not marker.exists()
+
+
+@posix_only
+@pytest.mark.skipif(GIT is None, reason="git is not installed")
+def test_env_write_never_runs_a_git_found_in_the_current_folder(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    planted = tmp_path / "git"
+    planted.write_text(f"#!/bin/sh\ntouch {tmp_path / 'ran'}\n")
+    planted.chmod(0o755)
+    path = os.pathsep.join([".", os.path.dirname(GIT)])  # Windows' Python < 3.12 looks in "." without it
+
+    result = script(cli, "env", "--write", env={"TOKENROUTE_API_KEY": api_key, "PATH": path}, cwd=tmp_path)
+
+    assert result.code == 0, result
+    assert not (tmp_path / "ran").exists()
 
 
 # ---------------------------------------------------------------- help and usage errors

@@ -50,6 +50,15 @@ if args[0] == "wait-for-interrupt":
     except KeyboardInterrupt:
         print("interrupted", flush=True)
         raise SystemExit(130)
+if args[0] == "count-interrupts":
+    received = []
+    signal.signal(signal.SIGINT, lambda *_: received.append(1))
+    print("ready", flush=True)
+    while not received:  # not signal.pause(): the signal may come before it
+        time.sleep(0.01)
+    time.sleep(1)  # room for a second SIGINT, were one sent
+    print("interrupts", len(received), flush=True)
+    raise SystemExit(130)
 """
 
 
@@ -195,26 +204,69 @@ def test_launcher_dies_by_the_signal_that_killed_the_cli(
     assert (result.returncode, result.stdout, result.stderr) == (-signal.SIGTERM, "", "")
 
 
-@posix_only
-def test_launcher_outlives_ctrl_c_until_the_cli_exits(echo_package: Path, tmp_path: Path) -> None:
-    env = clean_env(tmp_path, TOKENROUTE_PYTHON=sys.executable)
-    launcher = echo_package / "bin" / "tokenroute.js"
-    proc = subprocess.Popen(
-        [NODE, str(launcher), "wait-for-interrupt"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        start_new_session=True,
-    )
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline() == "ready\n"
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does in a terminal
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
+def start_launcher(package: Path, *args: str, env: dict[str, str], **popen: object) -> subprocess.Popen[str]:
+    """The launcher in a session of its own (so that a test can end it and its child), once its CLI
+    has said "ready"."""
+    launcher = subprocess.Popen([NODE, str(package / "bin" / "tokenroute.js"), *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, start_new_session=True, **popen)
+    assert launcher.stdout is not None
+    assert launcher.stdout.readline() == "ready\n"
+    return launcher
 
-    assert (proc.returncode, stdout, stderr) == (130, "interrupted\n", "")
+
+def finish(launcher: subprocess.Popen[str]) -> tuple[int, str, str]:
+    try:
+        stdout, stderr = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait(timeout=60)
+    return launcher.returncode, stdout, stderr
+
+
+@posix_only
+def test_ctrl_c_at_a_terminal_reaches_the_cli_once_and_the_launcher_waits_for_it(echo_package: Path,
+                                                                                 tmp_path: Path) -> None:
+    import fcntl
+    import pty
+    import termios
+
+    master, terminal = pty.openpty()
+    try:
+        launcher = start_launcher(echo_package, "count-interrupts", stdin=terminal,
+                                  env=clean_env(tmp_path, TOKENROUTE_PYTHON=sys.executable),
+                                  preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # the session's terminal
+        os.write(master, b"\x03")  # Ctrl-C: the terminal sends SIGINT to its foreground process group
+        result = finish(launcher)
+    finally:
+        os.close(master)
+        os.close(terminal)
+
+    assert result == (130, "interrupts 1\n", "")  # not two: the launcher did not pass its own on
+
+
+@posix_only
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_signal_sent_to_the_launcher_alone_reaches_the_cli(echo_package: Path, tmp_path: Path, name: str) -> None:
+    number = getattr(signal, name)
+    launcher = start_launcher(echo_package, "wait-for-interrupt", stdin=subprocess.DEVNULL,
+                              env=clean_env(tmp_path, TOKENROUTE_PYTHON=sys.executable))
+
+    launcher.send_signal(number)  # a parent's child.kill(), a container's stop signal: no terminal involved
+
+    assert finish(launcher) == ((130, "interrupted\n", "") if name == "SIGINT" else (-number, "", ""))
+
+
+@pytest.mark.parametrize("tmpdir", ["missing", "a file"])
+def test_launcher_runs_without_a_usable_temp_folder(package: Path, tmp_path: Path, tmpdir: str) -> None:
+    unusable = tmp_path / ("gone" if tmpdir == "missing" else "file")
+    if tmpdir == "a file":
+        unusable.write_text("")
+    env = clean_env(tmp_path, TMPDIR=str(unusable), TMP=str(unusable), TEMP=str(unusable))
+
+    result = run_launcher(package, "--version", env=env)
+
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"tokenroute {cli_version()}\n", "")
 
 
 @posix_only

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -27,14 +28,8 @@ SOURCE = REPO / "tokenroute.py"
 MAX_WHEEL_BYTES = 72 * 1024  # 30 KiB was 1.0's first cut; the module (state, run, MCP, TLS) and the README in its metadata grew
 VERSION_LINE = "tokenroute %s\n" % tokenroute.__version__
 
-# Python 3.9 has no sys.stdlib_module_names: the modules a CLI like this may use.
-STDLIB_FALLBACK = frozenset("""
-__future__ argparse ast base64 collections contextlib dataclasses datetime decimal email enum errno
-fcntl functools getpass hashlib hmac http io ipaddress itertools json locale logging math msvcrt os
-pathlib platform posixpath queue random re secrets select shlex shutil signal socket ssl stat string
-struct subprocess sys tempfile textwrap threading time traceback types typing unicodedata urllib uuid
-warnings webbrowser zipfile
-""".split())
+# Standard modules of one platform only, which Python 3.9 (no sys.stdlib_module_names) cannot find elsewhere.
+OTHER_PLATFORMS_STDLIB = frozenset("msvcrt winreg _winapi nt fcntl grp pwd posix resource termios".split())
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -159,11 +154,36 @@ def imported_top_level_names(path: Path) -> set[str]:
     return names
 
 
+def is_standard_module(name: str) -> bool:
+    """Whether `name` is a module of Python's standard library: sys.stdlib_module_names (3.10+),
+    else where this Python finds it: built in, frozen, or in its stdlib folder and not site-packages."""
+    listed = getattr(sys, "stdlib_module_names", None)
+    if listed is not None:
+        return name in listed
+    if name in sys.builtin_module_names:
+        return True
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        return name in OTHER_PLATFORMS_STDLIB
+    if spec.origin in ("built-in", "frozen"):
+        return True
+    where = os.path.realpath(spec.origin or next(iter(spec.submodule_search_locations or []), ""))
+    paths = sysconfig.get_paths()
+    inside = [os.path.realpath(paths[key]) + os.sep for key in ("stdlib", "platstdlib")]
+    outside = [os.path.realpath(paths[key]) + os.sep for key in ("purelib", "platlib")]
+    return any(where.startswith(folder) for folder in inside) and not any(where.startswith(folder) for folder in outside)
+
+
 def test_tokenroute_imports_only_the_standard_library() -> None:
-    stdlib = getattr(sys, "stdlib_module_names", STDLIB_FALLBACK)
     names = imported_top_level_names(SOURCE)
     assert {"os", "sys", "json", "urllib", "argparse"} <= names  # the walk sees imports inside functions
-    assert sorted(name for name in names if name not in stdlib) == []
+    assert sorted(name for name in names if not is_standard_module(name)) == []
+
+
+def test_the_standard_library_check_tells_a_third_party_module() -> None:
+    assert is_standard_module("difflib") and is_standard_module("_signal") and is_standard_module("json")
+    assert not is_standard_module("pytest")  # installed here, but in site-packages
+    assert not is_standard_module("requests_tr9_absent")
 
 
 def test_import_walk_sees_imports_inside_functions(tmp_path: Path) -> None:

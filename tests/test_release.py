@@ -165,6 +165,37 @@ def test_the_unpacked_sdist_collects_its_tests(built: Path, tmp_path: Path) -> N
     assert "tests/test_parsing.py: " in done.stdout and "error" not in done.stdout.lower()
 
 
+@pytest.mark.parametrize("what", ["a checkout", "a folder of downloads", "a file"])
+def test_build_refuses_a_folder_it_did_not_make_and_deletes_nothing(tmp_path: Path, what: str) -> None:
+    target = tmp_path / "target"
+    if what == "a file":
+        target.write_text("precious\n")
+    else:
+        (target / (".git" if what == "a checkout" else "photos")).mkdir(parents=True)
+        (target / "precious.txt").write_text("precious\n")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+
+    done = run([sys.executable, RELEASE, "build", target, "--no-npm"])
+
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr.startswith(f"release: error: {target} is not ")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_build_empties_only_a_folder_an_earlier_build_made(tmp_path: Path) -> None:
+    new, empty = tmp_path / "new" / "dist", tmp_path / "empty"
+    empty.mkdir()
+    for folder in (new, empty):
+        release.empty_output_folder(folder)
+        (folder / "python").mkdir()
+        (folder / "python" / "old.whl").write_text("")
+        (folder / "NOTES.md").write_text("")  # what the release workflow adds
+
+        release.empty_output_folder(folder)  # building again
+
+        assert [p.name for p in folder.iterdir()] == [release.BUILT_HERE]
+
+
 # ---------------------------------------------------------------- the single-file download
 
 

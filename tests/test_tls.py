@@ -205,6 +205,24 @@ def test_a_variable_set_even_empty_makes_the_context_as_before(tls_gateway, env)
     assert not trust.widen()
 
 
+def test_the_trust_store_widens_at_most_once_per_process(tls_gateway, monkeypatch):
+    # The certificate verifies against no store: each request fails, and only the first is worth
+    # a second handshake with the whole store; the store holds all of it from then on.
+    handshakes: list[ssl.SSLContext] = []  # counted here: the gateway counts on its own threads, later
+    real_wrap = ssl.SSLContext.wrap_socket
+    monkeypatch.setattr(ssl.SSLContext, "wrap_socket", lambda context, *args, **kwargs: (
+        handshakes.append(context) or real_wrap(context, *args, **kwargs)))
+    trust = tokenroute.TrustStore(CA_NOWHERE)
+    opener = tokenroute.Opener(trust, None, "")
+
+    for _ in range(3):
+        with pytest.raises(tokenroute.CliError, match="unknown certificate authority"):
+            opener.open("GET", tls_gateway.url + "/v1/models", None, {}, timeout=10)
+
+    assert len([context for context in handshakes if context is trust.context]) == 4  # not the gateway's
+    assert trust.rest is None and not trust.widen()
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -354,7 +372,9 @@ def test_the_fallback_goes_through_an_https_proxy_tunnel(make_tls_gateway, tmp_p
 
     assert result.code == 0, result
     assert len(result.json()) == 3
-    assert proxy.connects == [f"CONNECT gateway.example.com:{port} HTTP/1.0"] * 2  # the first, then the fallback
+    # The first, then the fallback; http.client says HTTP/1.0 before Python 3.12, HTTP/1.1 since.
+    assert [line.rsplit(" ", 1)[0] for line in proxy.connects] == [f"CONNECT gateway.example.com:{port}"] * 2
+    assert {line.rsplit(" ", 1)[1] for line in proxy.connects} <= {"HTTP/1.0", "HTTP/1.1"}
     assert [r.path_only for r in gateway.requests] == ["/v1/models"]
 
 

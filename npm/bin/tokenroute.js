@@ -57,10 +57,28 @@ function code(marker) {
   ].join("\n");
 }
 
-const MARKER = path.join(os.tmpdir(), `tokenroute-launch-${process.pid}-${Math.random().toString(36).slice(2)}`);
+// The marker goes in the first of these folders where it can be made: TMPDIR
+// may name a folder that is gone or read-only, where Python runs fine.
+const MARKER_NAME = `tokenroute-launch-${process.pid}-${Math.random().toString(36).slice(2)}`;
+const MARKER_FOLDERS = [...new Set([
+  os.tmpdir(),
+  ...(process.platform === "win32" ? [] : ["/tmp", "/var/tmp"]),
+  ...homeFolder(),
+  PKG_DIR,
+])];
+let MARKER = null;
 process.on("exit", removeMarker);
 
+function homeFolder() {
+  try {
+    return os.homedir() ? [os.homedir()] : [];
+  } catch (err) {
+    return []; // no HOME and no passwd entry
+  }
+}
+
 function removeMarker() {
+  if (MARKER === null) return;
   try {
     fs.unlinkSync(MARKER);
   } catch (err) {
@@ -69,12 +87,23 @@ function removeMarker() {
 }
 
 function createMarker() {
-  try {
-    fs.writeFileSync(MARKER, "");
-  } catch (err) {
-    process.stderr.write(`error: cannot create ${MARKER} (how the launcher tells a usable Python): ${err.message}\n`);
-    process.exit(1);
+  const failures = [];
+  for (const folder of MARKER_FOLDERS) {
+    const candidate = path.join(folder, MARKER_NAME);
+    try {
+      // "wx": a new file only, never one planted under the name beforehand.
+      fs.writeFileSync(candidate, "", { flag: "wx", mode: 0o600 });
+      MARKER = candidate;
+      return;
+    } catch (err) {
+      failures.push(`${folder}: ${err.code || err.message}`);
+    }
   }
+  process.stderr.write(
+    `error: cannot create the launcher's marker file (how it tells a usable Python) in any of ${failures.join(", ")}; ` +
+      "set TMPDIR to a writable folder\n"
+  );
+  process.exit(1);
 }
 
 // TOKENROUTE_PYTHON, when set, is the only candidate: a typo in it must not
@@ -108,16 +137,19 @@ function dieBy(signal) {
   process.exit(128 + os.constants.signals[signal]);
 }
 
-// Ctrl-C reaches the child through the terminal's process group: stay alive
-// until it exits. Signals sent to this process alone are passed on (or, if
-// no Python is running yet, end the launcher).
-const ignoreInterrupt = () => {};
+// SIGTERM, SIGHUP and SIGINT sent to this process are passed on to Python
+// (or, if none is running yet, end the launcher), then the launcher waits for
+// its exit. Except for SIGINT at a terminal: Ctrl-C reaches the child through
+// the terminal's process group already, and a second one would be a second
+// Ctrl-C to it (a "press again to force quit" for many programs). As uv does,
+// a terminal on stdin tells that case from a parent's kill or a container's
+// stop signal.
+const AT_TERMINAL = require("tty").isatty(0);
 const forward = (signal) => {
-  if (child !== null && child.pid !== undefined) child.kill(signal);
-  else dieBy(signal);
+  if (child === null || child.pid === undefined) dieBy(signal);
+  else if (!(signal === "SIGINT" && AT_TERMINAL)) child.kill(signal);
 };
-process.on("SIGINT", ignoreInterrupt);
-for (const signal of ["SIGTERM", "SIGHUP"]) process.on(signal, forward);
+for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"]) process.on(signal, forward);
 
 function run(remaining) {
   if (remaining.length === 0) {
@@ -126,7 +158,6 @@ function run(remaining) {
   }
   const [[cmd, ...args], ...rest] = remaining;
   const argv = [...args, "-c", code(MARKER), ...process.argv.slice(2)];
-  createMarker();
   try {
     child = childProcess.spawn(cmd, argv, { stdio: "inherit" });
   } catch (err) {
@@ -167,4 +198,5 @@ function run(remaining) {
   });
 }
 
+createMarker(); // once: a candidate that was no usable Python leaves it for the next
 run(candidates());
