@@ -914,7 +914,7 @@ def is_tokenroute_entry(entry: object, api_url: str, client: tuple[str, str | No
         return False
     if canonical_url(entry["api_url"]) != api_url:
         return False
-    if entry.get("refresh_token") in held:
+    if isinstance(entry.get("refresh_token"), str) and entry["refresh_token"] in held:
         return True
     return client is not None and entry.get("client_id") == client[0] and client[1] in (None, entry.get("issuer"))
 
@@ -1839,6 +1839,8 @@ class SignalsHeld:
         import signal
 
         for number in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(number) is signal.SIG_IGN:  # `nohup`, a background job: it does nothing anyway
+                continue
             try:
                 self.previous[number] = signal.signal(number, self.catch)
             except ValueError:  # not the main thread

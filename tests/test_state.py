@@ -499,7 +499,7 @@ def test_login_sets_an_unusable_credentials_file_aside_and_logs_in(cli, gateway,
         cli.credentials.write_bytes(b"\xff\xfe\x00garbage" if damage == "binary" else b'{"version": 2, "logins": {}}')
     if damage == "foreign":
         if not hasattr(os, "chown") or os.geteuid() != 0:
-            pytest.skip("making a file another user's needs root")
+            pytest.skip("making a file another user's needs root (test_takeover.py has a file no user can open)")
         os.chown(cli.credentials, 12345, 12345)
     gateway.auto_approve = True
 

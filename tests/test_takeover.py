@@ -12,29 +12,23 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conftest import Cli, Result, console_script
-from fake_gateway import FakeGateway
 from test_startup import heavy_among, run_profiled
-from test_state import Earlier, files_under, last_error, login_to, mode, read_only
+from test_state import Earlier, earlier, files_under, gateway6, last_error, login_to, mode, read_only  # noqa: F401
 
 import tokenroute
 
 POSIX = pytest.mark.skipif(os.name != "posix", reason="POSIX file modes, signals and flock")
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 OTHER_UID = 12345  # a user that owns nothing here
-
-
-@pytest.fixture
-def earlier(cli: Cli, gateway: FakeGateway) -> Earlier:
-    return Earlier(cli, gateway)
 
 
 def as_a_user(cli: Cli, *argv: str, env: dict[str, str] | None = None) -> Result:
@@ -327,27 +321,24 @@ def test_a_0_2_login_of_an_internationalised_gateway_is_found_like_an_ascii_one(
     assert entry["refresh_token"].encode() not in b"".join(files_under(cli.home).values())
 
 
-def test_a_0_2_login_of_an_ipv6_gateway_is_found_however_0_2_spelled_it(tmp_path):
-    try:
-        gw = FakeGateway(host="::1").start()
-    except OSError:
-        pytest.skip("no IPv6 loopback here")
-    try:
-        cli = Cli(gw, tmp_path)
-        earlier = Earlier(cli, gw)
-        entry = earlier.login_02()
-        data = json.loads(earlier.auth.read_text())
-        spelled = gw.url.replace("[::1]", "[0:0:0:0:0:0:0:1]")
-        data["tokens"][spelled] = dict(data["tokens"].pop(gw.url), api_url=spelled)
-        earlier.auth.write_text(json.dumps(data, indent=2))
+@pytest.mark.parametrize("logged_in", [False, True], ids=["taken over", "superseded"])
+def test_a_0_2_login_of_an_ipv6_gateway_is_found_however_0_2_spelled_it(tmp_path, gateway6, logged_in):
+    cli = Cli(gateway6, tmp_path)
+    earlier = Earlier(cli, gateway6)
+    new = cli.login() if logged_in else None
+    entry = earlier.login_02()
+    data = json.loads(earlier.auth.read_text())
+    spelled = gateway6.url.replace("[::1]", "[0:0:0:0:0:0:0:1]")
+    data["tokens"][spelled] = dict(data["tokens"].pop(gateway6.url), api_url=spelled)
+    if logged_in:  # a login of this release names the client: the identity provider may live anywhere
+        data["tokens"][spelled].update(issuer="https://auth.paradigx.example", token_endpoint=None)
+    earlier.auth.write_text(json.dumps(data, indent=2))
 
-        result = cli.run("whoami", "--json")
+    result = cli.run("whoami", "--json")
 
-        assert result.code == 0, result
-        assert cli.stored_login()["refresh_token"] == entry["refresh_token"]
-        assert list(json.loads(earlier.auth.read_text())["tokens"]) == ["https://api.other-product.example"]
-    finally:
-        gw.stop()
+    assert result.code == 0, result
+    assert cli.stored_login()["refresh_token"] == (new or entry)["refresh_token"]
+    assert list(json.loads(earlier.auth.read_text())["tokens"]) == ["https://api.other-product.example"]
 
 
 def test_logout_is_final_beside_a_damaged_credentials_file_and_a_0_2_login(cli, gateway, earlier):
@@ -368,7 +359,9 @@ def test_logout_is_final_beside_a_damaged_credentials_file_and_a_0_2_login(cli, 
 
 
 def test_a_logout_that_cannot_ask_the_gateway_says_it_is_not_finished(cli, earlier):
-    unreachable = "http://127.0.0.1:9"  # discard: nothing listens
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        unreachable = f"http://127.0.0.1:{closed.getsockname()[1]}"  # nothing listens there
     earlier.paradigx.mkdir()
     earlier.auth.write_text(json.dumps({"version": 1, "tokens": {unreachable: other_products_entry(unreachable)}}))
     before = earlier.auth.read_bytes()
@@ -441,25 +434,29 @@ def test_a_refresh_off_the_main_thread_holds_no_signal_and_works(cli, gateway):
 
 
 @POSIX
-@pytest.mark.parametrize("owner", ["this user, mode 000", "another user"])
+@pytest.mark.parametrize("owner", ["this user, mode 000", "another user", "a folder"])
 def test_a_lock_file_this_user_cannot_open_is_set_aside_and_login_works(cli, gateway, owner):
     cli.config_dir.mkdir(mode=0o700)
     lock = cli.config_dir / "credentials.lock"
-    lock.write_bytes(b"")
+    if owner == "a folder":
+        lock.mkdir()
+    else:
+        lock.write_bytes(b"")
     if owner == "another user":  # left by `sudo tokenroute ...` with HOME kept
         if not AS_ROOT:
             pytest.skip("making a file another user's needs root")
         os.chown(lock, OTHER_UID, OTHER_UID)
         lock.chmod(0o600)
-    else:
+    elif owner == "this user, mode 000":
         lock.chmod(0o000)
-    gateway.auto_approve = True
+    gateway.auto_approve, gateway.interval = True, 1  # a subprocess polls on the real clock
 
     result = as_a_user(cli, "login", "--no-browser")
 
     assert result.code == 0, result
     (aside,) = cli.config_dir.glob("credentials.lock.damaged-*")
-    assert f"credentials.lock could not be opened (Permission denied); moved it to {aside}" in result.err
+    reason = "Is a directory" if owner == "a folder" else "Permission denied"
+    assert f"credentials.lock could not be opened ({reason}); moved it to {aside}" in result.err
     assert cli.stored_login()["api_url"] == gateway.url
     assert as_a_user(cli, "whoami").code == 0
 
@@ -468,7 +465,7 @@ def test_a_lock_file_this_user_cannot_open_is_set_aside_and_login_works(cli, gat
 def test_login_force_sets_an_unusable_credentials_file_aside_before_a_code_is_shown(cli, gateway):
     cli.config_dir.mkdir(mode=0o700)
     cli.credentials.mkdir()
-    gateway.auto_approve = True
+    gateway.auto_approve, gateway.interval = True, 1  # a subprocess polls on the real clock
 
     result = cli.run("login", "--force", "--no-browser")
 
@@ -517,7 +514,7 @@ def test_revoking_a_key_never_drops_a_cached_key_of_another_id_with_the_same_pre
 def test_a_credentials_file_this_user_cannot_open_is_set_aside_by_login(cli, gateway):
     cli.login()
     cli.credentials.chmod(0o000)
-    gateway.auto_approve = True
+    gateway.auto_approve, gateway.interval = True, 1  # a subprocess polls on the real clock
 
     refused = as_a_user(cli, "whoami")
     result = as_a_user(cli, "login", "--no-browser")
