@@ -187,6 +187,26 @@ def test_a_key_file_that_cannot_be_read_is_set_aside_never_overwritten(cli, gate
     assert cli.last_key.read_text() == result.json()["raw"]
 
 
+@POSIX
+def test_a_fifo_where_a_file_should_be_is_refused_not_waited_on(cli, gateway, earlier):
+    cli.config_dir.mkdir(mode=0o700)
+    earlier.paradigx.mkdir()
+    for path in (cli.credentials, cli.last_key, cli.keys_file, earlier.auth, earlier.key_02):
+        os.mkfifo(path)  # no writer: opening one to read would wait for ever
+    gateway.auto_approve, gateway.interval = True, 1  # a subprocess polls on the real clock
+
+    env = cli.script("env", "--json", timeout=30)
+    whoami = cli.script("whoami", "--json", timeout=30)
+    login = cli.script("login", "--no-browser", timeout=30)
+
+    assert env.code == 1 and env.error()["code"] == "no_key", env
+    assert whoami.code == 1 and "not a regular file" in whoami.error()["message"], whoami
+    assert login.code == 0 and "moved it to" in login.err, login
+    assert earlier.auth.is_fifo() and earlier.key_02.is_fifo()  # not ours to remove: they hold nothing of ours
+    created = cli.script("keys", "create", "--name", "ci", "--json", timeout=30)
+    assert created.code == 0 and cli.last_key.read_text() == created.json()["raw"], created
+
+
 # ---------------------------------------- another product's login stays its own
 
 
