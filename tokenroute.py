@@ -460,9 +460,16 @@ def check_writable(folder: str) -> None:
         raise file_error("cannot write in", folder, exc) from None
 
 
-def read_text_file(path: str) -> str | None:
+def read_text_file(path: str, *, newline: str | None = None) -> str | None:
+    """A regular file's text (`newline` as open() takes it), None when it is absent.
+    Opened without blocking: a FIFO in its place is refused, not waited on forever."""
+    import stat
+
     try:
-        with open(path, encoding="utf-8") as handle:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, encoding="utf-8", newline=newline) as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(0, "not a regular file")
             return handle.read()
     except FileNotFoundError:
         return None
@@ -477,10 +484,10 @@ def read_text_file(path: str) -> str | None:
         ) from None
 
 
-def peek_text_file(path: str) -> str | None:
+def peek_text_file(path: str, *, newline: str | None = None) -> str | None:
     """The file's text, None when it is absent or unreadable for any reason."""
     try:
-        return read_text_file(path)
+        return read_text_file(path, newline=newline)
     except CliError:
         return None
 
@@ -815,13 +822,17 @@ def take_over(ctx: Context, api_url: str, adopt: Callable[[], list[str]]) -> Non
 
 
 def earlier_keys_left(ctx: Context) -> bool:
-    """Whether a key is left to take over (cheap: two small reads and a few stats)."""
+    """Whether a key is left to take over (cheap: a few small reads and a stat)."""
     keys, newest = read_key_cache(ctx)
-    shared = paradigx_dir(ctx)
-    return (
-        "" in keys or newest.startswith("#") or folder_widened(ctx)
-        or (shared is not None and os.path.exists(os.path.join(shared, PARADIGX_KEY)))
-    )
+    return "" in keys or newest.startswith("#") or folder_widened(ctx) or bool(paradigx_key(ctx)[1])
+
+
+def paradigx_key(ctx: Context) -> tuple[str, str]:
+    """0.2.0's key file in ~/.paradigx and the key it holds, "" when none is usable."""
+    folder = paradigx_dir(ctx)
+    path = os.path.join(folder, PARADIGX_KEY) if folder else ""
+    key = (peek_text_file(path) or "").strip() if path and is_own_file(path) else ""
+    return path, key if is_plausible_key(key) else ""
 
 
 def earlier_login_left(ctx: Context, api_url: str) -> bool:
@@ -982,11 +993,10 @@ def shared_members(
     path = os.path.realpath(os.path.join(folder, "auth.json"))
     if not is_own_file(path):
         return None  # another user's: not ours to read or rewrite
+    text = peek_text_file(path, newline="") or ""  # newline="": CRLF stays CRLF
     try:
-        with open(path, encoding="utf-8", newline="") as handle:  # newline="": CRLF stays CRLF
-            text = handle.read()
         json.loads(text)
-    except (OSError, ValueError, RecursionError):
+    except (ValueError, RecursionError):
         return None  # absent, or not ours to judge: another product may own the damage
     decoder = json.JSONDecoder()
     groups = []
@@ -1067,10 +1077,8 @@ def adopt_key(ctx: Context, api_url: str) -> list[str]:
     if is_plausible_key(pasted):  # else it stays, and is reported as what it is
         found.append((file_time(last), pasted, f"took the API key {redact(pasted)} in {last} (recorded for no "
                       "gateway: pasted, or tokenroute 0.1.0's) as this gateway's", True))
-    folder = paradigx_dir(ctx)
-    shared = os.path.join(folder, PARADIGX_KEY) if folder else None
-    shared_key = (peek_text_file(shared) or "").strip() if shared and is_own_file(shared) else ""
-    if is_plausible_key(shared_key):
+    shared, shared_key = paradigx_key(ctx)
+    if shared_key:
         check_writable(os.path.dirname(shared))  # a key that stays there would come back after a revoke
         found.append((file_time(shared) + 0.001, shared_key, f"took over the cached API key {redact(shared_key)} "
                       f"of tokenroute 0.2.0 ({shared})", False))  # a tie goes to 0.2.0's newer copy
@@ -1087,7 +1095,7 @@ def adopt_key(ctx: Context, api_url: str) -> list[str]:
             keys[api_url] = keys.pop(api_url)  # which of 1.0.0's was newest is unknown: this gateway's is now
     if found or converted:
         write_key_cache(ctx, keys, newest=next(reversed(keys.values()))[0] if keys and taken else None)
-    if shared and os.path.exists(shared) and is_own_file(shared):
+    if shared_key:
         remove_file(shared)
     return taken
 
