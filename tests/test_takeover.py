@@ -32,8 +32,8 @@ OTHER_UID = 12345  # a user that owns nothing here
 
 
 def as_a_user(cli: Cli, *argv: str, env: dict[str, str] | None = None) -> Result:
-    """Run the console script as a user whom file modes stop: this one, or root without
-    the capabilities that let it open any file (what `sudo` leaves for a user)."""
+    """Run the console script as a user whom file modes stop: this one, or, under root,
+    root without the capabilities that let it open any file (as any user's process is)."""
     prefix: list[str] = []
     if AS_ROOT:
         setpriv = shutil.which("setpriv")
