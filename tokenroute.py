@@ -238,6 +238,10 @@ def last_key_path(ctx: Context) -> str:
     return os.path.join(config_dir(ctx), "last_key.txt")
 
 
+def keys_path(ctx: Context) -> str:
+    return os.path.join(config_dir(ctx), "keys.txt")
+
+
 def pending_login_path(ctx: Context) -> str:
     return os.path.join(config_dir(ctx), "pending_login.json")
 
@@ -393,12 +397,15 @@ def env_flag(value: str | None) -> bool:
 # ----------------------------------------------------------- local state ---
 # The files, and what each may hold:
 #   credentials.json  {"version": 2, "logins": {API_URL: login}}, a login per gateway
-#   last_key.txt      "API_URL KEY ID" lines, the newest key created on each gateway
+#   keys.txt          a version header, then "API_URL KEY ID" lines: the newest key created on each gateway
+#   last_key.txt      the newest key of all, raw (scripts read it); one tokenroute did not write there
+#                     (a person's, or 0.1.0's) is the gateway in use's
 #   pending_login.json the device code between `login --no-wait` and `--resume`
-#   credentials.lock  held by every transition that writes the two first files
+#   credentials.lock  held by every transition that writes the three first files
 # and what the earlier releases left (shared/spec/legacy-clients.md): 0.1.0's
-# credentials.json and last_key.txt, which record no gateway (kept here under
-# the gateway "" until taken over), and 0.2.0's ~/.paradigx files.
+# credentials.json, which records no gateway (kept here under the gateway ""
+# until taken over), 1.0.0's "API_URL KEY ID" lines in last_key.txt, and
+# 0.2.0's ~/.paradigx files.
 
 
 def ensure_config_dir(ctx: Context) -> str:
@@ -484,9 +491,16 @@ def check_writable(folder: str) -> None:
         raise file_error("cannot write in", folder, exc) from None
 
 
-def read_text_file(path: str) -> str | None:
+def read_text_file(path: str, *, newline: str | None = None) -> str | None:
+    """A regular file's text (`newline` as open() takes it), None when it is absent.
+    Opened without blocking: a FIFO in its place is refused, not waited on forever."""
+    import stat
+
     try:
-        with open(path, encoding="utf-8") as handle:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, encoding="utf-8", newline=newline) as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(0, "not a regular file")
             return handle.read()
     except FileNotFoundError:
         return None
@@ -501,10 +515,10 @@ def read_text_file(path: str) -> str | None:
         ) from None
 
 
-def peek_text_file(path: str) -> str | None:
+def peek_text_file(path: str, *, newline: str | None = None) -> str | None:
     """The file's text, None when it is absent or unreadable for any reason."""
     try:
-        return read_text_file(path)
+        return read_text_file(path, newline=newline)
     except CliError:
         return None
 
@@ -631,7 +645,7 @@ def write_logins(ctx: Context, logins: dict[str, dict[str, Any]]) -> None:
 
 def require_credentials(ctx: Context, api_url: str) -> dict[str, Any]:
     """The login for this gateway, or the error that says how to get one."""
-    adopt_earlier_releases(ctx, api_url)
+    adopt_earlier_login(ctx, api_url)
     logins = read_logins(ctx)
     if api_url in logins:
         return logins[api_url]
@@ -664,42 +678,90 @@ def is_plausible_key(key: str) -> bool:
     return key.startswith(KEY_PREFIX) and len(key) > len(KEY_PREFIX) and set(key) <= KEY_CHARS and len(key) <= 200
 
 
-def read_key_cache(ctx: Context) -> dict[str, tuple[str, str]]:
-    """Cached keys by gateway, as (key, id); "" is an earlier release's bare key.
-    An unreadable cache holds no usable key: the next `keys create` replaces it."""
-    keys = {}
-    for line in (peek_text_file(last_key_path(ctx)) or "").splitlines():
-        words = line.split()
-        if len(words) == 1 and is_plausible_key(words[0]):
-            keys[""] = (words[0], "")
-        elif len(words) == 3 and not line.startswith("#"):
-            keys[words[0]] = (words[1], words[2])
+def read_key_cache(ctx: Context) -> tuple[dict[str, tuple[str, str]], str]:
+    """The cached keys by gateway, as (key, id), newest last, and the text of last_key.txt.
+
+    keys.txt lists them, then come the lines tokenroute 1.0.0 wrote in last_key.txt;
+    "" is a key in last_key.txt that tokenroute did not write (a person put it
+    there, or tokenroute 0.1.0). An unreadable file holds no usable key.
+    """
+    keys = dict(key_lines(peek_text_file(keys_path(ctx)), KEYS_HEADER))
+    newest = (peek_text_file(last_key_path(ctx)) or "").strip(" \t\r\n\ufeff")
+    if newest.startswith("#"):  # 1.0.0's header, then its "GATEWAY KEY ID" lines
+        keys.update(key_lines(newest, "#"))
+    elif newest and newest not in {key for key, _ in keys.values()}:
+        keys[""] = (newest, "-")
+    return keys, newest
+
+
+def key_lines(text: str | None, header: str) -> list[tuple[str, tuple[str, str]]]:
+    """The "GATEWAY KEY ID" lines after a first line that starts with `header`."""
+    lines = (text or "").splitlines()
+    if not lines or not lines[0].startswith(header):
+        return []
+    return [(words[0], (words[1], words[2])) for words in map(str.split, lines[1:]) if len(words) == 3]
+
+
+KEYS_HEADER = "# tokenroute keys, version 1: the newest API key created on each gateway (gateway key id)"
+
+
+def gateway_keys(cache: dict[str, tuple[str, str]], api_url: str) -> dict[str, tuple[str, str]]:
+    """The cached keys by gateway, where a key in last_key.txt that tokenroute did not
+    write is the gateway in use's: the one rule for a pasted key, and for 0.1.0's."""
+    keys = dict(cache)
+    pasted = keys.pop("", None)
+    if pasted is not None:
+        keys.pop(api_url, None)
+        keys[api_url] = pasted
     return keys
 
 
-def write_key_cache(ctx: Context, keys: dict[str, tuple[str, str]]) -> None:
-    """Replace the cached keys (hold the lock); none left removes the file."""
-    if not keys:
-        remove_file(last_key_path(ctx))
-        return
-    lines = [KEY_CACHE_HEADER] + [f"{url} {key} {key_id or '-'}" for url, (key, key_id) in keys.items() if url]
-    write_private_file(ctx, last_key_path(ctx), "\n".join(lines) + "\n")
+def write_key_cache(ctx: Context, keys: dict[str, tuple[str, str]], *, newest: str | None = None) -> None:
+    """Replace the cached keys (hold the lock). last_key.txt holds `newest`, or else
+    keeps its key while that is still cached; keys.txt lists them all.
+
+    last_key.txt is written first: a crash in between leaves the new key there,
+    unlisted, and the next command takes it as the gateway in use's.
+    """
+    _, current = read_key_cache(ctx)
+    newest = newest or (current if any(key == current for key, _ in keys.values()) else None)
+    path = last_key_path(ctx)
+    if newest is None:
+        remove_file(path)
+    elif newest != current:
+        keep_unusable(ctx, path)
+        write_private_file(ctx, path, newest)
+    lines = [f"{url} {key} {key_id}" for url, (key, key_id) in keys.items() if url]
+    path = keys_path(ctx)
+    if lines:
+        keep_unusable(ctx, path, header=KEYS_HEADER)
+        write_private_file(ctx, path, "\n".join([KEYS_HEADER, *lines]) + "\n")
+    else:
+        remove_file(path)
 
 
-KEY_CACHE_HEADER = "# tokenroute: the newest API key created on each gateway (gateway, key, key id)"
+def keep_unusable(ctx: Context, path: str, *, header: str = "") -> None:
+    """Set aside a file about to be replaced that cannot be read (left by `sudo
+    tokenroute`), or not as `header` says (a later release's): it may hold a key
+    that is nowhere else."""
+    text = peek_text_file(path) if os.path.isfile(path) else ""
+    if text is None or (text and not text.startswith(header)):
+        set_aside(ctx, path, "could not be read" if text is None else "is not in a format this release knows")
 
 
 def cache_key(ctx: Context, api_url: str, key: str, key_id: str) -> None:
+    """Make `key` this gateway's cached key and the newest (last_key.txt)."""
     with CredentialsLock(ctx):
-        keys = read_key_cache(ctx)
+        keys = gateway_keys(read_key_cache(ctx)[0], api_url)  # a pasted key was this gateway's: this one replaces it
+        keys.pop(api_url, None)
         keys[api_url] = (key, key_id if is_header_safe(key_id) else "-")
-        write_key_cache(ctx, keys)
+        write_key_cache(ctx, keys, newest=key)
 
 
 def forget_cached_key(ctx: Context, api_url: str, *, key_id: str | None = None, prefix: str | None = None) -> bool:
     """Drop this gateway's cached key (only if it is `key_id` or starts with `prefix`, when given)."""
     with CredentialsLock(ctx):
-        keys = read_key_cache(ctx)
+        keys = gateway_keys(read_key_cache(ctx)[0], api_url)
         key, cached_id = keys.get(api_url, ("", ""))
         matches = key and (
             (key_id is None and prefix is None)
@@ -719,17 +781,19 @@ def resolve_api_key(ctx: Context, flag: str | None, api_url: str) -> tuple[str, 
     elif ctx.env.get("TOKENROUTE_API_KEY"):
         key, source = ctx.env["TOKENROUTE_API_KEY"].strip(), "TOKENROUTE_API_KEY"
     else:
-        adopt_earlier_releases(ctx, api_url)
-        keys = read_key_cache(ctx)
-        key, source = keys.get(api_url, keys.get("", ("", "")))[0], last_key_path(ctx)  # "": not taken over yet
+        adopt_earlier_keys(ctx, api_url)
+        cache, newest = read_key_cache(ctx)
+        keys = gateway_keys(cache, api_url)  # if the takeover failed, a pasted key still serves this gateway
+        key = keys.get(api_url, ("", ""))[0]
         if not key:
-            others = ", ".join(url for url in keys if url)
+            others = ", ".join(keys)
             elsewhere = f" (the cached keys are for {others})" if others else ""
             raise CliError(
                 f"no API key for {api_url}{elsewhere}: pass --key, set TOKENROUTE_API_KEY, or create one",
                 code="no_key",
                 next="tokenroute keys create --name NAME",
             )
+        source = last_key_path(ctx) if key == newest else keys_path(ctx)
     if not is_plausible_key(key):
         raise CliError(f"the API key from {source} is not a tokenroute key (sk-tr-...)", code="invalid_key")
     return key, source
@@ -746,68 +810,107 @@ def redact(text: str) -> str:
 # ------------------------------------------------ earlier releases' files ---
 
 
-def adopt_earlier_releases(ctx: Context, api_url: str) -> None:
-    """Take over what tokenroute 0.1.0 and 0.2.0 left, for the gateway in use.
+def adopt_earlier_keys(ctx: Context, api_url: str) -> None:
+    """Take over, for the gateway in use, the cached keys that tokenroute has not recorded.
 
-    Their key files and 0.1.0's login record no gateway: like 0.2.0, this
-    gives them to the gateway that the first command after the upgrade talks
-    to. A login ends up in exactly one place, since a refresh token that two
-    programs hold is poison once one of them rotates it: 0.2.0's entry
-    leaves ~/.paradigx/auth.json, whose other products' entries stay as they
-    were. Of several keys the newest wins and the rest are dropped, so a key
-    revoked later cannot come back from an old file. Says once, on stderr.
+    A key in last_key.txt that keys.txt does not list (a person put it there,
+    or tokenroute 0.1.0) and 0.2.0's key file name no gateway: like 0.2.0,
+    this gives them to the gateway the command talks to. Of several the
+    newest wins and the rest are dropped, so a key revoked later cannot come
+    back from an old file. 1.0.0's lines in last_key.txt move to keys.txt.
+    Offline, and says once, on stderr.
     """
-    if not earlier_release_files(ctx, api_url):
+    if earlier_keys_left(ctx):
+        take_over(ctx, api_url, lambda: adopt_key(ctx, api_url))
+
+
+def adopt_earlier_login(ctx: Context, api_url: str) -> None:
+    """Take over an earlier release's login for this gateway (for the commands that need one).
+
+    0.1.0's login, in this folder and for no gateway named, is the gateway in
+    use's. 0.2.0's entries in ~/.paradigx/auth.json, a file other products
+    share, are taken only when known to be tokenroute's (is_tokenroute_entry),
+    which may take a question to the gateway. A login ends up in exactly one
+    place: a refresh token that two programs hold is poison once one of them
+    rotates it. Says once, on stderr.
+    """
+    if not earlier_login_left(ctx, api_url):
         return
+    client = tokenroute_client(ctx, api_url) if api_url in shared_urls(ctx) else None
+    take_over(ctx, api_url, lambda: adopt_login(ctx, api_url, client))
+
+
+def take_over(ctx: Context, api_url: str, adopt: Callable[[], list[str]]) -> None:
+    """Run `adopt` under the lock, and say what it took."""
     try:
         with CredentialsLock(ctx):
-            took = adopt_login(ctx, api_url) + adopt_key(ctx, api_url)
-            folder = config_dir(ctx)
-            if paradigx_dir(ctx) is not None and os.name == "posix" and os.stat(folder).st_mode & 0o077:
-                os.chmod(folder, 0o700)  # 0.1.0 made it with the umask, usually 0755
-                took.append(f"made {folder} private (0700)")
+            took = adopt() + make_private(ctx)
     except (CliError, OSError) as error:  # a read-only home: the earlier files stay, and still serve
         warn(ctx, f"could not take over the earlier release's files: {getattr(error, 'message', error)}")
         return
     if took:
-        note(ctx, f"Upgraded from an earlier tokenroute, for {api_url}: {'; '.join(took)}.")
+        note(ctx, f"For {api_url}: {'; '.join(took)}.")
 
 
-def earlier_release_files(ctx: Context, api_url: str) -> bool:
-    """Whether anything of 0.1.0 or 0.2.0 is left (cheap: a few stats and small reads)."""
-    creds = peek_text_file(credentials_path(ctx))
-    keys = peek_text_file(last_key_path(ctx)) or ""
-    if (creds is not None and f'"version": {STORE_VERSION}' not in creds) or any(
-        len(line.split()) == 1 and is_plausible_key(line.strip()) for line in keys.splitlines()
-    ):
-        return True
-    shared = paradigx_dir(ctx)
-    if shared is None:
-        return False
-    auth = peek_text_file(os.path.join(shared, "auth.json")) or ""
+def earlier_keys_left(ctx: Context) -> bool:
+    """Whether a key is left to take over (cheap: a few small reads and a stat)."""
+    keys, newest = read_key_cache(ctx)
+    return "" in keys or newest.startswith("#") or folder_widened(ctx) or bool(paradigx_key(ctx)[1])
+
+
+def paradigx_key(ctx: Context) -> tuple[str, str]:
+    """0.2.0's key file in ~/.paradigx and the key it holds, "" when none is usable."""
+    folder = paradigx_dir(ctx)
+    path = os.path.join(folder, PARADIGX_KEY) if folder else ""
+    key = (peek_text_file(path) or "").strip() if path and is_own_file(path) else ""
+    return path, key if is_plausible_key(key) else ""
+
+
+def earlier_login_left(ctx: Context, api_url: str) -> bool:
     try:
-        private = not os.stat(config_dir(ctx)).st_mode & 0o077 or os.name != "posix"
+        logins = read_logins(ctx)
+    except CliError:
+        return False  # a damaged file is reported by the command that needs it
+    stored = peek_text_file(credentials_path(ctx))
+    unversioned = stored is not None and f'"version": {STORE_VERSION}' not in stored
+    return "" in logins or unversioned or folder_widened(ctx) or api_url in shared_urls(ctx)
+
+
+def folder_widened(ctx: Context) -> bool:
+    """Whether ~/.tokenroute is open to others, as 0.1.0 made it (with the umask, usually 0755);
+    a folder chosen with TOKENROUTE_CONFIG_DIR is only reported (`doctor`)."""
+    try:
+        return paradigx_dir(ctx) is not None and os.name == "posix" and bool(os.stat(config_dir(ctx)).st_mode & 0o077)
     except OSError:
-        private = True
-    return not private or url_host(api_url) in auth.lower() or os.path.exists(os.path.join(shared, PARADIGX_KEY))
+        return False
+
+
+def make_private(ctx: Context) -> list[str]:
+    if not folder_widened(ctx):
+        return []
+    os.chmod(config_dir(ctx), 0o700)
+    return [f"made {config_dir(ctx)} private (0700)"]
 
 
 PARADIGX_KEY = "tokenroute_last_key.txt"
 
 
-def adopt_login(ctx: Context, api_url: str) -> list[str]:
-    """Move an earlier release's login for this gateway into credentials.json (under the lock)."""
+def adopt_login(ctx: Context, api_url: str, client: tuple[str, str | None] | None) -> list[str]:
+    """Move an earlier release's login for this gateway into credentials.json (under the lock).
+
+    A login stored here already is newer than 0.2.0's, which is then only removed.
+    """
     try:
         logins = read_logins(ctx)
     except CliError:
         return []  # a damaged file is reported by the command that needs it
     taken = []
-    path, found = shared_logins(ctx, api_url) or ("", [])
-    if found:
-        check_writable(os.path.dirname(path))  # else the login would end up in two places
-    if api_url not in logins and found:
-        logins[api_url] = max(found, key=lambda login: login["expires_at"])
-        taken.append(f"took over the login of tokenroute 0.2.0 ({path})")
+    shared = tokenroute_entries(ctx, {api_url: client}, held_tokens(logins))
+    if shared is not None:
+        check_writable(os.path.dirname(shared.path))  # else the login would end up in two places
+    if shared is not None and shared.logins and api_url not in logins:
+        logins[api_url] = max(shared.logins, key=lambda login: login["expires_at"])
+        taken.append(f"took over the login of tokenroute 0.2.0 ({shared.path})")
     earlier = logins.pop("", None)
     if earlier is not None and api_url not in logins:
         logins[api_url] = dict(earlier, api_url=api_url, resource=api_url)
@@ -815,83 +918,154 @@ def adopt_login(ctx: Context, api_url: str) -> list[str]:
     stored = peek_text_file(credentials_path(ctx))
     if earlier is not None or taken or (stored is not None and f'"version": {STORE_VERSION}' not in stored):
         write_logins(ctx, logins)  # an unversioned file of this release's first cut becomes version 2 once
-    if found:
-        remove_shared_logins(path, {api_url})
+    if shared is not None:
+        shared.remove()
     return taken
 
 
-def shared_logins(ctx: Context, api_url: str) -> tuple[str, list[dict[str, Any]]] | None:
-    """0.2.0's logins for this gateway in ~/.paradigx/auth.json, and that file's path."""
+def held_tokens(logins: dict[str, dict[str, Any]]) -> set[str]:
+    return {login["refresh_token"] for login in logins.values() if login["refresh_token"]}
+
+
+def tokenroute_client(ctx: Context, api_url: str) -> tuple[str, str | None] | None:
+    """Who tokenroute is at this gateway: the client id of the login stored for it, or
+    else the client id and issuer that its login discovery answers; None when it
+    answers none (it is no tokenroute gateway). Unreachable: the network error."""
+    try:
+        stored = read_logins(ctx).get(api_url)
+    except CliError:
+        stored = None
+    if stored is not None and stored["client_id"]:
+        return stored["client_id"], None
+    try:
+        found = discover(ctx, api_url)
+    except CliError as error:
+        if error.exit_code == EXIT_NETWORK:
+            raise
+        return None
+    issuer = found.get("issuer")
+    return found["client_id"], issuer if isinstance(issuer, str) else None
+
+
+def is_tokenroute_entry(entry: object, api_url: str, client: tuple[str, str | None] | None, held: set[str]) -> bool:
+    """Whether an entry of auth.json is tokenroute 0.2.0's login for this gateway. Other
+    products' entries have the same shape, and a mistyped URL can name theirs: it must
+    also be a login of tokenroute's client there (its client id, and its issuer when
+    discovery told it), or a copy of a refresh token tokenroute holds. Never by URL alone."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("api_url"), str):
+        return False
+    if canonical_url(entry["api_url"]) != api_url:
+        return False
+    if isinstance(entry.get("refresh_token"), str) and entry["refresh_token"] in held:
+        return True
+    return client is not None and entry.get("client_id") == client[0] and client[1] in (None, entry.get("issuer"))
+
+
+class SharedLogins:
+    """tokenroute's entries in ~/.paradigx/auth.json: `logins` as JSON readers see them
+    (the last "tokens" member, if the file repeats it), and what `remove` cuts out of
+    every "tokens" member, each other byte as written (CRLF, separators, indent)."""
+
+    def __init__(self, path: str, text: str, cuts: list[tuple[int, int, list[tuple[int, int, int]], set[int]]],
+                 logins: list[dict[str, Any]], urls: set[str]) -> None:
+        self.path = path  # the real file, past a symlink
+        self.text = text
+        self.cuts = cuts  # per "tokens" object: its span, its members' spans, the members to cut
+        self.logins = logins
+        self.urls = urls  # the gateways whose entries are cut
+
+    def remove(self) -> None:
+        """Rewrite auth.json without them: atomically, in its own mode."""
+        text = self.text
+        for start, end, members, drop in reversed(self.cuts):
+            text = text[:start] + without_members(text[start:end], members, drop, offset=start) + text[end:]
+        try:
+            replace_file(self.path, text.encode("utf-8"), mode=os.stat(self.path).st_mode & 0o777)
+        except OSError as exc:
+            raise file_error("cannot write", self.path, exc) from None
+
+
+def tokenroute_entries(
+    ctx: Context, clients: dict[str, tuple[str, str | None] | None], held: set[str]
+) -> SharedLogins | None:
+    """tokenroute's entries in ~/.paradigx/auth.json for the gateways of `clients`; None when there are none."""
+    found = shared_members(ctx)
+    if found is None:
+        return None
+    path, text, groups = found
+    cuts, logins, urls = [], [], set()
+    for number, (start, end, members) in enumerate(groups):
+        drop = set()
+        for index, (entry, _) in enumerate(members):
+            url = next((url for url, client in clients.items() if is_tokenroute_entry(entry, url, client, held)), None)
+            if url is None:
+                continue
+            drop.add(index)
+            urls.add(url)
+            login = earlier_login(entry, entry["api_url"])
+            if number == len(groups) - 1 and is_valid_login(login):
+                logins.append(login)
+        if drop:
+            cuts.append((start, end, [span for _, span in members], drop))
+    return SharedLogins(path, text, cuts, logins, urls) if cuts else None
+
+
+def shared_members(
+    ctx: Context,
+) -> tuple[str, str, list[tuple[int, int, list[tuple[object, tuple[int, int, int]]]]]] | None:
+    """~/.paradigx/auth.json's real path, its text as written, and each "tokens" object
+    in it (a file may repeat the member) as its span and its members' values and spans.
+    None when there is no such file of this user's that is JSON."""
+    import json
+
     folder = paradigx_dir(ctx)
     if folder is None:
         return None
-    path = os.path.join(folder, "auth.json")
-    tokens = shared_tokens(peek_text_file(path))
-    if tokens is None:
-        return None
-    found = [earlier_login(entry, api_url) for entry in tokens.values() if is_tokenroute_entry(entry, api_url)]
-    return path, [login for login in found if is_valid_login(login)]
-
-
-def shared_tokens(text: str | None) -> dict[str, Any] | None:
-    import json
-
+    path = os.path.realpath(os.path.join(folder, "auth.json"))
+    if not is_own_file(path):
+        return None  # another user's: not ours to read or rewrite
+    text = peek_text_file(path, newline="") or ""  # newline="": CRLF stays CRLF
     try:
-        data = json.loads(text or "null")
+        json.loads(text)
     except (ValueError, RecursionError):
-        return None  # not ours to judge: another product may own the damage
-    tokens = data.get("tokens") if isinstance(data, dict) else None
-    return tokens if isinstance(tokens, dict) else None
+        return None  # absent, or not ours to judge: another product may own the damage
+    decoder = json.JSONDecoder()
+    groups = []
+    for key, (_, start, end) in object_members(text, skip_space(text, 0), decoder) or []:
+        members = object_members(text, start, decoder) if key == "tokens" else None
+        if members is not None:
+            groups.append((start, end, [(decoder.raw_decode(text, span[1])[0], span) for _, span in members]))
+    return path, text, groups
+
+
+def shared_urls(ctx: Context) -> set[str]:
+    """The gateways named by the entries of ~/.paradigx/auth.json, in canonical form."""
+    found = shared_members(ctx)
+    entries = [entry for _, _, members in (found[2] if found else []) for entry, _ in members]
+    urls = {entry["api_url"] for entry in entries if isinstance(entry, dict) and isinstance(entry.get("api_url"), str)}
+    return {canonical_url(url) or url for url in urls}
 
 
 def shared_gateways(ctx: Context) -> list[str]:
-    """The gateways of the logins in ~/.paradigx/auth.json: another product's, or 0.2.0's
-    of a gateway not used since the upgrade (nothing tells the two apart)."""
-    folder = paradigx_dir(ctx)
-    tokens = shared_tokens(peek_text_file(os.path.join(folder, "auth.json"))) if folder else None
-    urls = {entry["api_url"] for entry in (tokens or {}).values() if isinstance(entry, dict) and isinstance(entry.get("api_url"), str)}
-    return sorted(sanitize(canonical_url(url) or url) for url in urls)
+    """The gateways of the logins left in ~/.paradigx/auth.json, for people to read."""
+    return sorted(sanitize(url) for url in shared_urls(ctx))
 
 
-def is_tokenroute_entry(entry: object, api_url: str) -> bool:
-    return isinstance(entry, dict) and isinstance(entry.get("api_url"), str) and canonical_url(entry["api_url"]) == api_url
-
-
-def remove_shared_logins(path: str, api_urls: set[str]) -> None:
-    """Rewrite auth.json without tokenroute's entries for `api_urls`: atomically, in
-    its own mode, at a symlink's target, and every other byte as it was."""
-    path = os.path.realpath(path)
-    text = peek_text_file(path) or ""
-    kept = without_members(text, lambda entry: any(is_tokenroute_entry(entry, url) for url in api_urls))
-    if kept is None or kept == text:
-        return
-    try:
-        replace_file(path, kept.encode("utf-8"), mode=os.stat(path).st_mode & 0o777)
-    except OSError as exc:
-        raise file_error("cannot write", path, exc) from None
-
-
-def without_members(text: str, drop: Callable[[object], bool]) -> str | None:
-    """`text`, a JSON object whose "tokens" object loses the members that `drop`
-    picks, every other byte as written; None when `text` is not such an object."""
-    import json
-
-    decoder = json.JSONDecoder()
-    top = object_members(text, text.find("{"), decoder)
-    tokens = next((span for key, span in top or [] if key == "tokens"), None)
-    members = object_members(text, tokens[1], decoder) if tokens else None
-    if members is None:
-        return None
-    keep = [span for _, span in members if not drop(decoder.raw_decode(text, span[1])[0])]
-    if len(keep) == len(members):
-        return text
-    opening, closing = tokens[1] + 1, tokens[2] - 1  # just inside its braces
+def without_members(text: str, members: list[tuple[int, int, int]], drop: set[int], *, offset: int) -> str:
+    """`text`, a JSON object whose members are at `members` (spans in the file, from
+    `offset`), without those numbered in `drop`: each kept byte as it was, a member
+    cut with the separator that followed it (or, for the last, the one before it)."""
+    spans = [(start - offset, end - offset) for start, _, end in members]
+    keep = [index for index in range(len(spans)) if index not in drop]
     if not keep:
-        return text[:opening] + text[closing:]
-    first, last = members[0][1], members[-1][1]
-    comma = text[first[2]:members[1][1][0]] if len(members) > 1 else ", "  # the file's own separator
-    body = comma.join(text[span[0]:span[2]] for span in keep)
-    return text[:first[0]] + body + text[last[2]:]
+        return "{}"
+    parts = [text[1:spans[0][0]]]  # the space after "{"
+    for position, index in enumerate(keep):
+        parts.append(text[spans[index][0]:spans[index][1]])
+        if position + 1 < len(keep):
+            parts.append(text[spans[index][1]:spans[index + 1][0]])
+    parts.append(text[spans[-1][1]:-1])  # the space before "}"
+    return "{" + "".join(parts) + "}"
 
 
 def object_members(text: str, start: int, decoder: Any) -> list[tuple[str, tuple[int, int, int]]] | None:
@@ -925,25 +1099,34 @@ def skip_space(text: str, at: int) -> int:
 
 
 def adopt_key(ctx: Context, api_url: str) -> list[str]:
-    """Give the newest of the earlier releases' cached keys to this gateway (under the lock)."""
-    keys = read_key_cache(ctx)
-    found = []
-    if "" in keys:
-        found.append((file_time(last_key_path(ctx)), keys.pop("")[0], last_key_path(ctx)))
-    folder = paradigx_dir(ctx)
-    shared = os.path.join(folder, PARADIGX_KEY) if folder else None
-    shared_key = (peek_text_file(shared) or "").strip() if shared else ""
-    if is_plausible_key(shared_key):
+    """Give this gateway the newest key that tokenroute has not recorded (one in
+    last_key.txt, or 0.2.0's), and bring 1.0.0's last_key.txt to one raw key (under the lock)."""
+    keys, newest = read_key_cache(ctx)
+    last = last_key_path(ctx)
+    found = []  # (when, key, what was done, whether it replaces the key this gateway has: a pasted one is newer)
+    pasted = keys.pop("", ("", ""))[0]
+    if is_plausible_key(pasted):  # else it stays, and is reported as what it is
+        found.append((file_time(last), pasted, f"took the API key {redact(pasted)} in {last} (recorded for no "
+                      "gateway: pasted, or tokenroute 0.1.0's) as this gateway's", True))
+    shared, shared_key = paradigx_key(ctx)
+    if shared_key:
         check_writable(os.path.dirname(shared))  # a key that stays there would come back after a revoke
-        found.append((file_time(shared) + 0.001, shared_key, shared))  # a tie goes to 0.2.0's newer copy
+        found.append((file_time(shared) + 0.001, shared_key, f"took over the cached API key {redact(shared_key)} "
+                      f"of tokenroute 0.2.0 ({shared})", False))  # a tie goes to 0.2.0's newer copy
     taken = []
-    newest = max(found) if found else None
-    if newest is not None and api_url not in keys:
-        keys[api_url] = (newest[1], "-")
-        taken.append(f"took over the cached API key {redact(newest[1])} ({newest[2]})")
-    if found:
-        write_key_cache(ctx, keys)
-    if shared and os.path.exists(shared):
+    best = max(found) if found else None
+    if best is not None and (api_url not in keys or best[3]):
+        keys.pop(api_url, None)
+        keys[api_url] = (best[1], "-")
+        taken.append(best[2])
+    converted = newest.startswith("#")  # 1.0.0's "GATEWAY KEY ID" lines
+    if converted:
+        taken.append(f"moved the cached keys to {keys_path(ctx)} ({last} holds the newest key alone again)")
+        if api_url in keys:
+            keys[api_url] = keys.pop(api_url)  # which of 1.0.0's was newest is unknown: this gateway's is now
+    if found or converted:
+        write_key_cache(ctx, keys, newest=next(reversed(keys.values()))[0] if keys and taken else None)
+    if shared_key:
         remove_file(shared)
     return taken
 
@@ -976,7 +1159,7 @@ class CredentialsLock:
         if self.ctx.deadline is not None:  # an MCP tool call's: a free lock is still taken once it has passed
             deadline = min(deadline, self.ctx.deadline)
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            self.fd = open_lock_file(self.ctx, path)
             while not try_lock(self.fd):  # another process is refreshing: wait, within the timeout
                 if self.ctx.now() >= deadline:
                     raise network_error("timed out waiting for another tokenroute process to refresh the login")
@@ -989,6 +1172,45 @@ class CredentialsLock:
         if self.fd is not None:
             os.close(self.fd)  # closing releases the lock
             self.fd = None
+
+
+def open_lock_file(ctx: Context, path: str) -> int:
+    """The lock file, opened. A lock carries no data: one this user cannot open (left
+    root-owned by `sudo tokenroute` with HOME kept) or that is no file is set aside
+    for a fresh one. Processes that find it so take turns (a lock on the folder),
+    so none sets aside the fresh lock that another one already holds."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        return os.open(path, flags, 0o600)
+    except OSError as exc:
+        if not is_unusable_lock(path, exc):
+            raise
+    folder = os.open(os.path.dirname(path), os.O_RDONLY) if os.name == "posix" else None
+    try:
+        if folder is not None:
+            import fcntl
+
+            fcntl.flock(folder, fcntl.LOCK_EX)
+        try:
+            return os.open(path, flags, 0o600)  # another process may have set it aside meanwhile
+        except OSError as exc:
+            if not is_unusable_lock(path, exc):
+                raise
+            reason = exc.strerror
+        set_aside(ctx, path, f"could not be opened ({reason})")
+        return os.open(path, flags, 0o600)
+    finally:
+        if folder is not None:
+            os.close(folder)
+
+
+def is_unusable_lock(path: str, exc: OSError) -> bool:
+    """Whether the lock file is there but cannot be opened (its owner, its mode, or no
+    file at all: a folder, a symlink); not a folder that takes no new file."""
+    import errno
+
+    unusable = (errno.EACCES, errno.EPERM, errno.EISDIR, errno.ELOOP, errno.ENXIO)
+    return exc.errno in unusable and os.path.lexists(path)
 
 
 def lock_function() -> Callable[[int], bool] | None:
@@ -1741,12 +1963,55 @@ def fresh_access_token(ctx: Context, creds: dict[str, Any], *, rejected: str | N
             raise not_logged_in()
         if current["access_token"] != rejected and not expiring(ctx, current):
             return current["access_token"]
-        refreshed = refresh_credentials(ctx, current)
-        try:
-            save_login(ctx, refreshed)
-        except CliError as error:  # a full disk: the token works now, its rotated refresh token is lost
-            warn(ctx, f"{error.message}; the next command will need `tokenroute login`")
+        with SignalsHeld(ctx):  # the provider rotates the refresh token: the new one must be saved
+            refreshed = refresh_credentials(ctx, current)
+            try:
+                save_login(ctx, refreshed)
+            except CliError as error:  # a full disk: the token works now, its rotated refresh token is lost
+                warn(ctx, f"{error.message}; the next command will need `tokenroute login`")
         return refreshed["access_token"]
+
+
+class SignalsHeld:
+    """Ctrl-C (SIGINT) and SIGTERM wait while held, then act as they would have.
+
+    From sending a refresh token until its answer is saved: the provider
+    rotates the token, and an answer lost on the way leaves a dead login. The
+    wait is bounded by the exchange's timeout. Only the main thread can set
+    signal handlers: elsewhere (an MCP tool call on a helper thread) nothing
+    is held.
+    """
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.previous: dict[int, Any] = {}
+        self.caught: list[int] = []
+
+    def __enter__(self) -> SignalsHeld:
+        import signal
+
+        for number in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(number) is signal.SIG_IGN:  # `nohup`, a background job: it does nothing anyway
+                continue
+            try:
+                self.previous[number] = signal.signal(number, self.catch)
+            except ValueError:  # not the main thread
+                break
+        return self
+
+    def catch(self, number: int, frame: object) -> None:
+        if not self.caught:
+            limit = timeout_setting(self.ctx)
+            warn(self.ctx, f"finishing the login refresh first, so that it is saved (at most {limit:g}s)")
+        self.caught.append(number)
+
+    def __exit__(self, *exc_info: object) -> None:
+        import signal
+
+        for number, handler in self.previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        if self.caught:
+            signal.raise_signal(self.caught[0])  # SIGINT: KeyboardInterrupt (exit 130); SIGTERM: dies of it
 
 
 def refresh_credentials(ctx: Context, creds: dict[str, Any]) -> dict[str, Any]:
@@ -2140,7 +2405,7 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
 def usable_login(ctx: Context, api_url: str) -> dict[str, Any] | None:
     """This gateway's stored login, None when there is none."""
     replaceable_logins(ctx)  # a damaged file goes aside first: an earlier release's login may still be taken
-    adopt_earlier_releases(ctx, api_url)
+    adopt_earlier_login(ctx, api_url)
     return read_logins(ctx).get(api_url)
 
 
@@ -2187,9 +2452,19 @@ def current_login(ctx: Context, api_url: str, force: bool) -> dict[str, Any] | N
 
 
 def new_device_login(ctx: Context, api_url: str) -> dict[str, Any]:
-    """A device code to approve; the folder is checked first, so no approved login goes unsaved."""
-    check_writable(ensure_config_dir(ctx))
+    """A device code to approve; the files are checked first, so no approved login goes unsaved."""
+    check_login_storage(ctx)
     return start_device_flow(ctx, api_url)
+
+
+def check_login_storage(ctx: Context) -> None:
+    """Fail now, before a person approves a login that could then not be saved: the folder
+    must take a new file, and the lock and credentials.json be usable (ones that are not
+    are set aside)."""
+    check_writable(ensure_config_dir(ctx))
+    replaceable_logins(ctx)
+    with CredentialsLock(ctx):
+        pass
 
 
 def login_finish(ctx: Context, api_url: str, *, timeout: float | None = None) -> dict[str, Any]:
@@ -2315,23 +2590,35 @@ def render_pending(ctx: Context, args: argparse.Namespace, pending: dict[str, An
 
 
 def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
-    """Forget this gateway's login (every gateway's with --all), under the refresh lock."""
+    """Forget this gateway's login (every gateway's with --all), under the refresh lock, and
+    tokenroute 0.2.0's logins of it in ~/.paradigx/auth.json: final, whatever the files' state."""
     api_url, _ = api_url_setting(ctx, args.api_url)
-    adopt_earlier_releases(ctx, api_url)  # so no copy of its refresh token stays behind
+    logins = replaceable_logins(ctx)  # a damaged file goes aside: logout never stops at it
+    urls = {*logins, api_url, DEFAULT_API_URL} - {""} if args.all else {api_url}
+    clients, unreachable = {}, []
+    for url in sorted(urls & shared_urls(ctx)):  # is 0.2.0's login there tokenroute's?
+        try:
+            clients[url] = tokenroute_client(ctx, url)
+        except CliError as error:
+            unreachable.append(f"{url} ({error.message})")
     with CredentialsLock(ctx):
         logins = replaceable_logins(ctx)
-        gone = list(logins) if args.all else [url for url in logins if url == api_url]
+        gone = list(logins) if args.all else [url for url in logins if url in (api_url, "")]  # "": 0.1.0's, this one's
         if gone:
             write_logins(ctx, {url: login for url, login in logins.items() if url not in gone})
         remove_file(pending_login_path(ctx))
-        keys = read_key_cache(ctx)
+        keys = gateway_keys(read_key_cache(ctx)[0], api_url)
         forgotten = [url for url in keys if args.all or url == api_url] if args.forget_key else []
-        if args.forget_key:
+        if forgotten:
             keys = {url: key for url, key in keys.items() if url not in forgotten}
             write_key_cache(ctx, keys)
-        shared = paradigx_dir(ctx)
-        if args.all and shared is not None:  # 0.2.0's logins, of every gateway tokenroute knows
-            remove_shared_logins(os.path.join(shared, "auth.json"), {*logins, api_url, DEFAULT_API_URL} - {""})
+        gone += forget_shared_logins(ctx, clients, held_tokens(logins))
+    if unreachable:
+        raise network_error(
+            f"logged out here, but could not ask {', '.join(unreachable)} whether the login for it in "
+            f"{os.path.join(paradigx_dir(ctx) or '', 'auth.json')} is tokenroute 0.2.0's; run this logout again "
+            "once it can be reached"
+        )
     kept = sorted(keys) if args.all else [url for url in keys if url == api_url]
     if args.json:
         render_json(ctx, {"logged_out": bool(gone), "api_url": api_url, "cached_keys": kept})
@@ -2344,13 +2631,28 @@ def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
     else:
         ctx.stdout.write(f"Not logged in to {'any gateway' if args.all else api_url}; nothing to do\n")
     if kept:
-        note(ctx, f"An API key for {', '.join(kept)} stays cached in {last_key_path(ctx)} (env, run, test and models "
+        note(ctx, f"An API key for {', '.join(kept)} stays cached in {keys_path(ctx)} (env, run, test and models "
              f"use it); forget it with `tokenroute{gateway_option(args, api_url)} logout{' --all' if args.all else ''} --forget-key`")
     left = shared_gateways(ctx) if args.all else []
     if left:  # 0.2.0's logins of gateways never used since look like any other product's
         note(ctx, f"{os.path.join(paradigx_dir(ctx) or '', 'auth.json')} still holds logins for {', '.join(left)}; "
              "if one is tokenroute 0.2.0's, `tokenroute --api-url URL logout` removes it")
     return EXIT_OK
+
+
+def forget_shared_logins(ctx: Context, clients: dict[str, tuple[str, str | None] | None], held: set[str]) -> list[str]:
+    """Remove tokenroute's entries for these gateways from ~/.paradigx/auth.json (hold the
+    lock); the gateways whose entries went. One that cannot be rewritten keeps them,
+    unused: nothing is taken over from a file tokenroute cannot rewrite."""
+    shared = tokenroute_entries(ctx, clients, held)
+    if shared is None:
+        return []
+    try:
+        shared.remove()
+    except CliError as error:
+        warn(ctx, f"{error.message}; tokenroute 0.2.0's login stays there, unused")
+        return []
+    return sorted(shared.urls)
 
 
 class Show:
@@ -3293,7 +3595,7 @@ def check_api_key(ctx: Context, args: argparse.Namespace, api_url: str) -> Check
 
 def check_files(ctx: Context) -> list[Check]:
     try:
-        paths = [config_dir(ctx), credentials_path(ctx), last_key_path(ctx), pending_login_path(ctx)]
+        paths = [config_dir(ctx), credentials_path(ctx), keys_path(ctx), last_key_path(ctx), pending_login_path(ctx)]
     except CliError as error:
         return [Check.failed("files", error)]
     checks = []

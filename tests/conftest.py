@@ -143,17 +143,23 @@ class Cli:
         """The gateway's login as credentials.json holds it."""
         return json.loads(self.credentials.read_text())["logins"][self.gateway.url]
 
+    @property
+    def keys_file(self) -> Path:
+        return self.config_dir / "keys.txt"
+
     def cache_key(self, key: str, key_id: str = "-") -> None:
-        """Cache `key` for the gateway in last_key.txt, as `keys create` does."""
+        """Cache `key` for the gateway as `keys create` does: listed in keys.txt, raw in last_key.txt."""
         self.config_dir.mkdir(mode=0o700, exist_ok=True)
-        self.last_key.write_text(f"# cached keys\n{self.gateway.url} {key} {key_id}\n")
-        self.last_key.chmod(0o600)
+        self.last_key.write_text(key)
+        self.keys_file.write_text(f"{tokenroute.KEYS_HEADER}\n{self.gateway.url} {key} {key_id}\n")
+        for path in (self.last_key, self.keys_file):
+            path.chmod(0o600)
 
     def cached_key(self) -> str | None:
-        """The key last_key.txt holds for the gateway, None when it holds none."""
-        if not self.last_key.exists():
+        """The key keys.txt lists for the gateway, None when it lists none."""
+        if not self.keys_file.exists():
             return None
-        lines = [line.split() for line in self.last_key.read_text().splitlines() if not line.startswith("#")]
+        lines = [line.split() for line in self.keys_file.read_text().splitlines()[1:]]
         return next((words[1] for words in lines if words[0] == self.gateway.url), None)
 
     def script(self, *argv: str, env: dict[str, str] | None = None, timeout: float = 60) -> Result:

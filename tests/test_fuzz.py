@@ -581,15 +581,23 @@ def check_files(folder: Path, planted: dict[str, bytes], *, logout: bool) -> lis
         content = last_key.read_bytes()
         if content != planted.get("last_key.txt") and not is_key_cache(content):
             problems.append(f"last_key.txt holds {content[:40]!r}")
+    keys = folder / "keys.txt"
+    if keys.exists() and not is_key_list(keys.read_bytes()):
+        problems.append(f"keys.txt holds {keys.read_bytes()[:80]!r}")
     return problems
 
 
 def is_key_cache(content: bytes) -> bool:
-    """A header line, then "GATEWAY KEY ID" lines of plausible keys, newline-terminated."""
+    """A plausible key alone (last_key.txt)."""
+    return tokenroute.is_plausible_key(content.decode("utf-8", "replace"))
+
+
+def is_key_list(content: bytes) -> bool:
+    """keys.txt: the header line, then "GATEWAY KEY ID" lines of plausible keys, newline-terminated."""
     lines = content.decode("utf-8", "replace").split("\n")
     rows = [line.split(" ") for line in lines[1:-1]]
     return (
-        lines[0].startswith("# ") and lines[-1] == "" and len(lines) > 2
+        lines[0] == tokenroute.KEYS_HEADER and lines[-1] == "" and len(lines) > 2
         and all(len(row) == 3 and tokenroute.is_plausible_key(row[1]) for row in rows)
     )
 

@@ -1146,7 +1146,7 @@ def test_tokenroute_config_dir_overrides_home(cli, gateway, tmp_path):
 
     assert created.code == 0, created
     assert sorted(p.name for p in folder.iterdir() if p.name != "credentials.lock") == [
-        "credentials.json", "last_key.txt"]
+        "credentials.json", "keys.txt", "last_key.txt"]
     if POSIX:
         assert mode(folder) == 0o700
     assert printed.out.startswith(f"OPENAI_API_KEY={created.json()['raw']}\n")

@@ -128,7 +128,8 @@ def test_files_we_write_end_lines_with_lf(cli: Cli, gateway: FakeGateway) -> Non
 
     written = {p.name: p.read_bytes() for p in cli.config_dir.iterdir() if p.suffix in (".json", ".txt")}
 
-    assert sorted(written) == ["credentials.json", "last_key.txt", "pending_login.json"]
+    assert sorted(written) == ["credentials.json", "keys.txt", "last_key.txt", "pending_login.json"]
+    assert b"\r" not in written.pop("last_key.txt")  # the raw key alone, as 0.1.0 wrote it
     assert all(b"\r" not in content and content.endswith(b"\n") for content in written.values()), written
     assert json.loads(written["credentials.json"])["logins"][gateway.url]["api_url"] == gateway.url
 
