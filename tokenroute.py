@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Callable, Iterator, Mapping, Sequence
     from typing import Any, BinaryIO, TextIO
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 DEFAULT_API_URL = "https://api.tokenroute.io"
 DEFAULT_MODEL = "openai/gpt-4o-mini"
