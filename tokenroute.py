@@ -291,12 +291,21 @@ def api_url_setting(ctx: Context, flag: str | None) -> tuple[str, str]:
 
 
 def with_scheme(url: str) -> str | None:
-    """`localhost:8787` as the URL it likely means: http for this machine, https elsewhere."""
-    if "://" in url:
+    """`localhost:8787` as the base URL it likely means: http for this machine, https elsewhere,
+    without the /v1 of OPENAI_BASE_URL. Only text shaped `host[:port][/path]` gets a guess:
+    `http:/localhost` is a mistyped scheme, not a host named http."""
+    text = url.strip()
+    hostport = text.partition("/")[0]
+    name, colon, port = hostport.rpartition(":")
+    if not colon or hostport.endswith("]"):  # no port, or an IPv6 literal without one
+        name, colon, port = hostport, "", ""
+    if "://" in text or (colon and not port.isdigit()) or name.lower() in ("http", "https"):
         return None
-    guess = canonical_url("https://" + url.strip())
+    guess = canonical_url("https://" + text)
     if guess is None:
         return None
+    if guess.endswith("/v1") and guess.count("/") > 2:
+        guess = guess[: -len("/v1")]
     return "http" + guess[len("https"):] if is_loopback(url_host(guess)) else guess
 
 
@@ -1307,11 +1316,13 @@ def send(
     json_body: object = None,
     form: dict[str, str] | None = None,
     idempotency_key: str | None = None,
+    timeout: float | None = None,
 ) -> Response:
     """One HTTP exchange with timeouts, bounded retries for GET, and no redirects.
 
     Any answer (2xx or not) comes back as a Response; a failure to get one
-    raises a network CliError. It never prints.
+    raises a network CliError. It never prints. A `timeout` (below
+    TOKENROUTE_TIMEOUT) is for an exchange that only adds detail: one attempt.
     """
     scheme, host = check_url(url)
     headers = {"User-Agent": f"tokenroute/{__version__}", "Accept": "application/json"}
@@ -1331,8 +1342,8 @@ def send(
     if idempotency_key is not None:
         headers["Idempotency-Key"] = idempotency_key
     # A write cut short would leave its outcome unknown (a key made, a refresh token rotated away): it gets its time.
-    timeout = call_timeout(ctx, clip=method == "GET")
-    deadline = ctx.now() + timeout
+    limit = call_timeout(ctx, clip=method == "GET")
+    deadline = ctx.now() + (limit if timeout is None else min(limit, timeout))
     opener = build_opener(ctx, scheme, host)
 
     def attempt() -> Response:
@@ -1346,7 +1357,7 @@ def send(
         )
 
     # Only GET is retried: a POST that may have reached the server is never sent twice.
-    for number in range(1, MAX_ATTEMPTS if method == "GET" else 1):
+    for number in range(1, MAX_ATTEMPTS if method == "GET" and timeout is None else 1):
         try:
             response = attempt()
         except CliError as error:
@@ -1845,21 +1856,28 @@ def expect_json(response: Response, kind: type) -> Any:
     return data
 
 
-def call_api(ctx: Context, method: str, url: str, *, key: str, json_body: object = None, kind: type = dict) -> Any:
-    """An OpenAI-compatible /v1 call authorized by an API key."""
+def call_api(
+    ctx: Context, method: str, url: str, *, key: str, source: str, json_body: object = None, kind: type = dict
+) -> Any:
+    """An OpenAI-compatible /v1 call authorized by an API key (from `source`: --key, a variable, a file)."""
     response = send(ctx, method, url, token=key, json_body=json_body)
     api_url, _, path = url.rpartition("/v1/")
-    if response.status == 404 and not is_openai_error(response.json()):  # the gateway's own 404s are OpenAI's
+    # Only a web page or a bare route miss (`{"detail": "Not Found"}`, FastAPI's) says no gateway is
+    # there; any other 404 (an unknown model) is the gateway's own answer.
+    if response.status == 404 and response.json() in (None, {"detail": "Not Found"}):
         raise not_a_gateway(api_url, f"it answers /v1/{path} with HTTP 404", status=404)
     if response.status == 402:
-        raise key_without_credit(ctx, api_url, key, error_from_response(response, account=False, secret=key))
+        error = error_from_response(response, account=False, secret=key)
+        raise key_without_credit(ctx, api_url, key, source=source, error=error)
     if response.status >= 300:
         raise error_from_response(response, account=False, secret=key)
     return expect_json(response, kind)
 
 
-def is_openai_error(data: object) -> bool:
-    return isinstance(data, dict) and isinstance(data.get("error"), dict)
+def is_json_answer(response: Response) -> bool:
+    """Whether the answer says it is JSON (`application/json`, `application/problem+json`)."""
+    media_type = (response.headers.get("Content-Type") or "").partition(";")[0].strip().lower()
+    return media_type.endswith(("/json", "+json"))
 
 
 def not_a_gateway(api_url: str, answer: str, *, status: int) -> CliError:
@@ -1875,34 +1893,44 @@ def not_a_gateway(api_url: str, answer: str, *, status: int) -> CliError:
     )
 
 
-def key_without_credit(ctx: Context, api_url: str, key: str, error: CliError) -> CliError:
-    """A 402 that names the key used, where it came from and its balance (from the account's key
-    list when logged in, else as the gateway's message says): credit is per key."""
-    try:
-        in_use = resolve_api_key(ctx, None, api_url)
-    except CliError:
-        in_use = None
-    source = in_use[1] if in_use is not None and in_use[0] == key else "--key"
-    try:
-        keys = list_keys(ctx, api_url)
-    except CliError:  # not logged in, or the list fails: the gateway's message is all there is
-        keys = []
-    used = find_key(keys, key)
+def key_without_credit(ctx: Context, api_url: str, key: str, *, source: str, error: CliError) -> CliError:
+    """A 402 that names the key used and where it came from: credit is per key. Its name and
+    balance (and a funded key's) come from the account's key list when a login is at hand."""
     prefix = key[: len(KEY_PREFIX) + 4]  # shown as `sk-tr-abcd...`, as every key in a message
-    label = f"{show(used.get('name'))!r} ({prefix})" if used else prefix
-    balance = f" has {usd(used.get('balance_usd'))}" if used else ""
+    keys = keys_at_a_glance(ctx, api_url)
+    used = find_key(keys, key)
     funded = [k for k in keys if k is not used and k.get("status") == "active" and has_credit(k.get("balance_usd"))]
+    if used is None:
+        label, balance, api_key = prefix, "", {"key_prefix": prefix}
+    else:
+        label, balance = f"{show(used.get('name'))!r} ({prefix})", f" has {usd(used.get('balance_usd'))}"
+        api_key = {name: used.get(name) for name in ("id", "name", "key_prefix", "balance_usd")}
     others = f" (your key {show(funded[0].get('name'))!r} has {usd(funded[0].get('balance_usd'))})" if funded else ""
-    described = {name: used.get(name) for name in ("id", "name", "key_prefix", "balance_usd")} if used else {
-        "key_prefix": prefix}
     return CliError(
         f"{error.message}: the API key {label} from {source}{balance}; credit is per key{others}: "
         "top up, or use a funded key with --key or TOKENROUTE_API_KEY",
         code=error.code,
         next=error.next,
         status=error.status,
-        payload={"key": dict(described, source=source)},
+        payload={"api_key": dict(api_key, source=source)},
     )
+
+
+def keys_at_a_glance(ctx: Context, api_url: str) -> list[dict[str, Any]]:
+    """The account's keys, only to add detail to an error: from a login already stored for this
+    gateway with a fresh access token (no refresh, no takeover), in one short attempt; else none."""
+    try:
+        creds = read_logins(ctx).get(api_url)
+        if creds is None or expiring(ctx, creds):
+            return []
+        response = send(ctx, "GET", api_url + "/api/v1/me/keys", token=creds["access_token"], timeout=GLANCE_SECONDS)
+    except CliError:
+        return []
+    keys = response.json() if response.status == 200 else None
+    return [key for key in keys if isinstance(key, dict)] if isinstance(keys, list) else []
+
+
+GLANCE_SECONDS = 3.0
 
 
 def call_account(
@@ -2060,7 +2088,8 @@ def discover(ctx: Context, api_url: str) -> dict[str, Any]:
     response = send(ctx, "GET", api_url + "/api/v1/auth/discovery")
     if response.status == 503:
         raise server_error("CLI login is not enabled on this gateway", status=503)
-    if response.status == 404 or (response.status < 300 and not isinstance(response.json(), dict)):
+    is_page = response.status < 300 and not is_json_answer(response) and not isinstance(response.json(), dict)
+    if response.status == 404 or is_page:  # a garbled JSON answer is the gateway's failure: below, exit 3
         content_type = sanitize(response.headers.get("Content-Type") or "no content type")
         raise not_a_gateway(
             api_url, f"it answers /api/v1/auth/discovery with HTTP {response.status}, {content_type}", status=response.status
@@ -2268,13 +2297,14 @@ def usd(value: object, *, per: int = 1) -> str:
     a price keeps the digits below a cent it has (`$0.075`), an amount of a
     cent or more is rounded half up to cents, and one below a cent keeps its
     digits (`$0.0042`: spent, but not nothing). Anything else, and amounts
-    of absurd length, are shown as sent. Done on the digits: importing
+    beyond any balance, are shown as sent. Done on the digits: importing
     decimal would cost human output a few ms of start-up.
     """
     text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
     sign, body = ("-", text[1:]) if text.startswith("-") else ("", text)
     whole, _, fraction = body.partition(".")
-    if not (whole + fraction).isdigit() or not (whole + fraction).isascii() or len(body) > MAX_AMOUNT_CHARS:
+    absurd = len(whole.lstrip("0")) > MAX_WHOLE_DIGITS or len(body) > MAX_AMOUNT_CHARS
+    if not (whole + fraction).isdigit() or not (whole + fraction).isascii() or absurd:
         return show(value)
     digits, point = whole + fraction, len(whole) + len(str(per)) - 1  # move the point right
     digits = digits.ljust(point, "0")
@@ -2286,7 +2316,8 @@ def usd(value: object, *, per: int = 1) -> str:
     return f"{sign if cents else ''}${cents // 100:,}.{cents % 100:02d}"
 
 
-MAX_AMOUNT_CHARS = 40  # digits beyond any balance; Python refuses int() of over 4,300
+MAX_WHOLE_DIGITS = 30  # dollars beyond any balance; Python refuses int() of over 4,300 digits
+MAX_AMOUNT_CHARS = 200  # room for any number of places
 
 
 def readable_time(value: object) -> str:
@@ -2796,19 +2827,20 @@ KEY_COLUMNS = ("id", "name", "key_prefix", "status", "balance_usd", "created_at"
 
 
 def list_keys(ctx: Context, api_url: str) -> list[dict[str, Any]]:
-    """The account's keys, each with `in_use`: whether env, run, test and models use it here."""
+    """`keys list`: the account's keys, each with `in_use`: whether env, run, test and models use it here."""
+    return keys_and_key_in_use(ctx, api_url)[0]
+
+
+def keys_and_key_in_use(ctx: Context, api_url: str) -> tuple[list[dict[str, Any]], tuple[str, str] | None]:
+    """The account's keys, each with `in_use`, and the API key used here with where it comes from
+    (None: no usable one)."""
     keys = [key for key in call_account(ctx, api_url, "GET", "/api/v1/me/keys", kind=list) if isinstance(key, dict)]
-    in_use = key_in_use(ctx, api_url)
-    used = find_key(keys, in_use[0]) if in_use else None
-    return [dict(key, in_use=key is used) for key in keys]
-
-
-def key_in_use(ctx: Context, api_url: str) -> tuple[str, str] | None:
-    """The API key env, run, test and models use here, and where it comes from; None when none."""
     try:
-        return resolve_api_key(ctx, None, api_url)
+        in_use: tuple[str, str] | None = resolve_api_key(ctx, None, api_url)
     except CliError:
-        return None
+        in_use = None
+    used = find_key(keys, in_use[0]) if in_use else None
+    return [dict(key, in_use=key is used) for key in keys], in_use
 
 
 def find_key(keys: list[dict[str, Any]], raw: str) -> dict[str, Any] | None:
@@ -2837,7 +2869,7 @@ def key_row(key: dict[str, Any], columns: Sequence[str]) -> list[str]:
 
 def cmd_keys_list(args: argparse.Namespace, ctx: Context) -> int:
     api_url, _ = api_url_setting(ctx, args.api_url)
-    keys = list_keys(ctx, api_url)
+    keys, in_use = keys_and_key_in_use(ctx, api_url)
     if args.json:
         render_json(ctx, keys)
         return EXIT_OK
@@ -2847,7 +2879,6 @@ def cmd_keys_list(args: argparse.Namespace, ctx: Context) -> int:
     marked = any(key["in_use"] for key in keys)
     columns = (*KEY_COLUMNS, "in_use") if marked else KEY_COLUMNS
     render_table(ctx, [FIELD_LABELS[column] for column in columns], [key_row(key, columns) for key in keys])
-    in_use = key_in_use(ctx, api_url)
     if in_use is not None:
         ctx.stdout.flush()
         if marked:
@@ -2858,15 +2889,14 @@ def cmd_keys_list(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
-def revoke_key(ctx: Context, api_url: str, *, id: str) -> dict[str, Any]:
-    key, uncached = revoke_and_forget(ctx, api_url, id=id)
-    if uncached:
-        note(ctx, f"Removed it from the key cache ({last_key_path(ctx)}).")
-    return key
+def revoke_key(
+    ctx: Context, api_url: str, *, id: str, render: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """`keys revoke`: revoke a key and drop it from the key cache if it is the cached one.
 
-
-def revoke_and_forget(ctx: Context, api_url: str, *, id: str) -> tuple[dict[str, Any], bool]:
-    """Revoke a key, then forget it if it is the cached one; returns the revoked key and whether it was."""
+    `render` shows the revoked key (the CLI's output) before the note about
+    the cache: messages come in the order things happen.
+    """
     from urllib.parse import quote
 
     if id in (".", ".."):
@@ -2878,31 +2908,56 @@ def revoke_and_forget(ctx: Context, api_url: str, *, id: str) -> tuple[dict[str,
             error.next = "tokenroute keys list"
         raise
     prefix = key.get("key_prefix")
-    return key, forget_cached_key(ctx, api_url, key_id=id, prefix=prefix if isinstance(prefix, str) else None)
+    uncached = forget_cached_key(ctx, api_url, key_id=id, prefix=prefix if isinstance(prefix, str) else None)
+    if render is not None:
+        render(key)
+    if uncached:
+        note(ctx, f"Removed it from the key cache ({last_key_path(ctx)}).")
+    return key
 
 
 def cmd_keys_revoke(args: argparse.Namespace, ctx: Context) -> int:
-    """Revoke a key; one that holds credit is confirmed first at a terminal (--yes skips), and its
-    loss is said after the revoke without one. Messages come in the order things happen."""
+    """Revoke a key. At a terminal, one that holds credit is confirmed first (--yes skips);
+    otherwise the credit lost is said after the revoke, from the revoked key's balance."""
     api_url, _ = api_url_setting(ctx, args.api_url)
-    listed = next((key for key in list_keys(ctx, api_url) if str(key.get("id")) == args.id), None)
-    credit = listed.get("balance_usd") if listed and listed.get("status") == "active" else None
-    credit = credit if has_credit(credit) else None
-    ask = credit is not None and ctx.person_present and not args.yes
-    if ask and not confirm(ctx, f"{sanitize(args.id)} ({show(listed.get('name'))}) holds {usd(credit)} of credit, "
-                                "lost with the key. Revoke it?"):
-        raise CliError("not revoked", code="cancelled")
-    key, uncached = revoke_and_forget(ctx, api_url, id=args.id)
-    if args.json:
-        render_json(ctx, key)
-    else:
-        say_ok(ctx, f"revoked {show(key.get('id', args.id))} ({show(key.get('name'))})")
-    ctx.stdout.flush()  # before the notes: in one terminal or log, things read in the order they happened
-    if credit is not None and not ask:
-        warn(ctx, f"the {usd(credit)} of credit on {sanitize(args.id)} is lost with it")
-    if uncached:
-        note(ctx, f"Removed it from the key cache ({last_key_path(ctx)}).")
+    settled = ctx.person_present and not args.yes and confirm_revoke(ctx, api_url, args.id)
+
+    def render(key: dict[str, Any]) -> None:
+        if args.json:
+            render_json(ctx, key)
+        else:
+            say_ok(ctx, f"revoked {show(key.get('id', args.id))} ({show(key.get('name'))})")
+        ctx.stdout.flush()  # before the notes: in one terminal or log, things read in the order they happened
+        lost = key.get("balance_usd")
+        if has_credit(lost) and not settled:
+            warn(ctx, f"the {usd(lost)} of credit on {sanitize(args.id)} is lost with it")
+
+    revoke_key(ctx, api_url, id=args.id, render=render)
     return EXIT_OK
+
+
+def confirm_revoke(ctx: Context, api_url: str, key_id: str) -> bool:
+    """Ask the person at the terminal before revoking a key that holds credit, or may (the key list
+    failed: a leaked key must stay revocable); "not revoked" unless they say yes. True when the list
+    settled what is lost (the amount was in the question, or there is none)."""
+    try:
+        listed = next((key for key in list_keys(ctx, api_url) if str(key.get("id")) == key_id), None)
+    except CliError as error:
+        question = (f"{sanitize(key_id)}: its credit could not be checked ({redact(error.message)}); any credit "
+                    "on it is lost with the key. Revoke it?")
+        settled = False
+    else:
+        if listed is None:  # not the account's (the revoke says so), or new since the list
+            return False
+        credit = listed.get("balance_usd") if listed.get("status") == "active" else None
+        if not has_credit(credit):
+            return True
+        question = (f"{sanitize(key_id)} ({show(listed.get('name'))}) holds {usd(credit)} of credit, lost with "
+                    "the key. Revoke it?")
+        settled = True
+    if not confirm(ctx, question):
+        raise CliError("not revoked", code="cancelled")
+    return settled
 
 
 def confirm(ctx: Context, question: str) -> bool:
@@ -2942,19 +2997,10 @@ def cmd_topup(args: argparse.Namespace, ctx: Context) -> int:
     expires = session.get("expires_at")
     until = f" The link expires {readable_time(expires)}." if expires is not None else ""
     note(ctx, f"Open it to pay {usd(session.get('amount_usd', args.amount))}; credit arrives once paid.{until}")
-    note(ctx, credited_key(session))
+    note(ctx, "Credit is per key: once paid, `tokenroute keys list` shows which key holds it.")
     if ctx.person_present and ctx.stdout_tty and not args.no_browser:
         open_url_for_person(ctx, url)
     return EXIT_OK
-
-
-def credited_key(session: dict[str, Any]) -> str:
-    """Which key the credit goes to, where the gateway's answer says (`key_id`, `key_name`,
-    `key_prefix`: its key fields' names); credit is per key."""
-    named = [show(session[name]) for name in ("key_name", "key_id", "key_prefix") if isinstance(session.get(name), str)]
-    if named:
-        return f"Credit is per key: this goes to the key {named[0]}" + (f" ({', '.join(named[1:])})." if named[1:] else ".")
-    return "Credit is per key: once paid, `tokenroute keys list` shows which key holds it."
 
 
 USAGE_FIELDS = ("range_days", "total_requests", "total_tokens_in", "total_tokens_out", "total_cost_usd")
@@ -3416,13 +3462,17 @@ def interpreter_of(path: str) -> str | None:
 
 def try_chat(ctx: Context, api_url: str, *, model: str = DEFAULT_MODEL, key: str | None = None) -> dict[str, Any]:
     """`test`: one tiny chat completion, end to end."""
-    key, _ = resolve_api_key(ctx, key, api_url)
+    if is_plausible_key(model.strip()):  # `tokenroute test sk-tr-...`: never sent as a model name, nor echoed
+        raise CliError("the model is an API key: pass the key with --key (and the model, if any, as the word "
+                       "or with --model)", code="usage")
+    key, source = resolve_api_key(ctx, key, api_url)
     try:
         completion = call_api(
             ctx,
             "POST",
             api_url + "/v1/chat/completions",
             key=key,
+            source=source,
             json_body={
                 "model": model,
                 "messages": [{"role": "user", "content": "Reply with the single word OK."}],
@@ -3462,8 +3512,8 @@ MODEL_COLUMNS = ("id", "owned_by", "complexity_tier", "input_usd_per_1k", "outpu
 
 
 def list_models(ctx: Context, api_url: str, *, key: str | None = None) -> list[dict[str, Any]]:
-    key, _ = resolve_api_key(ctx, key, api_url)
-    listing = call_api(ctx, "GET", api_url + "/v1/models", key=key)
+    key, source = resolve_api_key(ctx, key, api_url)
+    listing = call_api(ctx, "GET", api_url + "/v1/models", key=key, source=source)
     models = listing.get("data")
     if not isinstance(models, list):
         raise server_error("the gateway's model list has no data")
@@ -3484,16 +3534,20 @@ cmd_models = Show(
 class Check:
     """One line of `tokenroute doctor`: ok, warning or problem, with the fix."""
 
-    def __init__(self, name: str, status: str, detail: str, *, fix: str | None = None, exit_code: int = EXIT_OK) -> None:
+    def __init__(
+        self, name: str, status: str, detail: str, *, fix: str | None = None, exit_code: int = EXIT_OK,
+        code: str | None = None,
+    ) -> None:
         self.name = name
         self.status = status
         self.detail = detail
         self.fix = fix
         self.exit_code = exit_code
+        self.code = code  # the error's code, for a problem
 
     @classmethod
     def failed(cls, name: str, error: CliError) -> Check:
-        return cls(name, "problem", redact(error.message), fix=error.next, exit_code=error.exit_code)
+        return cls(name, "problem", redact(error.message), fix=error.next, exit_code=error.exit_code, code=error.code)
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "status": self.status, "detail": self.detail, "fix": self.fix}
@@ -3508,8 +3562,19 @@ def run_checks(ctx: Context, args: argparse.Namespace | Args) -> list[Check]:
         checks.append(Check.failed("api url", error))
     else:
         checks.append(Check("api url", "ok", f"{api_url} (from {source})"))
-        checks += [check_gateway(ctx, api_url, source), check_login(ctx, api_url), check_api_key(ctx, args, api_url)]
+        gateway = check_gateway(ctx, api_url, source)
+        checks.append(gateway)
+        if gateway.code != "not_a_gateway":  # no login or key to check where no gateway answers
+            account = [check_login(ctx, api_url), check_api_key(ctx, args, api_url)]
+            checks += [with_gateway_option(check, gateway_option(args, api_url)) for check in account]
     return checks + check_files(ctx)
+
+
+def with_gateway_option(check: Check, option: str) -> Check:
+    """A check whose fix runs as written: `tokenroute login` gets the --api-url it needs."""
+    if check.fix and check.fix.startswith("tokenroute "):
+        check.fix = "tokenroute" + option + check.fix[len("tokenroute"):]
+    return check
 
 
 def doctor(ctx: Context, api_url: str | None, *, key: str | None = None) -> dict[str, Any]:
@@ -3587,7 +3652,7 @@ def check_api_key(ctx: Context, args: argparse.Namespace, api_url: str) -> Check
             return Check.failed("api key", error)
         return Check("api key", "warning", "none (env, test and models need one)", fix=error.next)
     try:
-        call_api(ctx, "GET", api_url + "/v1/models", key=key)
+        call_api(ctx, "GET", api_url + "/v1/models", key=key, source=source)
     except CliError as error:
         return Check.failed("api key", error)
     return Check("api key", "ok", f"{redact(key)} from {source}, accepted by the gateway")
@@ -3646,6 +3711,15 @@ def cmd_help_topic(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_version(args: argparse.Namespace | Args, ctx: Context) -> int:
+    """`version`: the version, as text or (--json) `{"version": ...}`."""
+    if args.json:
+        render_json(ctx, {"version": __version__})
+        return EXIT_OK
+    return print_version(args, ctx)
+
+
+def print_version(args: argparse.Namespace | Args, ctx: Context) -> int:
+    """`--version`: always the text argparse's --version prints, whatever TOKENROUTE_JSON says."""
     ctx.stdout.write(f"tokenroute {__version__}\n")
     return EXIT_OK
 
@@ -4540,7 +4614,8 @@ def build_parser() -> argparse.ArgumentParser:
                     settings = dict(settings, type=checked(settings["type"]))
                 target: Any = sub
                 if settings.get("word"):  # `keys create laptop` as `--name laptop`; one of the two
-                    target = sub.add_mutually_exclusive_group(required=settings.get("required", False))
+                    # Required is checked by parse_args, after unknown arguments (`keys create -x`).
+                    target = sub.add_mutually_exclusive_group()
                     settings = {name: value for name, value in settings.items() if name not in ("word", "required")}
                     target.add_argument(
                         dest_of(flags[0]), nargs="?", default=argparse.SUPPRESS, type=settings.get("type"),
@@ -4575,7 +4650,7 @@ def parse_fast(argv: Sequence[str]) -> Args | None:
     """
     words = list(argv)
     if words in ([], ["--version"], ["-h"], ["--help"], ["help"]):
-        return Args(func=cmd_version if words == ["--version"] else cmd_help, json=False, api_url=None)
+        return Args(func=print_version if words == ["--version"] else cmd_help, json=False, api_url=None)
     if words[command_start(words):][:1] == ["run"]:
         return parse_run(words)
     values: dict[str, Any] = {"json": False, "api_url": None}
@@ -4761,6 +4836,11 @@ def parse_args(argv: Sequence[str], ctx: Context) -> argparse.Namespace | Args:
     if not hasattr(args, "func"):
         where = f"tokenroute {name}".strip()
         raise CliError(f"{where} needs a COMMAND (see `{where} -h`)", code="usage", usage=usage)
+    command = next(command for command in COMMANDS if command.func is args.func)
+    for flags, settings in command.options:
+        if settings.get("word") and settings.get("required") and getattr(args, dest_of(flags[0])) is None:
+            metavar = settings.get("metavar") or dest_of(flags[0]).upper()
+            raise CliError(f"{name} needs {metavar} (or {flags[0]} {metavar})", code="usage", usage=usage)
     args.json = getattr(args, "json", False)
     args.api_url = getattr(args, "api_url", None)
     return args

@@ -1005,7 +1005,7 @@ def test_insufficient_balance_json_error(cli, gateway):
         "code": "insufficient_balance", "status": 402, "next": "tokenroute topup --amount 5",
         "message": f"Insufficient balance: the API key {empty[:10]}... from --key; credit is per key: top up, or use "
                    "a funded key with --key or TOKENROUTE_API_KEY",
-        "key": {"key_prefix": empty[:10], "source": "--key"},
+        "api_key": {"key_prefix": empty[:10], "source": "--key"},
     }
 
 

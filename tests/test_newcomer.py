@@ -38,9 +38,11 @@ def key_named(gateway: FakeGateway, name: str) -> dict[str, str]:
 
 
 def script_merged(cli: Cli, *argv: str) -> tuple[int, str]:
-    """The console script with stdout and stderr in one stream, as a terminal or a log shows them."""
-    done = subprocess.run([console_script(), *argv], env=cli.process_env(), stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+    """The console script with stdout and stderr in one stream, as a log shows them; stdout is
+    block-buffered as in any pipe (an empty PYTHONUNBUFFERED turns off the machine's setting)."""
+    done = subprocess.run([console_script(), *argv], env=cli.process_env({"PYTHONUNBUFFERED": ""}),
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=60)
     return done.returncode, done.stdout
 
 
@@ -114,8 +116,8 @@ def test_a_402_names_the_cached_key_its_balance_and_the_funded_one(cli: Cli, gat
     error = as_json.error()
     assert (as_json.code, error["code"], error["status"], error["next"]) == (
         1, "insufficient_balance", 402, "tokenroute topup --amount 5")
-    assert error["key"] == {"id": laptop["id"], "name": "laptop", "key_prefix": laptop["key_prefix"],
-                            "balance_usd": "0.00", "source": str(cli.last_key)}
+    assert error["api_key"] == {"id": laptop["id"], "name": "laptop", "key_prefix": laptop["key_prefix"],
+                                "balance_usd": "0.00", "source": str(cli.last_key)}
     assert laptop["raw"] not in result.err + as_json.err
 
 
@@ -133,6 +135,66 @@ def test_a_402_without_a_login_names_the_key_by_prefix_and_keeps_the_gateways_wo
         "per key: top up, or use a funded key with --key or TOKENROUTE_API_KEY; run `tokenroute topup --amount 5`\n"
     )
     assert sent(gateway, "GET", "/api/v1/me/keys") == []  # not logged in: nothing asked of the account
+
+
+def test_a_402_names_the_flag_when_the_key_given_is_also_the_cached_one(cli: Cli, gateway: FakeGateway) -> None:
+    cli.login()
+    cli.script("keys", "create", "laptop")
+    cached = key_named(gateway, "laptop")["raw"]
+
+    result = cli.script("test", "--key", cached, "--json")
+
+    assert result.code == 1 and result.error()["api_key"]["source"] == "--key"
+    assert " from --key has $0.00" in result.error()["message"]
+
+
+EXPIRED_402 = ("error: Insufficient balance: the API key {prefix}... from TOKENROUTE_API_KEY; credit is per key: top "
+               "up, or use a funded key with --key or TOKENROUTE_API_KEY; run `tokenroute topup --amount 5`\n")
+
+
+def test_a_402_with_an_expired_login_neither_refreshes_nor_lists_the_keys(cli: Cli, gateway: FakeGateway) -> None:
+    empty = gateway.add_key(name="empty", balance_usd="0.00")["raw"]
+    cli.login(expires_in=1)
+    stored = cli.credentials.read_bytes()
+
+    result = cli.script("test", env={"TOKENROUTE_API_KEY": empty})
+
+    assert result.code == 1 and result.err == EXPIRED_402.format(prefix=empty[:10])
+    assert sent(gateway, "POST", "/oidc/token") == [] and sent(gateway, "GET", "/api/v1/me/keys") == []
+    assert cli.credentials.read_bytes() == stored
+
+
+def test_a_402_never_takes_over_an_earlier_releases_login(cli: Cli, gateway: FakeGateway) -> None:
+    empty = gateway.add_key(name="empty", balance_usd="0.00")["raw"]
+    tokens = gateway.issue_tokens()
+    entry = {"access_token": tokens["access_token"], "refresh_token": tokens["refresh_token"],
+             "expires_at": int(cli.clock.now() + 3600), "issuer": gateway.url + "/oidc", "client_id": "tokenroute-cli",
+             "resource": gateway.resource, "api_url": gateway.url, "token_endpoint": gateway.url + "/oidc/token"}
+    auth = cli.home / ".paradigx" / "auth.json"
+    auth.parent.mkdir()
+    auth.write_text(json.dumps({"version": 1, "tokens": {gateway.url: entry}}, indent=2))
+    auth.chmod(0o600)
+    before = auth.read_bytes()
+
+    result = cli.script("test", env={"TOKENROUTE_API_KEY": empty})
+
+    assert result.code == 1 and result.err == EXPIRED_402.format(prefix=empty[:10])
+    assert auth.read_bytes() == before and not cli.credentials.exists()
+    assert sent(gateway, "GET", "/api/v1/me/keys") == []
+
+
+def test_a_402_asks_the_account_once_and_briefly(cli: Cli, gateway: FakeGateway) -> None:
+    empty = gateway.add_key(name="empty", balance_usd="0.00")["raw"]
+    cli.login()
+    gateway.fail("/api/v1/me/keys", status=503, method="GET")  # a retry would get the list
+
+    unavailable = cli.script("test", env={"TOKENROUTE_API_KEY": empty})
+    gateway.slow("/api/v1/me/keys", 20, method="GET")  # well within TOKENROUTE_TIMEOUT, beyond a glance
+    slow = cli.script("test", env={"TOKENROUTE_API_KEY": empty})
+
+    assert unavailable.code == slow.code == 1
+    assert unavailable.err == slow.err == EXPIRED_402.format(prefix=empty[:10])
+    assert len(sent(gateway, "GET", "/api/v1/me/keys")) == 2
 
 
 def test_keys_list_marks_the_key_env_run_test_and_models_use(cli: Cli, gateway: FakeGateway) -> None:
@@ -155,6 +217,18 @@ def test_keys_list_marks_the_key_env_run_test_and_models_use(cli: Cli, gateway: 
     assert {key["id"]: key["in_use"] for key in from_env} == {seed["id"]: True, laptop["id"]: False}
     gateway_fields = {k: v for k, v in seed.items() if k != "raw"}
     assert next(key for key in listed if key["id"] == seed["id"]) == {**gateway_fields, "in_use": False}
+
+
+def test_keys_list_marks_the_active_key_when_a_revoked_one_shares_its_prefix(cli: Cli, gateway: FakeGateway) -> None:
+    cli.login()
+    cli.script("keys", "create", "laptop")
+    laptop = key_named(gateway, "laptop")
+    old = gateway.add_key(name="old")
+    gateway.keys[old["id"]].update(key_prefix=laptop["key_prefix"], status="revoked")
+
+    listed = cli.script("keys", "list", "--json").json()
+
+    assert {key["id"]: key["in_use"] for key in listed} == {laptop["id"]: True, old["id"]: False}
 
 
 def test_keys_list_says_when_the_key_in_use_is_none_of_the_accounts(cli: Cli, gateway: FakeGateway) -> None:
@@ -185,6 +259,45 @@ def test_revoking_a_key_with_credit_without_a_terminal_goes_ahead_and_says_what_
         f"Removed it from the key cache ({cli.last_key}).\n"
     )
     assert gateway.keys[laptop["id"]]["status"] == "revoked"
+
+
+def test_revoking_without_a_terminal_asks_nothing_of_the_key_list(cli: Cli, gateway: FakeGateway) -> None:
+    leaked = gateway.add_key(name="leaked", balance_usd="2.50")
+    cli.login()
+    gateway.fail("/api/v1/me/keys", status=500, method="GET", count=10)
+
+    result = cli.script("keys", "revoke", leaked["id"])
+
+    assert (result.code, result.out) == (0, f"OK revoked {leaked['id']} (leaked)\n")
+    assert result.err == f"warning: the $2.50 of credit on {leaked['id']} is lost with it\n"
+    assert gateway.keys[leaked["id"]]["status"] == "revoked"
+    assert sent(gateway, "GET", "/api/v1/me/keys") == []
+
+
+def test_revoking_at_a_terminal_when_the_key_list_fails_asks_without_the_amount(cli: Cli, gateway: FakeGateway) -> None:
+    leaked = gateway.add_key(name="leaked", balance_usd="2.50")
+    cli.login()
+    gateway.fail("/api/v1/me/keys", status=500, method="GET", count=10)
+
+    result = cli.run("keys", "revoke", leaked["id"], tty=True, stdin=b"y\n", env={"NO_COLOR": "1"})
+
+    assert (result.code, result.out) == (0, f"OK revoked {leaked['id']} (leaked)\n")
+    assert result.err == (
+        f"{leaked['id']}: its credit could not be checked (the gateway failed: boom); any credit on it is lost with "
+        "the key. Revoke it? [y/N] "
+        f"warning: the $2.50 of credit on {leaked['id']} is lost with it\n"
+    )
+    assert gateway.keys[leaked["id"]]["status"] == "revoked"
+
+
+def test_revoking_a_key_already_revoked_at_a_terminal_asks_nothing(cli: Cli, gateway: FakeGateway) -> None:
+    old = gateway.add_key(name="old", balance_usd="5.00")
+    gateway.keys[old["id"]]["status"] = "revoked"  # its credit was lost the first time
+    cli.login()
+
+    result = cli.run("keys", "revoke", old["id"], tty=True, stdin=b"", env={"NO_COLOR": "1"})
+
+    assert (result.code, result.out, result.err) == (0, f"OK revoked {old['id']} (old)\n", "")
 
 
 def test_revoking_a_key_without_credit_says_nothing_about_credit(cli: Cli, gateway: FakeGateway) -> None:
@@ -240,19 +353,17 @@ def test_a_terminal_that_answers_nothing_keeps_the_key(cli: Cli, gateway: FakeGa
     assert gateway.keys[seed["id"]]["status"] == "active"
 
 
-def test_topup_says_credit_is_per_key_and_names_the_key_where_the_gateway_does(cli: Cli, gateway: FakeGateway) -> None:
+def test_topup_says_credit_is_per_key_and_where_to_see_which(cli: Cli, gateway: FakeGateway) -> None:
     cli.login()
-
-    plain = cli.script("topup", "5")
     session = {"checkout_url": "https://checkout.stripe.com/c/pay/cs_1", "session_id": "cs_1", "amount_usd": "5",
-               "expires_at": 1796047329, "key_id": "key_1", "key_name": "laptop", "key_prefix": "sk-tr-abcd"}
+               "expires_at": 1796047329, "key_name": "guessed"}  # no field the API defines names a key
     gateway.fail("/api/v1/topup", status=200, body=session, count=2)
-    named = cli.script("topup", "5")
+
+    result = cli.script("topup", "5")
     as_json = cli.script("topup", "5", "--json")
 
-    assert plain.code == 0
-    assert plain.err.endswith("\nCredit is per key: once paid, `tokenroute keys list` shows which key holds it.\n")
-    assert named.err.endswith("\nCredit is per key: this goes to the key laptop (key_1, sk-tr-abcd).\n")
+    assert result.code == 0
+    assert result.err.endswith("\nCredit is per key: once paid, `tokenroute keys list` shows which key holds it.\n")
     assert as_json.json() == session  # the gateway's fields, as they are
 
 
@@ -286,7 +397,7 @@ def test_an_api_key_call_to_a_v1_url_says_no_gateway_too(cli: Cli, gateway: Fake
 
 def test_a_plain_web_server_is_no_gateway_in_login_and_doctor(cli: Cli, web_server: str) -> None:
     login = cli.script("--api-url", web_server, "login")
-    doctor = cli.script("--api-url", web_server, "doctor")
+    doctor = cli.script("--api-url", web_server, "doctor", env={"TOKENROUTE_API_KEY": "sk-tr-neversent"})
     report = cli.script("--api-url", web_server, "doctor", "--json").json()
 
     assert login.code == 1
@@ -298,6 +409,46 @@ def test_a_plain_web_server_is_no_gateway_in_login_and_doctor(cli: Cli, web_serv
     assert "fix: set --api-url or TOKENROUTE_API_URL to your tokenroute gateway's URL\n" in doctor.out
     gateway_check = next(check for check in report["checks"] if check["name"] == "gateway")
     assert gateway_check["fix"] == "set --api-url or TOKENROUTE_API_URL to your tokenroute gateway's URL"
+    assert [check["name"] for check in report["checks"]][:4] == ["python", "api url", "gateway", "files"]
+    assert "login" not in doctor.out and "api key" not in doctor.out  # nothing to log in to, no key sent there
+
+
+def test_a_garbled_discovery_answer_is_the_gateways_failure(cli: Cli, gateway: FakeGateway) -> None:
+    gateway.fail("/api/v1/auth/discovery", status=200, body=b"{not json")
+
+    result = cli.script("login", "--json")
+
+    assert result.code == 3
+    assert result.error()["code"] == "server" and "unusable answer" in result.error()["message"]
+
+
+@pytest.mark.parametrize("body", [
+    {"detail": "Model 'nope/none' not found"}, {"error": "no such model"}, {"detail": "Not Found", "model": "x"},
+])
+def test_a_v1_404_in_the_gateways_own_words_is_its_answer(cli: Cli, gateway: FakeGateway, api_key: str,
+                                                           body: dict[str, str]) -> None:
+    gateway.fail("/v1/chat/completions", status=404, body=body)
+
+    result = cli.script("test", "--key", api_key, "--json")
+
+    assert result.code == 1
+    assert (result.error()["code"], result.error()["next"]) == ("not_found", "tokenroute models")
+
+
+def test_test_at_a_v1_url_says_no_gateway_not_unknown_model(cli: Cli, gateway: FakeGateway, api_key: str) -> None:
+    result = cli.script("test", "--key", api_key, env={"TOKENROUTE_API_URL": gateway.url + "/v1"})
+
+    assert result.code == 1 and result.err.startswith(f"error: no tokenroute gateway at {gateway.url}/v1 ")
+    assert "tokenroute models" not in result.err
+
+
+def test_doctors_fixes_carry_the_api_url_flag(cli: Cli, staging: FakeGateway) -> None:
+    result = cli.script("--api-url", staging.url, "doctor", "--json")  # TOKENROUTE_API_URL names another gateway
+
+    fixes = {check["name"]: check["fix"] for check in result.json()["checks"]}
+    assert fixes["login"] == f"tokenroute --api-url {staging.url} login"
+    assert fixes["api key"] == f"tokenroute --api-url {staging.url} keys create --name NAME"
+    assert cli.script("doctor", "--json").json()["checks"][3]["fix"] == "tokenroute login"
 
 
 def test_a_web_page_answering_everything_is_no_gateway_either(cli: Cli, gateway: FakeGateway) -> None:
@@ -326,6 +477,8 @@ def test_doctors_fix_for_a_v1_url_names_the_base_url_where_it_came_from(cli: Cli
     ("[::1]:8787", "http://[::1]:8787"),
     ("api.example.com", "https://api.example.com"),
     ("gateway.example.com:8443", "https://gateway.example.com:8443"),
+    ("localhost:8787/v1", "http://localhost:8787"),
+    ("api.example.com/v1/", "https://api.example.com"),
 ])
 def test_a_url_without_a_scheme_suggests_one(cli: Cli, gateway: FakeGateway, typed: str, meant: str) -> None:
     result = cli.script("--api-url", typed, "login")
@@ -333,6 +486,14 @@ def test_a_url_without_a_scheme_suggests_one(cli: Cli, gateway: FakeGateway, typ
     assert (result.code, result.out) == (1, "")
     assert result.err == f"error: --api-url is not a valid http(s) gateway URL: {typed!r}; did you mean {meant}?\n"
     assert gateway.requests == []
+
+
+@pytest.mark.parametrize("typed", ["http:/localhost:8787", "https:/api.example.com", "localhost:", "http//localhost"])
+def test_a_mistyped_scheme_gets_no_guess(cli: Cli, gateway: FakeGateway, typed: str) -> None:
+    result = cli.script("--api-url", typed, "login")
+
+    assert (result.code, result.out) == (1, "")
+    assert result.err == f"error: --api-url is not a valid http(s) gateway URL: {typed!r}\n"
 
 
 # ------------------------------------------------- §6 the habits people bring
@@ -375,9 +536,13 @@ def test_a_word_and_its_flag_together_or_a_bad_word_is_a_usage_error(cli: Cli, g
 
 def test_version_prints_the_version_and_dash_v_points_to_it(cli: Cli) -> None:
     version = cli.script("version")
+    as_json = cli.script("version", "--json")
+    flag = cli.script("--version", env={"TOKENROUTE_JSON": "1"})
     short = cli.script("-v")
 
     assert (version.code, version.out, version.err) == (0, f"tokenroute {tokenroute.__version__}\n", "")
+    assert (as_json.code, as_json.json(), as_json.err) == (0, {"version": tokenroute.__version__}, "")
+    assert flag.out == f"tokenroute {tokenroute.__version__}\n"  # the flag prints text, as argparse's does
     assert (short.code, short.out) == (1, "")
     assert short.err.startswith("error: unrecognized argument: -v; for the version, use --version\n")
 
@@ -390,6 +555,24 @@ def test_keys_alone_shows_its_help_and_exits_0(cli: Cli, gateway: FakeGateway) -
     assert all(f"    {name} " in result.out for name in ("create", "list", "revoke"))
     assert cli.script("keys", "--json").error()["code"] == "usage"  # JSON wanted: an error, not help text
     assert gateway.requests == []
+
+
+@pytest.mark.parametrize("argv", [["test", "{key}"], ["test", "--model", "{key}"], ["test", "--json", "{key}"]])
+def test_a_key_given_as_the_model_is_refused_unechoed(cli: Cli, gateway: FakeGateway, api_key: str,
+                                                      argv: list[str]) -> None:
+    result = cli.script(*[word.format(key=api_key) for word in argv])
+
+    assert (result.code, result.out) == (1, "")
+    assert "the model is an API key: pass the key with --key" in result.err
+    assert api_key[:10] not in result.err and gateway.requests == []
+
+
+def test_an_unknown_option_is_named_before_a_missing_word(cli: Cli) -> None:
+    result = cli.script("keys", "create", "-x")
+    missing = cli.script("keys", "create")
+
+    assert result.code == 1 and result.err.startswith("error: unrecognized argument: -x\n")
+    assert missing.code == 1 and missing.err.startswith("error: keys create needs NAME (or --name NAME)\n")
 
 
 def test_key_and_model_not_found_say_what_to_run_next(cli: Cli, gateway: FakeGateway, api_key: str) -> None:
@@ -526,6 +709,7 @@ def test_a_5000_digit_amount_is_shown_as_sent(cli: Cli, gateway: FakeGateway) ->
 
 @pytest.mark.parametrize(("value", "shown"), [
     ("0.0042", "$0.0042"), ("-0.004", "-$0.004"), ("0.01", "$0.01"), ("1.004", "$1.00"), ("1" * 41, "1" * 41),
+    ("1." + "0" * 60, "$1.00"), ("0" * 40 + "2.50", "$2.50"), ("0." + "0" * 38 + "42", "$0." + "0" * 38 + "42"),
 ])
 def test_amounts_below_a_cent_keep_their_places(value: str, shown: str) -> None:
     assert tokenroute.usd(value) == shown
