@@ -23,7 +23,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     import argparse
     from collections.abc import Callable, Iterator, Mapping, Sequence
-    from typing import Any, BinaryIO, TextIO
+    from typing import Any, BinaryIO, TextIO, TypeVar
+
+    AnswerT = TypeVar("AnswerT", "Response", "StreamedAnswer")
 
 __version__ = "1.1.0"
 
@@ -1303,6 +1305,9 @@ class Response:
         except (ValueError, UnicodeDecodeError, RecursionError):
             return None
 
+    def close(self) -> None:
+        """Nothing to release: the body is read (as with_login closes any answer it drops)."""
+
 
 RETRY_STATUSES = (429, 502, 503, 504)
 
@@ -1348,10 +1353,10 @@ def send(
 
     def attempt() -> Response:
         return within_deadline(
-            lambda: exchange(
+            lambda: open_answer(
                 opener, method, url, data, headers,
                 timeout=max(0.01, deadline - ctx.now()), host=host, proxied=bool(proxy_settings(ctx.env)),
-            ),
+            ).whole(),
             seconds=deadline - ctx.now(),
             host=host,
         )
@@ -1631,7 +1636,7 @@ def within_deadline(work: Callable[[], Any], *, seconds: float, host: str) -> An
     return result
 
 
-def exchange(
+def open_answer(
     opener: Opener,
     method: str,
     url: str,
@@ -1641,23 +1646,15 @@ def exchange(
     timeout: float,
     host: str,
     proxied: bool,
-) -> Response:
+) -> StreamedAnswer:
+    """The request sent and the answer's headers read; its body left to read."""
     import http.client
 
     try:
-        with opener.open(method, url, data, headers, timeout) as handle:
-            return read_answer(handle, host)
+        handle = opener.open(method, url, data, headers, timeout)
     except (http.client.HTTPException, OSError, ValueError) as exc:
         raise exchange_failure(exc, host=host, proxied=proxied) from None
-
-
-def read_answer(handle: Any, host: str) -> Response:
-    """The whole answer; one shorter than its Content-Length is a network error."""
-    body = read_capped(handle)
-    length = handle.headers.get("Content-Length")
-    if length and length.isascii() and length.isdigit() and int(length) != len(body):
-        raise network_error(f"the connection to {host} closed mid-answer")
-    return Response(handle.status, handle.headers, body)
+    return StreamedAnswer(handle, host=host, proxied=proxied)
 
 
 def exchange_failure(exc: Exception, *, host: str, proxied: bool) -> CliError:
@@ -1670,11 +1667,17 @@ def exchange_failure(exc: Exception, *, host: str, proxied: bool) -> CliError:
         return network_error(f"timed out waiting for {host} (TOKENROUTE_TIMEOUT to wait longer)")
     if isinstance(exc, ssl.SSLError):
         return connection_error(host, exc)
+    if isinstance(exc, http.client.IncompleteRead):  # a chunked answer cut off
+        return closed_mid_answer(host)
     if isinstance(exc, (http.client.HTTPException, OSError)):
         return network_error(f"connection to {host} failed: {describe(exc)}")
     if proxied:  # a malformed *_proxy URL, which may hold a password: never shown
         return CliError("a proxy variable (HTTPS_PROXY, HTTP_PROXY, ...) holds a malformed URL", code="config")
     return CliError(f"{sanitize(host)} is not a valid host name")
+
+
+def closed_mid_answer(host: str) -> CliError:
+    return network_error(f"the connection to {host} closed mid-answer")
 
 
 def send_streamed(
@@ -1684,46 +1687,53 @@ def send_streamed(
     scheme, host = check_url(url)
     timeout = call_timeout(ctx)
     opener = build_opener(ctx, scheme, host)
-    answer = StreamedAnswer(host, deadline=ctx.now() + timeout, proxied=bool(proxy_settings(ctx.env)))
-    # The deadline bounds the wait for the headers; the socket timeout, each wait for more of a stream.
-    answer.handle = within_deadline(
-        lambda: answer.guarded(opener.open, method, url, data, headers, timeout), seconds=timeout, host=host
+    proxied = bool(proxy_settings(ctx.env))
+    # The deadline bounds the wait for the headers; the socket timeout, each wait for more of the body.
+    return within_deadline(
+        lambda: open_answer(opener, method, url, data, headers, timeout=timeout, host=host, proxied=proxied),
+        seconds=timeout,
+        host=host,
     )
-    answer.status, answer.headers = answer.handle.status, answer.handle.headers
-    return answer
 
 
 class StreamedAnswer:
-    """An answer whose headers are read: `whole()` reads its body within the exchange's
-    deadline, `chunks()` yields it as it arrives."""
+    """An answer whose headers are read: `chunks()` yields its body as it arrives, `whole()` reads
+    it all. The one reader of answers: every exchange reads its body here."""
 
-    def __init__(self, host: str, *, deadline: float, proxied: bool) -> None:
-        self.host, self.deadline, self.proxied = host, deadline, proxied
-        self.handle: Any = None  # an http.client.HTTPResponse
-        self.status = 0
-        self.headers: Mapping[str, str] = {}
-
-    def guarded(self, work: Callable[..., Any], *args: Any) -> Any:
-        import http.client
-
-        try:
-            return work(*args)
-        except (http.client.HTTPException, OSError, ValueError) as exc:
-            raise exchange_failure(exc, host=self.host, proxied=self.proxied) from None
-
-    def whole(self, ctx: Context) -> Response:
-        return within_deadline(
-            lambda: self.guarded(read_answer, self.handle, self.host), seconds=self.deadline - ctx.now(), host=self.host
-        )
+    def __init__(self, handle: Any, *, host: str, proxied: bool) -> None:
+        self.handle = handle  # an http.client.HTTPResponse
+        self.host, self.proxied = host, proxied
+        self.status: int = handle.status
+        self.headers: Mapping[str, str] = handle.headers
 
     def chunks(self) -> Iterator[bytes]:
+        """The body as it arrives; one cut short (a chunk, or bytes its Content-Length promised,
+        never came) is a network error after what did come."""
+        import http.client
+
         while True:
-            chunk = self.guarded(self.handle.read1, 65536)
+            try:
+                chunk = self.handle.read1(65536)
+            except (http.client.HTTPException, OSError, ValueError) as exc:
+                raise exchange_failure(exc, host=self.host, proxied=self.proxied) from None
             if not chunk:
                 break
             yield chunk
-        if self.handle.length:  # bytes of its Content-Length never came
-            raise network_error(f"the connection to {self.host} closed mid-answer")
+        if self.handle.length:  # bytes still owed: 0 for HEAD, 1xx, 204 and 304, None without a length
+            raise closed_mid_answer(self.host)
+
+    def whole(self) -> Response:
+        """The answer with its whole body (at most MAX_RESPONSE_BYTES), the connection closed."""
+        with self.handle:
+            body = bytearray()
+            for chunk in self.chunks():
+                body += chunk
+                if len(body) > MAX_RESPONSE_BYTES:
+                    raise server_error(f"the answer was larger than {MAX_RESPONSE_BYTES // 1024 // 1024} MiB")
+            return Response(self.status, self.headers, bytes(body))
+
+    def close(self) -> None:
+        self.handle.close()
 
 
 def connection_error(host: str, reason: object) -> CliError:
@@ -1771,19 +1781,6 @@ def certificate_error(host: str, reason: Any) -> CliError:
 def describe(reason: object) -> str:
     text = getattr(reason, "strerror", None) or str(reason) or reason.__class__.__name__
     return sanitize(str(text))[:200]
-
-
-def read_capped(handle: Any) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = handle.read(65536)
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > MAX_RESPONSE_BYTES:
-            raise server_error(f"the answer was larger than {MAX_RESPONSE_BYTES // 1024 // 1024} MiB")
-        chunks.append(chunk)
 
 
 def error_from_response(response: Response, *, account: bool, secret: str | None = None) -> CliError:
@@ -1943,23 +1940,32 @@ def call_account(
     kind: type = dict,
     idempotency_key: str | None = None,
 ) -> Any:
-    """An /api/v1 account call with the login's access token, refreshed as needed.
-
-    A 401 refreshes once and retries once: the gateway did not act on it.
-    """
+    """An /api/v1 account call with the login's access token, refreshed as needed."""
     creds = require_credentials(ctx, api_url)
-    token = fresh_access_token(ctx, creds)
-    for rejected in (False, True):
-        if rejected:
-            token = fresh_access_token(ctx, creds, rejected=token)
-        response = send(
+    response, token = with_login(
+        ctx,
+        creds,
+        lambda token: send(
             ctx, method, api_url + path, token=token, json_body=json_body, idempotency_key=idempotency_key
-        )
-        if response.status != 401:
-            break
+        ),
+    )
     if response.status >= 300:
         raise error_from_response(response, account=True, secret=token)
     return expect_json(response, kind)
+
+
+def with_login(ctx: Context, creds: dict[str, Any], call: Callable[[str], AnswerT]) -> tuple[AnswerT, str]:
+    """`call(token)` with the login's access token, refreshed as needed, and the token it went with.
+
+    A 401 refreshes once and calls once more: the gateway did not act on it.
+    """
+    token = fresh_access_token(ctx, creds)
+    answer = call(token)
+    if answer.status == 401:
+        answer.close()
+        token = fresh_access_token(ctx, creds, rejected=token)
+        answer = call(token)
+    return answer, token
 
 
 # ---------------------------------------------- device flow and refresh ---
@@ -3811,6 +3817,8 @@ def fish_completion(tree: dict[str, Any]) -> str:
 API_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 OWN_HEADERS = ("authorization", "proxy-authorization", "host", "content-length", "transfer-encoding", "connection")
 SECRET_HEADERS = ("authorization", "proxy-authorization", "cookie", "set-cookie")
+HEADER_NAME_SIGNS = "!#$%&'*+-.^_`|~"  # with letters and digits, RFC 9110's token characters
+HEADER_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789" + HEADER_NAME_SIGNS)
 
 
 def gateway_path(api_url: str, target: str) -> str:
@@ -3875,26 +3883,32 @@ def api_fields(raw: Sequence[str], typed: Sequence[str]) -> list[tuple[str, str,
     return fields
 
 
-def api_request(ctx: Context, args: argparse.Namespace, api_url: str) -> tuple[str, str, bytes | None, dict[str, str]]:
-    """Method, path, body and headers as gh api makes them: with a body and no -X, POST; fields
-    in a JSON object, or in the query string with GET, HEAD or --input."""
+class ApiRequest:
+    """What `api` sends: a body from --input is read only when the credential is known to be there."""
+
+    def __init__(
+        self, method: str, path: str, headers: dict[str, str], *, body: bytes | None, input: str | None
+    ) -> None:
+        self.method, self.path, self.headers = method, path, headers
+        self.body, self.input = body, input  # the fields' JSON; or the file (- for stdin) to send instead
+        self.credential = path_credential(path)
+
+
+def api_request(args: argparse.Namespace, api_url: str) -> ApiRequest:
+    """The request as gh api makes it: with a body and no -X, POST; fields in a JSON object, or in
+    the query string with GET, HEAD or --input."""
     import json
 
     path = gateway_path(api_url, args.path)
     fields = api_fields(args.raw_field or (), args.field or ())
     headers = {"User-Agent": f"tokenroute/{__version__}", "Accept": "*/*"}
     for line in args.header or ():
-        name, colon, value = (part.strip() for part in line.partition(":"))
-        if not (colon and name.isascii() and name.replace("-", "").isalnum() and value.isascii()
-                and value.isprintable()):
-            raise CliError(f"-H {sanitize(line)!r}: give 'Name: value' in printable ASCII", code="usage")
-        if name.lower() in OWN_HEADERS:
-            raise CliError(f"-H {name}: tokenroute sets it itself (the credential follows the path)", code="usage")
+        name, value = request_header(line)
         headers = {other: v for other, v in headers.items() if other.lower() != name.lower()}  # -H replaces a default
         headers[name] = value
-    body = read_body(ctx, args.input) if args.input is not None else None
-    method = args.method or ("POST" if fields or body is not None else "GET")
-    if fields and (body is not None or method in ("GET", "HEAD")):
+    method = args.method or ("POST" if fields or args.input is not None else "GET")
+    body = None
+    if fields and (args.input is not None or method in ("GET", "HEAD")):
         from urllib.parse import urlencode
 
         path += ("&" if "?" in path else "?") + urlencode([(name, text) for name, text, _ in fields])
@@ -3903,96 +3917,127 @@ def api_request(ctx: Context, args: argparse.Namespace, api_url: str) -> tuple[s
             body = json.dumps({name: value for name, _, value in fields}, allow_nan=False).encode()
         except ValueError:
             raise CliError("a -F number is too large for JSON", code="usage") from None
-    if body is not None and not any(name.lower() == "content-type" for name in headers):
+    if (body is not None or args.input is not None) and not any(name.lower() == "content-type" for name in headers):
         headers["Content-Type"] = "application/json"
-    return method, path, body, headers
+    return ApiRequest(method, path, headers, body=body, input=args.input)
+
+
+def request_header(line: str) -> tuple[str, str]:
+    """-H 'Name: value' as a name and a value, or what is wrong with it."""
+    name, colon, value = (part.strip() for part in line.partition(":"))
+    problem = None
+    if not colon or not name:
+        problem = "give 'Name: value'"
+    elif not set(name) <= HEADER_NAME_CHARS:
+        problem = f"{name!r} is not a header name: use letters, digits and {HEADER_NAME_SIGNS}"
+    elif not (value.isascii() and value.isprintable()):
+        problem = "the value must be printable ASCII, without control characters"
+    elif name.lower() in OWN_HEADERS:
+        problem = "tokenroute sets it itself (the credential follows the path)"
+    if problem:
+        raise CliError(f"-H {line!r}: {problem}", code="usage")  # repr shows control characters
+    return name, value
 
 
 def read_body(ctx: Context, source: str) -> bytes:
     """--input: a file's bytes, or stdin's for `-`."""
-    if source == "-":
-        if ctx.stdin is None:
-            raise CliError("--input -: there is no standard input to read")
-        return ctx.stdin.read()
+    if source != "-":
+        try:
+            with open(source, "rb") as handle:
+                return handle.read()
+        except OSError as exc:
+            raise CliError(f"cannot read {source}: {exc.strerror or exc.__class__.__name__}") from None
+    if ctx.stdin is None:
+        raise CliError("--input -: there is no standard input to read")
+    if ctx.stdin_tty:
+        note(ctx, f"reading the body from stdin (end with {'Ctrl-Z, Enter' if os.name == 'nt' else 'Ctrl-D'})")
     try:
-        with open(source, "rb") as handle:
-            return handle.read()
+        return ctx.stdin.read()
     except OSError as exc:
-        raise CliError(f"cannot read {source}: {exc.strerror or exc.__class__.__name__}") from None
+        raise CliError(f"--input -: cannot read the standard input: {describe(exc)}") from None
 
 
 def call_gateway(
-    ctx: Context, api_url: str, request: tuple[str, str, bytes | None, dict[str, str]], *, key: str | None
+    ctx: Context, api_url: str, request: ApiRequest, *, key: str | None
 ) -> tuple[StreamedAnswer, str | None]:
     """The answer to `request` sent with the credential its path takes, and that credential.
-    A 401 on an account path refreshes the login once and sends it again, as call_account does."""
-    method, path, body, headers = request
-    credential = path_credential(path)
-    if key is not None and credential != "key":
+    A missing credential is reported before a body is read (from stdin, maybe a person)."""
+    if key is not None and request.credential != "key":
         raise CliError("--key is for /v1/... paths: an API key authorizes only those", code="usage")
+    creds = require_credentials(ctx, api_url) if request.credential == "login" else None
+    secret = resolve_api_key(ctx, key, api_url)[0] if request.credential == "key" else None
+    body = read_body(ctx, request.input) if request.input is not None else request.body
 
-    def send(secret: str | None) -> StreamedAnswer:
-        signed = headers if secret is None else {**headers, "Authorization": f"Bearer {secret}"}
-        return send_streamed(ctx, method, api_url + path, data=body, headers=signed)
+    def send(token: str | None) -> StreamedAnswer:
+        signed = request.headers if token is None else {**request.headers, "Authorization": f"Bearer {token}"}
+        return send_streamed(ctx, request.method, api_url + request.path, data=body, headers=signed)
 
-    if credential != "login":
-        secret = resolve_api_key(ctx, key, api_url)[0] if credential == "key" else None
+    if creds is None:
         return send(secret), secret
-    creds = require_credentials(ctx, api_url)
-    token = fresh_access_token(ctx, creds)
-    answer = send(token)
-    if answer.status == 401:
-        answer.handle.close()  # the gateway did not act on it
-        token = fresh_access_token(ctx, creds, rejected=token)
-        answer = send(token)
-    return answer, token
+    return with_login(ctx, creds, send)
 
 
 def cmd_api(args: argparse.Namespace, ctx: Context) -> int:
-    """The answer as it arrives, and for a status of 300 or more the usual error after it."""
+    """The answer as it arrives, and for a failure status the usual error after it."""
     api_url, _ = api_url_setting(ctx, args.api_url)
-    request = api_request(ctx, args, api_url)
+    request = api_request(args, api_url)
     answer, secret = call_gateway(ctx, api_url, request, key=args.key)
     write = answer_writer(ctx)
     with answer.handle:
         if args.include:
             write(answer_head(answer, secret).encode())
-        content_type = (answer.headers.get("Content-Type") or "").partition(";")[0].strip().lower()
-        is_json = content_type.endswith(("/json", "+json"))
-        unbounded = not (is_json or answer.headers.get("Content-Length"))
-        if answer.status < 300 and (content_type == "text/event-stream" or unbounded):
-            for chunk in answer.chunks():
-                write(chunk)
-            write(b"")
-            return EXIT_OK
-        response = answer.whole(ctx)
-    data = response.json() if is_json and ctx.stdout_tty else None
-    try:
-        pretty = json_text(data) if data is not None else None
-    except (ValueError, RecursionError):  # NaN or absurd nesting: shown as it came
-        pretty = None
-    if pretty is not None:
-        ctx.stdout.write(pretty)
-    else:
-        write(response.body)
-        write(b"\n" if ctx.stdout_tty and response.body[-1:] not in (b"", b"\n") else b"")
-    if response.status < 300:
+        body = print_answer(ctx, answer, write)
+    if answer.status < 300 or answer.status == 304:  # 304: the copy the request named is current, no redirect
         return EXIT_OK
-    error = error_from_response(response, account=path_credential(request[1]) == "login", secret=secret)
-    if response.status == 401 and secret is None:
+    error = error_from_response(
+        Response(answer.status, answer.headers, body), account=request.credential == "login", secret=secret
+    )
+    if answer.status == 401 and secret is None:
         error.message += "; tokenroute api sends a credential only to /api/... (the login) and /v1/... (the API key)"
     raise error
 
 
+def print_answer(ctx: Context, answer: StreamedAnswer, write: Callable[[bytes], None]) -> bytes:
+    """Writes the body as it arrives, except JSON at a terminal, indented once whole (as it came
+    when it is not JSON or too large to hold). The start of the body, for a failure's message."""
+    media_type = (answer.headers.get("Content-Type") or "").partition(";")[0].strip().lower()
+    held = ctx.stdout_tty and media_type.endswith(("/json", "+json"))
+    kept = bytearray()
+    cut_short = None
+    try:
+        for chunk in answer.chunks():
+            if len(kept) <= MAX_RESPONSE_BYTES:
+                kept += chunk
+            elif held:  # too large to hold: as it came, from its start
+                write(bytes(kept))
+                held = False
+            if not held:
+                write(chunk)
+    except CliError as error:  # cut short: what came is shown before the error
+        cut_short = error
+    pretty = terminal_json(bytes(kept)) if held and cut_short is None else None
+    if pretty is not None:
+        ctx.stdout.write(pretty)
+    else:
+        if held:
+            write(bytes(kept))
+        write(b"")
+    if cut_short is not None:
+        raise cut_short
+    return bytes(kept)
+
+
 def answer_writer(ctx: Context) -> Callable[[bytes], None]:
     """Writes bytes to stdout at once: as they are to a pipe or file; to a terminal as text
-    whose control characters are shown, not obeyed. b"" ends the text."""
+    whose control characters are shown, not obeyed. b"" ends the text (and a terminal's line)."""
     import codecs
 
     binary = None if ctx.stdout_tty else getattr(ctx.stdout, "buffer", None)
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    line_ended = True
 
     def write(chunk: bytes) -> None:
+        nonlocal line_ended
         if binary is not None:
             ctx.stdout.flush()
             binary.write(chunk)
@@ -4002,20 +4047,51 @@ def answer_writer(ctx: Context) -> Callable[[bytes], None]:
         if ctx.stdout_tty:  # lines and tabs kept, every other control character shown
             lines = text.replace("\r\n", "\n").split("\n")
             text = "\n".join("\t".join(map(sanitize, line.split("\t"))) for line in lines)
+            text += "\n" if not chunk and not line_ended else ""
+        line_ended = text.endswith("\n") if text else line_ended
         ctx.stdout.write(text)
         ctx.stdout.flush()
 
     return write
 
 
+def terminal_json(body: bytes) -> str | None:
+    """JSON indented for a terminal: text in any script as it reads, every character a terminal
+    could obey (C0, C1, bidi controls, ...) escaped as JSON escapes it. None when not JSON."""
+    import json
+
+    try:
+        text = json.dumps(json.loads(body.decode("utf-8")), indent=2, ensure_ascii=False, allow_nan=False)
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, NaN, absurd nesting: shown as it came
+        return None
+    lines = text.split("\n")  # json.dumps escapes the newlines of strings: these are its own
+    return "\n".join(line if line.isprintable() else "".join(map(json_escape, line)) for line in lines) + "\n"
+
+
+def json_escape(char: str) -> str:
+    """`char` as it is when printable, else as a JSON \\u escape (a surrogate pair beyond U+FFFF)."""
+    if char.isprintable():
+        return char
+    code = ord(char)
+    if code > 0xFFFF:
+        code -= 0x10000
+        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+    return f"\\u{code:04x}"
+
+
 def answer_head(answer: StreamedAnswer, secret: str | None) -> str:
     """--include: the status line and headers, those that carry credentials redacted."""
     version = "1.0" if answer.handle.version == 10 else "1.1"
-    lines = [f"HTTP/{version} {answer.status} {sanitize(answer.handle.reason or '')}".rstrip()]
+    lines = [f"HTTP/{version} {answer.status} {server_text(answer.handle.reason or '', secret)}".rstrip()]
     for name, value in answer.headers.items():
-        hidden = name.lower() in SECRET_HEADERS or (secret is not None and secret in value)
-        lines.append(f"{sanitize(name)}: {'(redacted)' if hidden else sanitize(redact(value))}")
+        shown = "(redacted)" if name.lower() in SECRET_HEADERS else server_text(value, secret)
+        lines.append(f"{server_text(name, secret)}: {shown}")
     return "\n".join(lines) + "\n\n"
+
+
+def server_text(text: str, secret: str | None) -> str:
+    """A reason phrase or header as the gateway sent it: hidden when it holds the credential."""
+    return "(redacted)" if secret is not None and secret in text else sanitize(redact(text))
 
 
 # ------------------------------------------------------------------- mcp ---
@@ -4529,7 +4605,8 @@ COMMANDS = (
     ),
     Command(
         "api", cmd_api, "call any gateway endpoint with the right credential", "tokenroute api /api/v1/me",
-        option("path", metavar="PATH", help="a path on the gateway (/api/v1/me, /v1/models) or its full URL"),
+        option("path", metavar="PATH", help="a path on the gateway, or its full URL: /api/... is sent with your "
+               "login, /v1/... with your API key (--key), any other path with no credential"),
         option("-X", "--method", type=str.upper, choices=API_METHODS, metavar="METHOD",
                help="GET, or POST when there is a body"),
         option("-f", "--raw-field", action="append", metavar="NAME=VALUE", help="a string field of the JSON body"),

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import queue
+import socket
 import subprocess
 import threading
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import pytest
 
-from conftest import Cli, Result, console_script
+from conftest import POSIX, Cli, Result, console_script
 
 import tokenroute
 
@@ -35,6 +36,55 @@ def assert_nothing_shows(result: Result, *secrets: str) -> None:
 
 def last(gateway: Any) -> Any:
     return gateway.requests[-1]
+
+
+class RawGateway:
+    """A loopback server that answers every request with the bytes it was given, then closes the
+    connection: status lines, lengths and cut-off bodies that the fake gateway does not send."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.requests: list[bytes] = []  # each request's head (the tests send no body)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:  # stopped
+                return
+            with connection:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    data = connection.recv(65536)
+                    if not data:
+                        break
+                    head += data
+                self.requests.append(head)
+                connection.sendall(self.answer)
+
+    def stop(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() of serve on Linux
+        except OSError:
+            pass
+        self.listener.close()
+
+
+@pytest.fixture
+def raw_gateway() -> Iterator[Callable[[bytes], RawGateway]]:
+    """Start RawGateways answering with the given bytes; all are stopped after the test."""
+    started: list[RawGateway] = []
+
+    def start(answer: bytes) -> RawGateway:
+        started.append(RawGateway(answer))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 # ---------------------------------------------------------------- the credential follows the path
@@ -169,6 +219,19 @@ def test_no_key_for_a_v1_path_says_how_to_get_one(cli, gateway):
     assert result.code == 1
     assert result.error()["code"] == "no_key"
     assert gateway.requests == []
+
+
+@pytest.mark.parametrize("path, plain", [("/%61pi/v1/me", "/api/v1/me"), ("/%76%31/models", "/v1/models")])
+def test_a_percent_encoded_path_gets_the_credential_of_the_path_it_names(cli, gateway, api_key, path, plain):
+    creds = cli.login()
+    cli.cache_key(api_key)
+    gateway.fail(plain, status=200, body={"ok": True})  # the fake gateway routes only the plain path itself
+
+    result = cli.script("api", path)
+
+    assert (result.code, result.err) == (0, "")
+    credential = creds["access_token"] if plain.startswith("/api/") else api_key
+    assert (last(gateway).path, last(gateway).header("Authorization")) == (path, f"Bearer {credential}")
 
 
 # ---------------------------------------------------------------- full URLs and paths
@@ -311,6 +374,43 @@ def test_stdin_is_sent_as_the_body_and_fields_go_in_the_query(cli, gateway):
     assert (request.method, request.path, request.json) == ("POST", "/api/v1/me/keys?dry=yes", {"name": "piped"})
 
 
+@pytest.mark.parametrize("path, message", [("/api/v1/me/keys", "not logged in"), ("/v1/models", "no API key")])
+def test_stdin_is_not_read_when_the_credential_is_missing(cli, gateway, path, message):
+    with subprocess.Popen([console_script(), "api", path, "--input", "-"], env=cli.process_env(),
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as child:
+        try:
+            code = child.wait(timeout=30)  # a guard against a hang, not a timing: stdin stays open and empty
+        finally:
+            child.kill()  # nothing to do once it has exited
+        out, err = child.stdout.read(), child.stderr.read()
+
+    assert (code, out) == (1, b"")
+    assert message in err.decode()
+    assert gateway.requests == []
+
+
+def test_stdin_at_a_terminal_says_that_it_is_read(cli, gateway):
+    cli.login()
+
+    result = cli.run("api", "/api/v1/me/keys", "--input", "-", tty=True, stdin=b'{"name": "typed"}')
+
+    assert result.code == 0
+    assert result.err.startswith("reading the body from stdin (end with Ctrl-")
+    assert last(gateway).json == {"name": "typed"}
+
+
+@pytest.mark.skipif(not POSIX, reason="a write-only standard input, as POSIX shells make with 0>FILE")
+def test_a_failing_stdin_is_a_read_error_not_an_output_error(cli, gateway, tmp_path):
+    cli.login()
+    with open(tmp_path / "write-only", "wb") as stdin:  # reading it fails with EBADF
+        done = subprocess.run([console_script(), "api", "/api/v1/me/keys", "--input", "-"], env=cli.process_env(),
+                              stdin=stdin, capture_output=True, timeout=60)
+
+    assert (done.returncode, done.stdout) == (1, b"")
+    assert done.stderr.decode() == "error: --input -: cannot read the standard input: Bad file descriptor\n"
+    assert gateway.requests == []
+
+
 def test_a_method_without_a_body_sends_none(cli, gateway):
     cli.login()
     key = gateway.add_key()
@@ -331,11 +431,22 @@ def test_headers_are_added_and_replace_the_defaults(cli, gateway, api_key):
     assert [value for name, value in request.headers.items() if name.lower() == "accept"] == ["application/json"]
 
 
+def test_header_names_take_every_token_character(cli, gateway, api_key):
+    result = cli.script("api", "/v1/models", "--key", api_key, "-H", "X_Api_Key: k1", "-H", "X.Trace~2!: t")
+
+    assert (result.code, result.err) == (0, "")
+    assert (last(gateway).header("X_Api_Key"), last(gateway).header("X.Trace~2!")) == ("k1", "t")
+
+
 @pytest.mark.parametrize(
     "header, message",
     [("Authorization: Bearer sk-tr-other", "tokenroute sets it itself"), ("host: evil.example", "sets it itself"),
      ("Content-Length: 5", "sets it itself"), ("Transfer-Encoding: chunked", "sets it itself"),
-     ("X-Broken", "give 'Name: value'"), ("X-Bad: a\x01b", "give 'Name: value'"), ("Bad Name: x", "give 'Name: value'")],
+     ("X-Broken", "-H 'X-Broken': give 'Name: value'"), (": x", "give 'Name: value'"),
+     ("X-Bad: a\x01b", "-H 'X-Bad: a\\x01b': the value must be printable ASCII"),
+     ("X-Bad: caf\u00e9", "the value must be printable ASCII"),
+     ("Bad Name: x", "-H 'Bad Name: x': 'Bad Name' is not a header name: use letters, digits and !#$%&'*+-.^_`|~"),
+     ("X(1): x", "'X(1)' is not a header name"), ("X\u00e9: x", "is not a header name")],
 )
 def test_headers_tokenroute_sets_or_that_are_malformed_are_refused(cli, gateway, api_key, header, message):
     result = cli.script("api", "/v1/models", "--key", api_key, "-H", header)
@@ -373,7 +484,8 @@ def test_bad_fields_bodies_and_methods_are_refused_before_anything_is_sent(cli, 
 def test_include_prints_the_status_and_headers_first_with_credentials_redacted(cli, gateway, api_key):
     gateway.fail(
         "/v1/models", status=200, body=b'{"ok": true}',
-        headers={"Set-Cookie": "session=s3cret", "X-Echo": f"you sent {api_key}", "X-Other-Key": "sk-tr-abcdefghijkl"},
+        headers={"Set-Cookie": "session=s3cret", "X-Echo": f"you sent {api_key}", "X-Other-Key": "sk-tr-abcdefghijkl",
+                 f"X-{api_key}": "1"},
     )
 
     result = cli.script("api", "-i", "/v1/models", "--key", api_key)
@@ -384,9 +496,25 @@ def test_include_prints_the_status_and_headers_first_with_credentials_redacted(c
     assert lines[0] == "HTTP/1.0 200 OK"
     assert "Content-Type: application/json" in lines and "Content-Length: 12" in lines
     assert "Set-Cookie: (redacted)" in lines and "X-Echo: (redacted)" in lines
-    assert "X-Other-Key: sk-tr-abcd..." in lines
+    assert "X-Other-Key: sk-tr-abcd..." in lines and "(redacted): 1" in lines
     assert body == '{"ok": true}'
     assert_nothing_shows(result, api_key, "s3cret", "sk-tr-abcdefghijkl")
+
+
+@pytest.mark.parametrize(
+    "reason, shown",
+    [("Bad token {key}", "(redacted)"), ("Fine sk-tr-abcdefghijkl \x1b[31m", "Fine sk-tr-abcd... \\x1b[31m")],
+)
+def test_include_shows_the_reason_phrase_as_it_shows_header_values(cli, raw_gateway, api_key, reason, shown):
+    status = f"HTTP/1.1 401 {reason.format(key=api_key)}".encode()
+    server = raw_gateway(status + b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+
+    result = cli.script("api", "-i", "/v1/models", "--key", api_key, env={"TOKENROUTE_API_URL": server.url})
+
+    assert result.code == 1
+    assert result.out.splitlines()[0] == f"HTTP/1.1 401 {shown}"
+    assert "\x1b" not in result.out
+    assert_nothing_shows(result, api_key, "sk-tr-abcdefghijkl")
 
 
 def test_the_answer_goes_to_a_pipe_byte_for_byte(cli, gateway, api_key):
@@ -399,11 +527,45 @@ def test_the_answer_goes_to_a_pipe_byte_for_byte(cli, gateway, api_key):
     assert (done.returncode, done.stdout, done.stderr) == (0, body, b"")
 
 
+@pytest.mark.parametrize("content_type", ["application/octet-stream", "application/json"])
+def test_an_answer_larger_than_4_mib_goes_to_a_pipe_byte_for_byte(cli, gateway, api_key, content_type):
+    body = b'{"data": "' + bytes(range(256)) * (5_000_000 // 256) + b'"}'
+    gateway.fail("/v1/models", status=200, body=body, content_type=content_type)
+
+    done = subprocess.run([console_script(), "api", "/v1/models", "--key", api_key], env=cli.process_env(),
+                          capture_output=True, timeout=60)
+
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert done.stdout == body
+
+
+def test_json_larger_than_4_mib_at_a_terminal_is_shown_as_it_came(cli, gateway, api_key):
+    body = '{"data": "' + "x" * 5_000_000 + '"}'
+    gateway.fail("/v1/models", status=200, body=body.encode())
+
+    result = cli.run("api", "/v1/models", "--key", api_key, tty=True)
+
+    assert (result.code, result.err) == (0, "")
+    assert result.out == body + "\n"
+
+
 def test_json_at_a_terminal_is_indented(cli, gateway, api_key):
     result = cli.run("api", "/v1/models", "--key", api_key, tty=True)
 
     assert result.code == 0
     assert result.out.startswith('{\n  "object": "list",\n  "data": [\n')
+
+
+def test_json_at_a_terminal_keeps_text_readable_and_escapes_controls(cli, gateway, api_key):
+    text = "caf\u00e9 \u65e5\u672c \U0001F600 \x1b[31m \x9b2J \u202e \U000E0041 \x7f"
+    gateway.fail("/v1/models", status=200, body=json.dumps({"text": text}, ensure_ascii=False).encode())
+
+    result = cli.run("api", "/v1/models", "--key", api_key, tty=True)
+
+    assert result.code == 0
+    escaped = "caf\u00e9 \u65e5\u672c \U0001F600 \\u001b[31m \\u009b2J \\u202e \\udb40\\udc41 \\u007f"
+    assert result.out == '{\n  "text": "' + escaped + '"\n}\n'
+    assert json.loads(result.out) == {"text": text}
 
 
 def test_text_at_a_terminal_shows_control_characters_and_keeps_lines(cli, gateway, api_key):
@@ -415,11 +577,22 @@ def test_text_at_a_terminal_shows_control_characters_and_keeps_lines(cli, gatewa
     assert result.out == "one\\x1b[2J\n\ttwo\n"
 
 
+def test_a_stream_at_a_terminal_ends_its_last_line(cli, raw_gateway, api_key):
+    server = raw_gateway(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nno newline \xe2\x9c\x93")
+
+    result = cli.run("api", "/v1/models", "--key", api_key, tty=True, env={"TOKENROUTE_API_URL": server.url})
+
+    assert (result.code, result.err) == (0, "")
+    assert result.out == "no newline \u2713\n"
+
+
 def test_a_streamed_chat_answer_arrives_before_the_stream_ends(cli, gateway, api_key):
     gateway.hold_streams()  # the gateway sends the first event, then waits for the test
     child = subprocess.Popen(
         [console_script(), "api", "/v1/chat/completions", "--key", api_key, *CHAT, "-F", "stream=true"],
-        env=cli.process_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # PYTHONUNBUFFERED unset: the test sees each event only if tokenroute flushes it itself
+        env=cli.process_env({"PYTHONUNBUFFERED": ""}), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     lines: queue.Queue[bytes] = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in iter(child.stdout.readline, b"")])
@@ -488,6 +661,57 @@ def test_a_connection_dropped_before_the_answer_exits_2(cli, gateway, api_key):
     assert result.err.startswith("error: connection to 127.0.0.1 failed")
 
 
+def test_a_gateway_that_never_answers_times_out_with_exit_2(cli, gateway, api_key):
+    gateway.fail("/v1/models", hang=True)
+
+    result = cli.script("api", "/v1/models", "--key", api_key, env={"TOKENROUTE_TIMEOUT": "0.5"})
+
+    assert (result.code, result.out) == (2, "")
+    assert result.err == "error: timed out waiting for 127.0.0.1 (TOKENROUTE_TIMEOUT to wait longer)\n"
+
+
+def test_a_stream_cut_off_mid_chunk_prints_what_came_and_exits_2(cli, raw_gateway, api_key):
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    server = raw_gateway(head + b"9\r\ndata: O\n\n\r\n")  # no last chunk: the connection closes
+
+    result = cli.script("api", "/v1/chat/completions", "--key", api_key, env={"TOKENROUTE_API_URL": server.url})
+
+    assert (result.code, result.out) == (2, "data: O\n\n")
+    assert result.err == "error: the connection to 127.0.0.1 closed mid-answer\n"
+
+
+def test_an_answer_shorter_than_its_length_prints_what_came_and_exits_2(cli, gateway, api_key):
+    gateway.fail("/v1/models", status=200, body=b"0123456789", truncate=True, content_type="text/plain")
+
+    result = cli.script("api", "/v1/models", "--key", api_key)
+
+    assert (result.code, result.out) == (2, "01234")
+    assert result.err == "error: the connection to 127.0.0.1 closed mid-answer\n"
+
+
+@pytest.mark.parametrize("status, exit_code", [(200, 0), (404, 1)])
+def test_head_prints_the_head_and_exits_by_the_status(cli, raw_gateway, api_key, status, exit_code):
+    server = raw_gateway(f"HTTP/1.1 {status} Whatever\r\nContent-Type: application/json\r\n".encode()
+                         + b"Content-Length: 12\r\n\r\n")  # HEAD: the length of a body not sent
+
+    result = cli.script("api", "-X", "HEAD", "-i", "/v1/models", "--key", api_key,
+                        env={"TOKENROUTE_API_URL": server.url})
+
+    assert result.code == exit_code, result
+    assert result.out == f"HTTP/1.1 {status} Whatever\nContent-Type: application/json\nContent-Length: 12\n\n"
+    assert result.err == ("" if status == 200 else "error: HTTP 404\n")
+    assert server.requests[0].startswith(b"HEAD /v1/models HTTP/1.1\r\n")
+
+
+def test_not_modified_is_no_redirect(cli, gateway, api_key):
+    gateway.fail("/v1/models", status=304, body=b"", headers={"ETag": '"v1"'})
+
+    result = cli.script("api", "/v1/models", "--key", api_key, "-H", 'If-None-Match: "v1"')
+
+    assert (result.code, result.out, result.err) == (0, "", "")
+    assert last(gateway).header("If-None-Match") == '"v1"'
+
+
 def test_an_error_echoing_the_key_shows_no_key_on_stderr(cli, gateway, api_key):
     gateway.fail("/v1/models", status=400, body={"error": {"message": f"bad key {api_key}"}})
 
@@ -515,3 +739,5 @@ def test_api_help_says_what_it_does(cli):
     assert result.code == 0
     assert result.out.startswith("usage: tokenroute api ")
     assert "example: tokenroute api /api/v1/me" in result.out
+    assert "/api/... is sent with your login, /v1/... with your API key (--key), any other path with no credential" \
+        in " ".join(result.out.split())
