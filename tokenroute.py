@@ -2037,7 +2037,9 @@ def read_pending_logins(ctx: Context) -> list[dict[str, Any]]:
     """The logins waiting for approval, oldest first (1.0 kept one, alone in the file)."""
     import json
 
-    text = peek_text_file(pending_login_path(ctx))  # a damaged one is replaced by the next `login --no-wait`
+    path = pending_login_path(ctx)
+    # A damaged one is replaced by the next `login --no-wait`; a FIFO would block the read.
+    text = peek_text_file(path) if os.path.isfile(path) else None
     try:
         data = json.loads(text) if text else None
     except (ValueError, RecursionError):
@@ -2054,7 +2056,7 @@ def save_pending_login(ctx: Context, pending: dict[str, Any]) -> None:
     """Keep `pending` beside the others until it ends: two hosts (or terminals) may each wait for their own."""
     with CredentialsLock(ctx):
         path = pending_login_path(ctx)
-        if os.path.isdir(path) or not is_own_file(path):
+        if os.path.lexists(path) and (not os.path.isfile(path) or not is_own_file(path)):
             set_aside(ctx, path, "could not be used")
         write_pending_logins(ctx, [*waiting_logins(ctx), pending][-PENDING_LIMIT:])
 
@@ -3084,7 +3086,9 @@ def fish_completion(tree: dict[str, Any]) -> str:
 # still speak it. A helper thread reads stdin and answers at once what needs no
 # tool (ping, tools/list, initialize, errors, cancellations); tool calls run one
 # at a time on the main thread, where a token refresh may hold signals. One lock
-# orders every line written. Nothing here runs or is imported unless `mcp` does.
+# orders every line written. The threads and locks are `_thread`'s: importing
+# `threading` would cost `initialize` 5% of its time. Nothing here runs or is
+# imported unless `mcp` does.
 
 MCP_MODERN_VERSIONS = ("2026-07-28",)
 # Newest first. Not 2025-03-26: it obliges a server to accept JSON-RPC batches, which this
@@ -3459,14 +3463,16 @@ class McpCall:
 
     def __init__(self, request_id: str | int, tool: McpTool, arguments: dict[str, Any], version: str,
                  progress_token: str | int | None) -> None:
-        import threading
+        import _thread
 
         self.id = request_id
         self.tool = tool
         self.arguments = arguments
         self.version = version
         self.progress_token = progress_token  # the client's, to send progress of a long wait with
-        self.cancelled = threading.Event()
+        self.cancelled = False
+        self.woken = _thread.allocate_lock()  # released by cancel(): ends a wait at once
+        self.woken.acquire()
         self.ctx: Context | None = None  # the call's own, once it runs
         self.started = 0.0
         self.waiting = 0.0  # the wait's length, for progress
@@ -3475,69 +3481,85 @@ class McpCall:
     def cancel(self) -> None:
         """The client stopped waiting: end the call at its next wait or exchange. An exchange
         already in flight runs to its end (a write the gateway received is not undone)."""
-        self.cancelled.set()
+        if self.cancelled:
+            return
+        self.cancelled = True
         if self.ctx is not None:
             self.ctx.deadline = float("-inf")  # no exchange starts, no lock is waited for
+        self.woken.release()
+
+    def wait(self, seconds: float) -> None:
+        """Sleep on the real clock, unless cancelled first."""
+        if self.woken.acquire(timeout=seconds):
+            self.woken.release()
 
 
 class McpServer:
     """Answers MCP messages, one line in, at most one line out each; a failing tool never ends it."""
 
     def __init__(self, ctx: Context, api_url: str | None, tools: dict[str, McpTool]) -> None:
-        import threading
+        import _thread
 
         self.ctx = ctx
         self.api_url = api_url  # the --api-url flag, resolved per call like any command's
         self.tools = tools
         self.handshake_version: str | None = None
         self.login_code: str | None = None  # the user_code of the login this server started last
-        self.lock = threading.Condition()  # held to write a line, and to touch the two below
-        self.queue: list[McpCall | None] = []  # the calls read, in order; None: the input ended
+        self.lock = _thread.allocate_lock()  # held to write a line, and to touch the two below
+        self.queue: list[McpCall | None] = []  # the calls read and not taken yet; None: the input ended
         self.unanswered: dict[str | int, McpCall] = {}
+        self.arrived = _thread.allocate_lock()  # released by the reader when it queues something
+        self.arrived.acquire()
         self.output_error: Exception | None = None  # stdout failed: its reader left
 
     def serve(self, stdin: BinaryIO) -> None:
         """Read on a helper thread and run the calls here, until the input ends and every call
         read before its end is answered (`printf '...' | tokenroute mcp` gets every answer)."""
-        import threading
+        import _thread
 
-        threading.Thread(target=self.read, args=(stdin,), name="mcp-stdin", daemon=True).start()
-        while True:
+        _thread.start_new_thread(self.read, (stdin,))
+        while self.output_error is None:
+            self.arrived.acquire()
             with self.lock:
-                while not self.queue:
-                    self.lock.wait()
-                call = self.queue.pop(0)
-            if call is None or self.output_error is not None:
+                calls, self.queue = self.queue, []
+            for call in calls:
+                if call is None or self.output_error is not None:
+                    break
+                self.run(call)
+            if None in calls:
                 break
-            self.run(call)
         if self.output_error is not None:
             raise self.output_error
 
     def read(self, stdin: BinaryIO) -> None:
         try:
-            for line in iter(stdin.readline, b""):
+            for line in input_lines(stdin):
                 self.receive(line)
                 if self.output_error is not None:
                     break
         except (OSError, ValueError):  # stdin failed: as good as closed
             pass
         finally:
-            with self.lock:
-                self.queue.append(None)
-                self.lock.notify()
+            self.enqueue(None)
 
     def receive(self, line: bytes) -> None:
         reply = self.handle(line)
-        with self.lock:
-            if isinstance(reply, McpCall):
+        if isinstance(reply, McpCall):
+            with self.lock:
                 if reply.id in self.unanswered:
                     self.write(rpc_answer(reply.id, error=McpError(-32600, "Invalid Request: that id is in use")))
                     return
                 self.unanswered[reply.id] = reply
-                self.queue.append(reply)
-                self.lock.notify()
-            elif reply is not None:
+            self.enqueue(reply)
+        elif reply is not None:
+            with self.lock:
                 self.write(reply)
+
+    def enqueue(self, call: McpCall | None) -> None:
+        with self.lock:
+            self.queue.append(call)
+            if self.arrived.locked():  # only this thread releases it, so it stays locked until then
+                self.arrived.release()
 
     def write(self, line: str) -> None:
         """One message, one line; the caller holds the lock."""
@@ -3656,7 +3678,7 @@ class McpServer:
     def run(self, call: McpCall) -> None:
         """Run a tool call on this (the main) thread and answer it, unless it was cancelled."""
         reply = None
-        if not call.cancelled.is_set():
+        if not call.cancelled:
             try:
                 result = self.call(call)
                 reply = rpc_answer(call.id, result=completed(result) if call.version in MCP_MODERN_VERSIONS else result)
@@ -3669,7 +3691,7 @@ class McpServer:
                 reply = rpc_answer(call.id, error=McpError(-32603, "Internal error"))
         with self.lock:
             del self.unanswered[call.id]
-            if reply is not None and not call.cancelled.is_set():
+            if reply is not None and not call.cancelled:
                 self.write(reply)
 
     def call(self, call: McpCall) -> dict[str, Any]:
@@ -3698,7 +3720,7 @@ class McpServer:
             call.started = ctx.now()
             ctx.deadline = call.started + seconds
             call.ctx = ctx
-            if call.cancelled.is_set():  # before cancel() could see ctx
+            if call.cancelled:  # before cancel() could see ctx
                 raise McpCancelled
             data = tool.run(ctx, self.api_url, values)
             structured = data if isinstance(data, dict) else {"items": data}
@@ -3721,13 +3743,13 @@ class McpServer:
 
     def pause(self, call: McpCall, seconds: float) -> None:
         """A tool call's sleep: progress during a long wait, and a cancellation ends it."""
-        if seconds > 0 and call.tool.wait is not None and call.progress_token is not None:
+        if seconds > 0 and call.tool.wait is not None and call.progress_token is not None and not call.cancelled:
             self.report_progress(call)
         if self.ctx.sleep is time.sleep:  # the real clock: a cancellation wakes it
-            call.cancelled.wait(seconds)
+            call.wait(seconds)
         else:  # a test's clock
             self.ctx.sleep(seconds)
-        if call.cancelled.is_set():
+        if call.cancelled:
             raise McpCancelled
 
     def report_progress(self, call: McpCall) -> None:
@@ -3741,6 +3763,27 @@ class McpServer:
                   "message": "waiting for the user to approve the login"}
         with self.lock:
             self.write(json.dumps({"jsonrpc": "2.0", "method": "notifications/progress", "params": params}))
+
+
+def input_lines(stdin: BinaryIO) -> Iterator[bytes]:
+    """The lines of stdin, read from its file descriptor where it has one: a thread waiting in
+    the buffered reader's readline() holds its lock, and Python aborts at exit when another
+    thread ends the process meanwhile (stdout failed, Ctrl-C)."""
+    try:
+        fd = stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file: a test's bytes
+        yield from iter(stdin.readline, b"")
+        return
+    rest = b""
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        *lines, rest = (rest + chunk).split(b"\n")
+        for line in lines:
+            yield line + b"\n"
+    if rest:
+        yield rest
 
 
 def handshake_version(requested: str) -> str:

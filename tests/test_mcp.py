@@ -414,6 +414,16 @@ def test_a_pending_login_written_by_1_0_is_still_finished(cli: Cli) -> None:
     assert cli.run("login", "--resume", "--json").json()["status"] == "logged_in"
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_a_fifo_where_the_pending_logins_belong_never_blocks_a_login(cli: Cli) -> None:
+    cli.config_dir.mkdir(mode=0o700)
+    os.mkfifo(cli.config_dir / "pending_login.json")
+    assert cli.run("login", "--resume", "--json").error()["code"] == "no_pending_login"
+    started = cli.run("login", "--no-wait", "--json")
+    assert started.code == 0 and "moved it to" in started.err
+    assert (cli.config_dir / "pending_login.json").is_file()
+
+
 def test_login_user_code_without_resume_is_a_usage_error(cli: Cli) -> None:
     result = cli.run("login", "--user-code", "BCDF-GHJK", "--json")
     assert result.code == 1
