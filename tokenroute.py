@@ -2065,11 +2065,16 @@ def drop_pending_login(ctx: Context, pending: dict[str, Any]) -> None:
     """Forget a login that ended (approved, denied or expired); the caller holds the CredentialsLock."""
     found = read_pending_logins(ctx)
     if any(other["device_code"] == pending["device_code"] for other in found):
-        write_pending_logins(ctx, [other for other in waiting_logins(ctx) if other["device_code"] != pending["device_code"]])
+        left = [other for other in still_waiting(ctx, found) if other["device_code"] != pending["device_code"]]
+        write_pending_logins(ctx, left)
 
 
 def waiting_logins(ctx: Context) -> list[dict[str, Any]]:
-    return [pending for pending in read_pending_logins(ctx) if pending["expires_at"] > ctx.now()]
+    return still_waiting(ctx, read_pending_logins(ctx))
+
+
+def still_waiting(ctx: Context, pendings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [pending for pending in pendings if pending["expires_at"] > ctx.now()]
 
 
 def write_pending_logins(ctx: Context, pendings: list[dict[str, Any]]) -> None:
@@ -3205,7 +3210,9 @@ class McpTool:
         options = self.options()
         schema = {
             "type": "object",
-            "properties": {name: {**argument_schema(settings), **self.schemas.get(name, {})} for name, settings in options.items()},
+            "properties": {
+                name: {**argument_schema(settings), **self.schemas.get(name, {})} for name, settings in options.items()
+            },
             "additionalProperties": False,
         }
         required = [name for name, settings in options.items() if settings["required"]]
@@ -3931,7 +3938,8 @@ COMMANDS = (
         option("--no-wait", action="store_true", help="print the code and exit; finish with --resume"),
         option("--resume", action="store_true", help="finish a login started with --no-wait"),
         option("--timeout", type=positive_seconds, metavar="SECONDS", help="with --resume: stop waiting after this long"),
-        option("--user-code", type=login_code, metavar="CODE", help="with --resume: the login whose code this is (default: the newest)"),
+        option("--user-code", type=login_code, metavar="CODE",
+               help="with --resume: the login whose code this is (default: the newest)"),
     ),
     Command(
         "logout", cmd_logout, "forget this gateway's login", "tokenroute logout --all",
