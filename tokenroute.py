@@ -2132,7 +2132,7 @@ def start_device_flow(ctx: Context, api_url: str) -> dict[str, Any]:
     interval = grant.get("interval")
     expires_in = grant.get("expires_in")
     complete = grant.get("verification_uri_complete")
-    return {
+    pending = {
         "api_url": api_url,
         "token_endpoint": found["token_endpoint"],
         "client_id": found["client_id"],
@@ -2144,6 +2144,10 @@ def start_device_flow(ctx: Context, api_url: str) -> dict[str, Any]:
         "interval": interval if isinstance(interval, int) and 1 <= interval <= 60 else DEFAULT_POLL_INTERVAL,
         "expires_at": ctx.now() + (expires_in if isinstance(expires_in, int) and 0 < expires_in < MAX_LIFETIME else 600),
     }
+    problem = unusable_grant(pending)
+    if problem is not None:  # shown to a person, and handed to agents as the tool's own words
+        raise server_error(f"the identity provider sent {problem}")
+    return pending
 
 
 def poll_device_flow(
@@ -2210,6 +2214,26 @@ def poll_device_flow(
             raise login_failed("the login code expired before it was approved", "login_expired")
         reason = server_message(answer, pending["device_code"]) or f"HTTP {response.status}"
         raise login_failed(f"login failed: {reason}", "login_failed")
+
+
+USER_CODE_LETTERS = "BCDFGHJKLMNPQRSTVWXZ"  # RFC 8628 6.1: no vowels, so a code never spells words
+USER_CODE_PATTERN = f"^[{USER_CODE_LETTERS}{USER_CODE_LETTERS.lower()}0-9-]{{1,32}}$"
+
+
+def is_user_code(value: object) -> bool:
+    """A device-flow user code: base-20 letters (either case), digits and dashes."""
+    allowed = set(USER_CODE_LETTERS + USER_CODE_LETTERS.lower() + "0123456789-")
+    return isinstance(value, str) and 0 < len(value) <= 32 and set(value) <= allowed
+
+
+def unusable_grant(pending: dict[str, Any]) -> str | None:
+    """What makes a device grant unfit to reach a person or an agent, None when nothing does."""
+    if not is_user_code(pending["user_code"]):
+        return "a user code outside the device-flow alphabet"
+    for name in ("verification_uri", "verification_uri_complete"):
+        if not is_url_for_person(pending[name], pending["api_url"]):
+            return f"a {name} that is not an https URL to open"
+    return None
 
 
 def login_failed(message: str, code: str) -> CliError:
@@ -2398,16 +2422,26 @@ def warn(ctx: Context, message: str) -> None:
     note(ctx, f"{paint(ctx, 'warning', 'warning', tty=ctx.stderr_tty)}: {message}")
 
 
-def open_url_for_person(ctx: Context, url: str) -> None:
-    """Open a server-provided URL only if it is https (or http on loopback)."""
+def is_url_for_person(url: object, api_url: str) -> bool:
+    """Whether a server-chosen URL may reach a person or an agent (opened, shown or passed
+    on): https to a valid host, or plain http to this machine when the gateway is on it
+    too; printable ASCII, no spaces, no user name (`https://bank.example@evil.example`)."""
     from urllib.parse import urlsplit
 
+    if not isinstance(url, str) or not url.isascii() or not url.isprintable() or " " in url or len(url) > 4096:
+        return False
     try:
         parts = urlsplit(url)
-    except ValueError:  # e.g. a broken IPv6 host: printed, never opened
-        return
-    safe = parts.scheme == "https" or (parts.scheme == "http" and is_loopback(parts.hostname or ""))
-    if safe and url.isprintable():
+        host, _ = parts.hostname or "", parts.port  # a port that is not a number raises
+    except ValueError:
+        return False
+    if "@" in parts.netloc or not host or (canonical_ipv6(host) if ":" in host else canonical_host(host)) is None:
+        return False
+    return parts.scheme == "https" or (parts.scheme == "http" and is_loopback(host) and is_loopback(url_host(api_url)))
+
+
+def open_url_for_person(ctx: Context, url: str, api_url: str) -> None:
+    if is_url_for_person(url, api_url):
         ctx.open_browser(url)
 
 
@@ -2420,6 +2454,8 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
     api_url, _ = api_url_setting(ctx, args.api_url)
     if args.resume and args.no_wait:
         raise CliError("--no-wait starts a login and --resume finishes one: give one of them", code="usage")
+    if args.user_code is not None and not args.resume:
+        raise CliError("--user-code names the login that --resume finishes: add --resume", code="usage")
     if args.resume:
         return resume_login(args, ctx, api_url)
     started = login_start(ctx, api_url, force=args.force) if args.no_wait else current_login(ctx, api_url, args.force)
@@ -2434,7 +2470,7 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
     pending = new_device_login(ctx, api_url)
     render_pending(ctx, args, pending, out=ctx.stderr)
     if ctx.person_present and not args.no_browser:
-        open_url_for_person(ctx, pending["verification_uri_complete"])
+        open_url_for_person(ctx, pending["verification_uri_complete"], api_url)
     answer = poll_device_flow(ctx, pending, first_wait=pending["interval"])
     return finish_login(args, ctx, pending, answer)
 
@@ -2459,11 +2495,55 @@ def replaceable_logins(ctx: Context) -> dict[str, dict[str, Any]]:
         return {}
 
 
-def save_pending_login(ctx: Context, pending: dict[str, Any]) -> None:
+def read_pending_logins(ctx: Context) -> list[dict[str, Any]]:
+    """The logins waiting for approval, oldest first (1.0 kept one, alone in the file)."""
+    import json
+
     path = pending_login_path(ctx)
-    if os.path.isdir(path) or not is_own_file(path):
-        set_aside(ctx, path, "could not be used")
-    write_private_file(ctx, path, json_text(pending))
+    # A damaged one is replaced by the next `login --no-wait`; a FIFO would block the read.
+    text = peek_text_file(path) if os.path.isfile(path) else None
+    try:
+        data = json.loads(text) if text else None
+    except (ValueError, RecursionError):
+        data = None
+    found = data.get("pending") if isinstance(data, dict) and data.get("version") == PENDING_VERSION else [data]
+    return [pending for pending in found if is_valid_pending(pending)] if isinstance(found, list) else []
+
+
+PENDING_VERSION = 2
+PENDING_LIMIT = 10  # logins kept waiting at most; a new one pushes out the oldest
+
+
+def save_pending_login(ctx: Context, pending: dict[str, Any]) -> None:
+    """Keep `pending` beside the others until it ends: two hosts (or terminals) may each wait for their own."""
+    with CredentialsLock(ctx):
+        path = pending_login_path(ctx)
+        if os.path.lexists(path) and (not os.path.isfile(path) or not is_own_file(path)):
+            set_aside(ctx, path, "could not be used")
+        write_pending_logins(ctx, [*waiting_logins(ctx), pending][-PENDING_LIMIT:])
+
+
+def drop_pending_login(ctx: Context, pending: dict[str, Any]) -> None:
+    """Forget a login that ended (approved, denied or expired); the caller holds the CredentialsLock."""
+    found = read_pending_logins(ctx)
+    if any(other["device_code"] == pending["device_code"] for other in found):
+        left = [other for other in still_waiting(ctx, found) if other["device_code"] != pending["device_code"]]
+        write_pending_logins(ctx, left)
+
+
+def waiting_logins(ctx: Context) -> list[dict[str, Any]]:
+    return still_waiting(ctx, read_pending_logins(ctx))
+
+
+def still_waiting(ctx: Context, pendings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [pending for pending in pendings if pending["expires_at"] > ctx.now()]
+
+
+def write_pending_logins(ctx: Context, pendings: list[dict[str, Any]]) -> None:
+    if pendings:
+        write_private_file(ctx, pending_login_path(ctx), json_text({"version": PENDING_VERSION, "pending": pendings}))
+    else:
+        remove_file(pending_login_path(ctx))
 
 
 def logged_in(ctx: Context, api_url: str) -> bool:
@@ -2504,22 +2584,23 @@ def check_login_storage(ctx: Context) -> None:
         pass
 
 
-def login_finish(ctx: Context, api_url: str, *, timeout: float | None = None) -> dict[str, Any]:
+def login_finish(
+    ctx: Context, api_url: str, *, timeout: float | None = None, user_code: str | None = None
+) -> dict[str, Any]:
     """`login --resume`: wait up to `timeout` seconds for the approval, then save the login."""
-    return store_login(ctx, *await_login(ctx, api_url, timeout=timeout))
+    return store_login(ctx, *await_login(ctx, api_url, timeout=timeout, user_code=user_code))
 
 
-def load_pending_login(ctx: Context, api_url: str) -> dict[str, Any]:
-    import json
-
-    text = peek_text_file(pending_login_path(ctx))  # a damaged one is replaced by `login --no-wait`
-    try:
-        pending = json.loads(text) if text else None
-    except (ValueError, RecursionError):
-        pending = None
-    if not is_valid_pending(pending) or pending["api_url"] != api_url:
-        raise CliError("no login is waiting here", code="no_pending_login", next="tokenroute login --no-wait")
-    return pending
+def load_pending_login(ctx: Context, api_url: str, user_code: str | None = None) -> dict[str, Any]:
+    """The login waiting for approval on this gateway with this code; without a code, the newest."""
+    found = [
+        pending for pending in read_pending_logins(ctx)
+        if pending["api_url"] == api_url and (user_code is None or pending["user_code"].upper() == user_code.upper())
+    ]
+    if not found:
+        which = f" with the code {sanitize(user_code)}" if user_code is not None else ""
+        raise CliError(f"no login{which} is waiting here", code="no_pending_login", next="tokenroute login --no-wait")
+    return found[-1]
 
 
 def is_valid_pending(pending: object) -> bool:
@@ -2529,6 +2610,7 @@ def is_valid_pending(pending: object) -> bool:
     return (
         isinstance(interval, int) and 1 <= interval <= 60
         and isinstance(expires_at, (int, float)) and abs(expires_at) < 1e12
+        and unusable_grant(pending) is None  # 1.0 kept what the identity provider sent
     )
 
 
@@ -2551,18 +2633,20 @@ def login_still_valid(ctx: Context, api_url: str) -> bool:
 
 
 def resume_login(args: argparse.Namespace, ctx: Context, api_url: str) -> int:
-    return finish_login(args, ctx, *await_login(ctx, api_url, timeout=args.timeout))
+    return finish_login(args, ctx, *await_login(ctx, api_url, timeout=args.timeout, user_code=args.user_code))
 
 
-def await_login(ctx: Context, api_url: str, *, timeout: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def await_login(
+    ctx: Context, api_url: str, *, timeout: float | None, user_code: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The pending login and the identity provider's grant, once approved within `timeout` seconds."""
-    pending = load_pending_login(ctx, api_url)
-    path = pending_login_path(ctx)
+    pending = load_pending_login(ctx, api_url, user_code)
     try:
         answer = poll_device_flow(ctx, pending, first_wait=0, timeout=timeout)
     except CliError as exc:
-        if exc.exit_code == EXIT_SERVER:
-            remove_file(path)
+        if exc.exit_code == EXIT_SERVER:  # denied or expired: it is over
+            with CredentialsLock(ctx):
+                drop_pending_login(ctx, pending)
         raise
     if answer is None:
         raise CliError(
@@ -2571,13 +2655,14 @@ def await_login(ctx: Context, api_url: str, *, timeout: float | None) -> tuple[d
             next="tokenroute login --resume",
             payload={"pending": pending_view(pending)},
         )
-    remove_file(path)
     return pending, answer
 
 
 def store_login(ctx: Context, pending: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+    """Save the approved login; only then is its pending code forgotten."""
     with CredentialsLock(ctx):
         save_login(ctx, credentials_from_grant(ctx, pending, answer))
+        drop_pending_login(ctx, pending)
     return {"status": "logged_in", "api_url": pending["api_url"]}
 
 
@@ -2986,10 +3071,23 @@ def topup(ctx: Context, api_url: str, *, amount: str) -> dict[str, Any]:
         json_body={"amount_usd": amount},
         idempotency_key=os.urandom(16).hex(),
     )
-    url = session.get("checkout_url")
-    if not isinstance(url, str) or not url:
-        raise server_error("the gateway sent no checkout URL")
+    if not is_url_for_person(session.get("checkout_url"), api_url):
+        raise server_error("the gateway sent no checkout URL to open (an https URL)")
+    if "amount_usd" in session and not same_amount(session["amount_usd"], amount):
+        raise server_error(f"the gateway's checkout is not for the {amount} USD asked")
     return session
+
+
+def same_amount(value: object, amount: str) -> bool:
+    """Whether the gateway's amount (a decimal string) is the one asked for."""
+    from decimal import Decimal
+
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return False
+    try:
+        return Decimal(str(value)) == Decimal(amount)
+    except (ArithmeticError, ValueError):  # not a number, or a signalling NaN
+        return False
 
 
 def cmd_topup(args: argparse.Namespace, ctx: Context) -> int:
@@ -3005,7 +3103,7 @@ def cmd_topup(args: argparse.Namespace, ctx: Context) -> int:
     note(ctx, f"Open it to pay {usd(session.get('amount_usd', args.amount))}; credit arrives once paid.{until}")
     note(ctx, "Credit is per key: once paid, `tokenroute keys list` shows which key holds it.")
     if ctx.person_present and ctx.stdout_tty and not args.no_browser:
-        open_url_for_person(ctx, url)
+        open_url_for_person(ctx, url, api_url)
     return EXIT_OK
 
 
@@ -4099,33 +4197,61 @@ def server_text(text: str, secret: str | None) -> str:
 # one message a line). The server is dual-era: a request whose `_meta` names a
 # 2026-07-28 protocol version is served on its own (that revision has no
 # handshake), and `initialize` opens the older handshake for the hosts that
-# still speak it. Nothing here runs or is imported unless `mcp` does.
+# still speak it. A helper thread reads stdin and answers at once what needs no
+# tool (ping, tools/list, initialize, errors, cancellations); tool calls run one
+# at a time on the main thread, where a token refresh may hold signals. One lock
+# orders every line written. The threads and locks are `_thread`'s: importing
+# `threading` would cost `initialize` 5% of its time. Nothing here runs or is
+# imported unless `mcp` does.
 
 MCP_MODERN_VERSIONS = ("2026-07-28",)
-# Newest first; not 2025-03-26, which requires JSON-RPC batches (this server answers one message a line).
+# Newest first. Not 2025-03-26: it obliges a server to accept JSON-RPC batches, which this
+# one refuses (one message a line); a client offering it is answered 2024-11-05.
 MCP_HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2024-11-05")
 MCP_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
 MCP_CAPABILITIES_KEY = "io.modelcontextprotocol/clientCapabilities"
+# A whole tool call ends within 2 x MCP_TIMEOUT (hosts give up after 60 s): no exchange
+# starts after MCP_TIMEOUT (login_finish: its wait, at most MCP_WAIT, plus MCP_TIMEOUT), and
+# each exchange gets TOKENROUTE_TIMEOUT, at most MCP_TIMEOUT.
+MCP_TIMEOUT = 20.0
+MCP_WAIT = 20.0
 MCP_INSTRUCTIONS = (
     "Your tokenroute LLM gateway account: balance, spend, API keys, models and top-up links. "
     "When a tool answers auth_required or session_expired, call login_start, show the user its URL and "
-    "code, then call login_finish. topup never pays: hand its checkout URL to the user."
+    "code, then call login_finish with that user_code. topup never pays: hand its checkout URL to the user. "
+    "env and keys_create return a secret API key."
 )
 
 
 def cmd_mcp(args: argparse.Namespace, ctx: Context) -> int:
     """Serve MCP on stdin/stdout until stdin closes; only protocol messages go to stdout."""
+    tools = offered_tools(read_only=args.read_only, names=args.tools)
     if ctx.stdin_tty:
         note(ctx, "tokenroute mcp speaks MCP on stdin and stdout: add it to your MCP host (see the README).")
-    server = McpServer(ctx, args.api_url)
     if ctx.stdin is None:  # started without stdin (<&-): end of input at once
         return EXIT_OK
-    for line in iter(ctx.stdin.readline, b""):
-        reply = server.handle(line)
-        if reply is not None:
-            ctx.stdout.write(reply + "\n")
-            ctx.stdout.flush()
+    McpServer(ctx, args.api_url, tools).serve(ctx.stdin)
     return EXIT_OK
+
+
+def offered_tools(*, read_only: bool, names: str | None) -> dict[str, McpTool]:
+    """Every tool; only those that change nothing and return no secret (`--read-only`); or
+    only those named (`--tools`)."""
+    tools = mcp_tools()
+    if names is not None:
+        wanted = [name.strip() for name in names.split(",")]
+        unknown = next((name for name in wanted if name not in tools), None)
+        if unknown is not None:
+            raise CliError(f"--tools: there is no tool {sanitize(unknown)!r}; the tools are {', '.join(tools)}",
+                           code="usage")
+        tools = {name: tool for name, tool in tools.items() if name in wanted}
+    if read_only:
+        unsafe = [name for name, tool in tools.items() if not tool.safe]
+        if names is not None and unsafe:
+            raise CliError(f"--read-only: {unsafe[0]} changes something or returns a secret; leave it out of --tools",
+                           code="usage")
+        tools = {name: tool for name, tool in tools.items() if tool.safe}
+    return tools
 
 
 class McpError(Exception):
@@ -4138,8 +4264,14 @@ class McpError(Exception):
         self.data = data
 
 
+class McpCancelled(Exception):
+    """The client cancelled the running tool call: it stops at its next wait, unanswered."""
+
+
 class McpTool:
-    """An operation as an MCP tool; the options of `command` (in COMMANDS) named in `arguments` are its input."""
+    """An operation as an MCP tool; the options of `command` (in COMMANDS) named in `arguments`
+    are its input, `schemas` what the tool's inputSchema says of them beyond the option, and
+    `output` the schema of its result object."""
 
     def __init__(
         self,
@@ -4148,26 +4280,32 @@ class McpTool:
         operation: Callable[..., Any],
         arguments: Sequence[str] = (),
         *,
-        guide: str = "",
+        title: str,
+        description: str,
+        output: dict[str, Any],
+        schemas: dict[str, dict[str, Any]] | None = None,
         read_only: bool = False,
         destructive: bool = False,
         idempotent: bool = False,
         local: bool = False,
+        secret: bool = False,
         wait: str | None = None,
         checks_url: bool = False,
-        same_as: str = "",
     ) -> None:
         self.name = name
         self.command = next(c for c in COMMANDS if c.name == command)
         self.operation = operation
         self.arguments = tuple(arguments)
-        self.guide = guide
-        self.annotations = {"readOnlyHint": read_only, "openWorldHint": not local}
+        self.title = title
+        self.description = description
+        self.output = output
+        self.schemas = schemas or {}
+        self.safe = read_only and not secret  # offered by `mcp --read-only`
+        self.annotations = {"title": title, "readOnlyHint": read_only, "openWorldHint": not local}
         if not read_only:
             self.annotations.update(destructiveHint=destructive, idempotentHint=idempotent)
-        self.wait = wait  # the argument that is a waiting time: bounded by TOKENROUTE_TIMEOUT
+        self.wait = wait  # the argument that is a waiting time (at most MCP_WAIT)
         self.checks_url = checks_url  # gets the --api-url flag to check, not the URL it names
-        self.same_as = f"tokenroute {same_as or command} --json"
 
     def options(self) -> dict[str, dict[str, Any]]:
         """The settings of each argument's option; a positional one is required."""
@@ -4177,28 +4315,36 @@ class McpTool:
         }
         return {name: found[name] for name in self.arguments}
 
-    def definition(self) -> dict[str, Any]:
+    def input_schema(self) -> dict[str, Any]:
         options = self.options()
         schema = {
             "type": "object",
-            "properties": {name: argument_schema(settings) for name, settings in options.items()},
+            "properties": {
+                name: {**argument_schema(settings), **self.schemas.get(name, {})} for name, settings in options.items()
+            },
             "additionalProperties": False,
         }
         required = [name for name, settings in options.items() if settings["required"]]
         if required:
             schema["required"] = required
-        summary = self.command.summary[:1].upper() + self.command.summary[1:] + "."
+        return schema
+
+    def definition(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "description": " ".join(filter(None, (summary, self.guide, f"Same data as `{self.same_as}`."))),
-            "inputSchema": schema,
+            "title": self.title,
+            "description": self.description,
+            "inputSchema": self.input_schema(),
+            "outputSchema": {"type": "object", "anyOf": [self.output, MCP_ERROR_SCHEMA]},
             "annotations": self.annotations,
         }
 
     def values(self, arguments: dict[str, Any]) -> dict[str, Any]:
-        """The operation's keyword arguments. Any argument that does not fit is a `usage`
+        """The operation's keyword arguments. An argument the inputSchema refuses is a `usage`
         error result (SEP-1303), so that the model can correct itself."""
-        options = self.options()
+        import re
+
+        options, schema = self.options(), self.input_schema()
         unknown = sorted(set(arguments) - set(options))
         if unknown:
             raise CliError(f"unknown argument {sanitize(unknown[0])!r} (see the tool's inputSchema)", code="usage")
@@ -4208,19 +4354,19 @@ class McpTool:
                 if settings["required"]:
                     raise CliError(f"{name} is required", code="usage")
                 continue
-            value = arguments[name]
-            types = argument_schema(settings)["type"]
-            types = types if isinstance(types, list) else [types]
-            if not is_json_type(value, types):
-                raise CliError(f"{name} must be {' or '.join(types)}", code="usage")
-            if isinstance(value, str) and not is_utf8(value):
-                raise CliError(f"{name} is not valid UTF-8 text", code="usage")
-            if "integer" in types and isinstance(value, float):
+            value, rule = arguments[name], schema["properties"][name]
+            problem = value_problem(value, rule)
+            if problem is not None:
+                raise CliError(f"{name} {problem}", code="usage")
+            if rule["type"] == "integer" and isinstance(value, float):
                 value = int(value)  # 7.0: JSON Schema counts it as an integer
             try:
                 values[name] = settings["type"](str(value)) if "type" in settings else value
             except BadValue as error:
                 raise CliError(f"{name}: {error}", code="usage") from None
+            if "pattern" in rule and not re.search(rule["pattern"], value):
+                raise CliError(f"{name} does not match the pattern {rule['pattern']} (see the tool's inputSchema)",
+                               code="usage")
         return values
 
     def run(self, ctx: Context, api_url: str | None, values: dict[str, Any]) -> Any:
@@ -4229,52 +4375,180 @@ class McpTool:
         return self.operation(ctx, api_url, **values)
 
 
+def value_problem(value: object, rule: dict[str, Any]) -> str | None:
+    """What keeps `value` from fitting an argument's schema (but its pattern), None when nothing does."""
+    if not is_json_type(value, [rule["type"]]):
+        return f"must be {rule['type']}"
+    if isinstance(value, str) and not is_utf8(value):
+        return "is not valid UTF-8 text"
+    if "enum" in rule and value not in rule["enum"]:
+        return f"must be one of {', '.join(map(str, rule['enum']))}"
+    if "minimum" in rule and value < rule["minimum"]:
+        return f"must be at least {rule['minimum']:g}"
+    if "maximum" in rule and value > rule["maximum"]:
+        return f"must be at most {rule['maximum']:g}"
+    return None
+
+
 def mcp_tools() -> dict[str, McpTool]:
+    key = {"id": "the key id", "name": "the key's name", "key_prefix": "the first characters of the key",
+           "status": "active or revoked", "balance_usd": "the key's credit in USD, a decimal string",
+           "created_at": "when it was created (ISO 8601)"}
+    model = {"id": "the model id to send", "owned_by": "the provider", "complexity_tier": "low or high",
+             "input_usd_per_1k": "USD per 1,000 input tokens, a decimal string",
+             "output_usd_per_1k": "USD per 1,000 output tokens, a decimal string"}
+    secret_key = {"type": "string", "description": "a secret sk-tr-* API key"}
+    text = {"type": "string"}
     tools = (
-        McpTool("whoami", "whoami", whoami, read_only=True, guide="Money is a decimal string."),
-        McpTool("balance", "balance", balance, read_only=True, guide="Money is a decimal string."),
-        McpTool("usage", "usage", usage, ["days"], read_only=True, guide="Only successful requests count."),
-        McpTool("models", "models", list_models, ["key"], read_only=True, guide="Prices are USD per 1k tokens."),
-        McpTool("keys_list", "keys list", list_keys, read_only=True, guide="Raw key values are never listed."),
         McpTool(
-            "keys_create", "keys create", create_key, ["name", "no_cache"],
-            guide="The raw key is returned only this once; unless no_cache, it is cached for env, test and models.",
+            "whoami", "whoami", whoami, title="Who am I", read_only=True,
+            description="The signed-in tokenroute account: id, name, email, status and balance (USD, a decimal string).",
+            output=result_schema({
+                "id": "the account id", "display_name": "the account's name", "email": "the account's email",
+                "logto_sub": "the identity provider's id of the account", "status": "the account status, like active",
+                "balance_usd": "the credit across the active API keys in USD, a decimal string",
+            }),
         ),
         McpTool(
-            "keys_revoke", "keys revoke", revoke_key, ["id"], destructive=True, idempotent=True,
-            guide="Every later call with that key fails.",
+            "balance", "balance", balance, title="Balance", read_only=True,
+            description="The account's credit across its active API keys, in USD as a decimal string.",
+            output=result_schema({"balance_usd": "the credit in USD, a decimal string like \"5.00\"",
+                                  "currency": "always USD"}),
         ),
         McpTool(
-            "topup", "topup", topup, ["amount"],
-            guide="Returns a Stripe Checkout URL and never pays: give the URL to the user, who pays in a browser.",
-        ),
-        McpTool("env", "env", env_values, ["key"], read_only=True, local=True, guide="Values for an OpenAI SDK."),
-        McpTool("test", "test", try_chat, ["model", "key"], guide="Spends a fraction of a cent of credit."),
-        McpTool("doctor", "doctor", doctor, ["key"], read_only=True, checks_url=True, guide="Each check has its fix."),
-        McpTool(
-            "login_start", "login", login_start, ["force"], same_as="login --no-wait",
-            guide="Returns the URL and code for the user to approve (or status logged_in); then call login_finish.",
+            "usage", "usage", usage, ["days"], title="Usage", read_only=True,
+            description="Requests, tokens and cost over the last days (1-365); only successful requests count.",
+            output=result_schema({
+                "range_days": "the days counted", "total_requests": "successful requests",
+                "total_tokens_in": "input tokens", "total_tokens_out": "output tokens",
+                "total_cost_usd": "the cost in USD, a decimal string",
+            }),
         ),
         McpTool(
-            "login_finish", "login", login_finish, ["timeout"], wait="timeout", same_as="login --resume",
-            guide="Waits for the approval at most timeout seconds (default and limit TOKENROUTE_TIMEOUT, 30); "
-            "on login_pending, call it again.",
+            "models", "models", list_models, ["key"], title="Models and prices", read_only=True,
+            description="The models the gateway serves, with their prices in USD per 1,000 tokens.",
+            output=list_schema(model),
+        ),
+        McpTool(
+            "keys_list", "keys list", list_keys, title="List API keys", read_only=True,
+            description="The account's API keys (id, name, prefix, status, credit); raw key values are never listed.",
+            output=list_schema(key),
+        ),
+        McpTool(
+            "keys_create", "keys create", create_key, ["name", "no_cache"], title="Create an API key", secret=True,
+            description="Creates a new sk-tr-* API key and returns it: a secret, in the result only this once. "
+            "Unless no_cache, it is also cached on this machine for env, test and models.",
+            output=result_schema({**key, "raw": {**secret_key, "description": "the new secret API key, shown only once"}},
+                                 "raw"),
+        ),
+        McpTool(
+            "keys_revoke", "keys revoke", revoke_key, ["id"], title="Revoke an API key", destructive=True,
+            idempotent=True, schemas={"id": {"description": "the key id (from keys_list)"}},
+            description="Revokes an API key by its id: every later call with that key fails.",
+            output=result_schema(key),
+        ),
+        McpTool(
+            "topup", "topup", topup, ["amount"], title="Top-up link",
+            schemas={"amount": {"description": f"USD as a decimal string above 0 with at most 2 decimals, at most "
+                                               f"{MAX_TOPUP}, like \"5\" or \"12.50\""}},
+            description="Creates a Stripe Checkout link to add credit, and never pays: give its checkout_url to the "
+            "user, who pays in a browser.",
+            output=result_schema({
+                "checkout_url": {"type": "string", "description": "the https URL the user opens to pay"},
+                "session_id": "the Stripe Checkout session id", "amount_usd": "the amount asked, in USD",
+                "expires_at": "when the link expires (Unix time)",
+            }, "checkout_url"),
+        ),
+        McpTool(
+            "env", "env", env_values, ["key"], title="OpenAI SDK settings", read_only=True, local=True, secret=True,
+            description="Returns a secret: OPENAI_API_KEY (an API key) and OPENAI_BASE_URL, the two settings an "
+            "OpenAI SDK needs to use the gateway.",
+            output=result_schema({"OPENAI_API_KEY": secret_key, "OPENAI_BASE_URL": text},
+                                 "OPENAI_API_KEY", "OPENAI_BASE_URL"),
+        ),
+        McpTool(
+            "test", "test", try_chat, ["model", "key"], title="Test the gateway",
+            description="Sends one tiny chat completion through the gateway to show that it and the API key work; "
+            "spends a fraction of a cent of credit.",
+            output=result_schema({"ok": {"type": "boolean"}, "model": text, "reply": text,
+                                  "usage": "the token counts the gateway reported"}, "ok", "model", "reply"),
+        ),
+        McpTool(
+            "doctor", "doctor", doctor, ["key"], title="Check the setup", read_only=True, checks_url=True,
+            description="Checks Python, the gateway URL, the gateway, the login, the API key and the files' "
+            "permissions; each problem comes with the command that fixes it.",
+            output=result_schema({
+                "ok": {"type": "boolean", "description": "false when a check found a problem"},
+                "checks": {"type": "array", "items": {"type": "object", "properties": {
+                    "name": text, "status": {"type": "string", "enum": ["ok", "warning", "problem"]},
+                    "detail": text, "fix": {"description": "the command that fixes it, or null"},
+                }}},
+            }, "ok", "checks"),
+        ),
+        McpTool(
+            "login_start", "login", login_start, ["force"], title="Start a login",
+            description="Starts a login for the user to approve in a browser: returns a URL and a user_code to show "
+            "them (or status logged_in when a login already works). Then call login_finish with that user_code.",
+            output=result_schema({
+                "status": {"type": "string", "enum": ["pending", "logged_in"]}, "api_url": text,
+                "verification_uri": text, "verification_uri_complete": text, "user_code": text,
+                "expires_at": {"type": "integer", "description": "when the code expires (Unix time)"}, "next": text,
+            }, "status"),
+        ),
+        McpTool(
+            "login_finish", "login", login_finish, ["timeout", "user_code"], title="Finish a login", wait="timeout",
+            schemas={
+                "timeout": {"maximum": MCP_WAIT, "default": MCP_WAIT,
+                            "description": f"seconds to wait for the approval (at most {MCP_WAIT:g})"},
+                "user_code": {"description": "the user_code login_start returned (default: the login this server "
+                                             "started last)"},
+            },
+            description="Waits for the user to approve the login that login_start began, then saves it. If the "
+            "error code is login_pending, call it again.",
+            output=result_schema({"status": {"type": "string", "enum": ["logged_in"]}, "api_url": text},
+                                 "status", "api_url"),
         ),
     )
     return {tool.name: tool for tool in tools}
 
 
+def result_schema(fields: dict[str, Any], *required: str) -> dict[str, Any]:
+    """The schema of a tool's result object. A field given as text is one the gateway defines:
+    described, not typed, since its value is passed on as the gateway sent it."""
+    properties = {name: field if isinstance(field, dict) else {"description": field} for name, field in fields.items()}
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
+def list_schema(fields: dict[str, Any]) -> dict[str, Any]:
+    """A list result: an object whatever the protocol version, the list under `items`."""
+    return result_schema({"items": {"type": "array", "items": result_schema(fields)}}, "items")
+
+
+MCP_ERROR_SCHEMA = result_schema({
+    "error": result_schema({
+        "code": {"type": "string", "description": "a stable machine code, like auth_required"},
+        "message": {"type": "string"},
+        "status": {"description": "the HTTP status behind the error, or null"},
+        "next": {"type": "string", "description": "the tokenroute command that fixes it"},
+    }, "code", "message"),
+}, "error")
+
+
 def argument_schema(settings: dict[str, Any]) -> dict[str, Any]:
-    """The JSON Schema of one option's value."""
+    """The JSON Schema of one option's value: one type, the limits its type function applies."""
     if settings.get("action") == "store_true":
         schema: dict[str, Any] = {"type": "boolean", "default": False}
     else:
         schema = dict(
             {
-                parse_amount: {"type": ["string", "number"]},
+                parse_amount: {"type": "string", "pattern": amount_pattern()},
                 parse_days: {"type": "integer", "minimum": 1, "maximum": 365},
-                non_empty: {"type": "string", "minLength": 1},
+                non_empty: {"type": "string", "pattern": "\\S"},
                 positive_seconds: {"type": "number", "minimum": 0, "maximum": 86400},
+                login_code: {"type": "string", "pattern": USER_CODE_PATTERN},
             }.get(settings.get("type"), {"type": "string"})
         )
         if "choices" in settings:
@@ -4283,6 +4557,12 @@ def argument_schema(settings: dict[str, Any]) -> dict[str, Any]:
             schema["default"] = settings["default"]
     schema["description"] = settings.get("help", "")
     return schema
+
+
+def amount_pattern() -> str:
+    """parse_amount's rule as a pattern: above 0, at most 2 decimals, at most MAX_TOPUP (all nines)."""
+    digits = len(MAX_TOPUP.partition(".")[0])
+    return f"^(?:[1-9][0-9]{{0,{digits - 1}}}(?:\\.[0-9]{{1,2}})?|0\\.(?:[1-9][0-9]?|0[1-9]))$"
 
 
 def is_json_type(value: object, types: Sequence[str]) -> bool:
@@ -4294,16 +4574,121 @@ def is_json_type(value: object, types: Sequence[str]) -> bool:
     return any(isinstance(value, kinds[name]) for name in types)
 
 
-class McpServer:
-    """Answers MCP messages, one line in, at most one line out; a failing tool never ends it."""
+class McpCall:
+    """A tools/call request: queued for the main thread, then running there."""
 
-    def __init__(self, ctx: Context, api_url: str | None) -> None:
+    def __init__(self, request_id: str | int, tool: McpTool, arguments: dict[str, Any], version: str,
+                 progress_token: str | int | None) -> None:
+        import _thread
+
+        self.id = request_id
+        self.tool = tool
+        self.arguments = arguments
+        self.version = version
+        self.progress_token = progress_token  # the client's, to send progress of a long wait with
+        self.cancelled = False
+        self.woken = _thread.allocate_lock()  # released by cancel(): ends a wait at once
+        self.woken.acquire()
+        self.ctx: Context | None = None  # the call's own, once it runs
+        self.started = 0.0
+        self.waiting = 0.0  # the wait's length, for progress
+        self.progress = -1.0  # the last progress sent; each must be greater
+
+    def cancel(self) -> None:
+        """The client stopped waiting: end the call at its next wait or exchange. An exchange
+        already in flight runs to its end (a write the gateway received is not undone)."""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        if self.ctx is not None:
+            self.ctx.deadline = float("-inf")  # no exchange starts, no lock is waited for
+        self.woken.release()
+
+    def wait(self, seconds: float) -> None:
+        """Sleep on the real clock, unless cancelled first."""
+        if self.woken.acquire(timeout=seconds):
+            self.woken.release()
+
+
+class McpServer:
+    """Answers MCP messages, one line in, at most one line out each; a failing tool never ends it."""
+
+    def __init__(self, ctx: Context, api_url: str | None, tools: dict[str, McpTool]) -> None:
+        import _thread
+
         self.ctx = ctx
         self.api_url = api_url  # the --api-url flag, resolved per call like any command's
+        self.tools = tools
         self.handshake_version: str | None = None
-        self.tools = mcp_tools()
+        self.login_code: str | None = None  # the user_code of the login this server started last
+        self.lock = _thread.allocate_lock()  # held to write a line, and to touch the two below
+        self.queue: list[McpCall | None] = []  # the calls read and not taken yet; None: the input ended
+        self.unanswered: dict[str | int, McpCall] = {}
+        self.arrived = _thread.allocate_lock()  # released by the reader when it queues something
+        self.arrived.acquire()
+        self.output_error: Exception | None = None  # stdout failed: its reader left
 
-    def handle(self, line: bytes) -> str | None:
+    def serve(self, stdin: BinaryIO) -> None:
+        """Read on a helper thread and run the calls here, until the input ends and every call
+        read before its end is answered (`printf '...' | tokenroute mcp` gets every answer)."""
+        import _thread
+
+        _thread.start_new_thread(self.read, (stdin,))
+        while self.output_error is None:
+            self.arrived.acquire()
+            with self.lock:
+                calls, self.queue = self.queue, []
+            for call in calls:
+                if call is None or self.output_error is not None:
+                    break
+                self.run(call)
+            if None in calls:
+                break
+        if self.output_error is not None:
+            raise self.output_error
+
+    def read(self, stdin: BinaryIO) -> None:
+        try:
+            for line in input_lines(stdin):
+                self.receive(line)
+                if self.output_error is not None:
+                    break
+        except (OSError, ValueError):  # stdin failed: as good as closed
+            pass
+        finally:
+            self.enqueue(None)
+
+    def receive(self, line: bytes) -> None:
+        reply = self.handle(line)
+        if isinstance(reply, McpCall):
+            with self.lock:
+                if reply.id in self.unanswered:
+                    self.write(rpc_answer(reply.id, error=McpError(-32600, "Invalid Request: that id is in use")))
+                    return
+                self.unanswered[reply.id] = reply
+            self.enqueue(reply)
+        elif reply is not None:
+            with self.lock:
+                self.write(reply)
+
+    def enqueue(self, call: McpCall | None) -> None:
+        with self.lock:
+            self.queue.append(call)
+            if self.arrived.locked():  # only this thread releases it, so it stays locked until then
+                self.arrived.release()
+
+    def write(self, line: str) -> None:
+        """One message, one line; the caller holds the lock."""
+        if self.output_error is not None:
+            return
+        try:
+            self.ctx.stdout.write(line + "\n")
+            self.ctx.stdout.flush()
+        except (OSError, ValueError) as error:  # the client left: nothing more can reach it
+            self.output_error = error
+
+    def handle(self, line: bytes) -> str | McpCall | None:
+        """The answer to one line, a tool call to run, or None (nothing to send)."""
         import json
 
         if not line.strip():
@@ -4316,6 +4701,8 @@ class McpServer:
         valid_id = isinstance(request_id, (str, int)) and not isinstance(request_id, bool)
         if isinstance(message, dict) and "method" not in message and ("result" in message or "error" in message):
             return None  # a response: this server sends no requests
+        if isinstance(message, list):
+            return rpc_answer(None, error=McpError(-32600, "Invalid Request: JSON-RPC batches are not supported"))
         if (
             not isinstance(message, dict)
             or message.get("jsonrpc") != "2.0"
@@ -4324,10 +4711,13 @@ class McpServer:
             or not isinstance(message.get("params", {}), (dict, list))
         ):
             return rpc_answer(request_id if valid_id else None, error=McpError(-32600, "Invalid Request"))
+        params = message.get("params", {})
         if "id" not in message:
-            return None  # notifications (initialized, cancelled, ...) need nothing from this server
+            if message["method"] == "notifications/cancelled" and isinstance(params, dict):
+                self.cancel(params.get("requestId"))
+            return None  # other notifications (initialized, ...) need nothing from this server
         try:
-            return rpc_answer(request_id, result=self.answer(message["method"], message.get("params", {})))
+            answer = self.answer(request_id, message["method"], params)
         except McpError as error:
             return rpc_answer(request_id, error=error)
         except Exception:  # a bug answering one request must not end the server
@@ -4335,8 +4725,16 @@ class McpServer:
 
             traceback.print_exc(file=self.ctx.stderr)
             return rpc_answer(request_id, error=McpError(-32603, "Internal error"))
+        return answer if isinstance(answer, McpCall) else rpc_answer(request_id, result=answer)
 
-    def answer(self, method: str, params: dict[str, Any] | list[Any]) -> dict[str, Any]:
+    def cancel(self, request_id: object) -> None:
+        """notifications/cancelled: nothing is sent for that request any more."""
+        with self.lock:
+            call = self.unanswered.get(request_id) if isinstance(request_id, (str, int)) else None
+        if call is not None:
+            call.cancel()
+
+    def answer(self, request_id: str | int, method: str, params: dict[str, Any] | list[Any]) -> dict[str, Any] | McpCall:
         if not isinstance(params, dict):
             raise McpError(-32602, "Invalid params: an object is required")
         meta = params.get("_meta")
@@ -4345,7 +4743,7 @@ class McpServer:
             requested = params.get("protocolVersion")
             if not isinstance(requested, str):
                 raise McpError(-32602, "Invalid params: initialize needs a protocolVersion")
-            self.handshake_version = requested if requested in MCP_HANDSHAKE_VERSIONS else MCP_HANDSHAKE_VERSIONS[0]
+            self.handshake_version = handshake_version(requested)
             return {
                 "protocolVersion": self.handshake_version,
                 "capabilities": {"tools": {"listChanged": False}},
@@ -4358,12 +4756,13 @@ class McpServer:
             raise McpError(-32022, "Unsupported protocol version", {"supported": supported, "requested": version})
         if modern and not isinstance(meta.get(MCP_CAPABILITIES_KEY), dict):
             raise McpError(-32602, f"Invalid params: _meta lacks {MCP_CAPABILITIES_KEY}")
-        result = self.dispatch(method, params, version or self.handshake_version or MCP_HANDSHAKE_VERSIONS[0])
-        if modern or method == "server/discover":
-            result.update(resultType="complete", _meta={"io.modelcontextprotocol/serverInfo": mcp_server_info()})
-        return result
+        version = version or self.handshake_version or MCP_HANDSHAKE_VERSIONS[0]
+        if method == "tools/call":
+            return self.tool_call(request_id, params, version)
+        result = self.dispatch(method, version)
+        return completed(result) if modern or method == "server/discover" else result
 
-    def dispatch(self, method: str, params: dict[str, Any], version: str) -> dict[str, Any]:
+    def dispatch(self, method: str, version: str) -> dict[str, Any]:
         cacheable = {"ttlMs": 3_600_000, "cacheScope": "public"} if version in MCP_MODERN_VERSIONS else {}
         if method == "ping":
             return {}
@@ -4377,67 +4776,156 @@ class McpServer:
             }
         if method == "tools/list":
             return {"tools": [tool.definition() for tool in self.tools.values()], **cacheable}
-        if method == "tools/call":
-            name, arguments = params.get("name"), params.get("arguments")
-            if not isinstance(name, str) or name not in self.tools:
-                raise McpError(-32602, f"Unknown tool: {name}")
-            if not isinstance(arguments, (dict, type(None))):
-                raise McpError(-32602, f"Invalid arguments for tool {name}: an object is required")
-            return self.call(self.tools[name], arguments or {}, version)
         raise McpError(-32601, f"Method not found: {method}")
 
-    def call(self, tool: McpTool, arguments: dict[str, Any], version: str) -> dict[str, Any]:
-        """A tool's result: the operation's --json data, or its --json error with isError.
+    def tool_call(self, request_id: str | int, params: dict[str, Any], version: str) -> McpCall:
+        name, arguments = params.get("name"), params.get("arguments")
+        if not isinstance(name, str) or name not in self.tools:
+            known = isinstance(name, str) and name in mcp_tools()
+            offered = " (not offered: see `tokenroute mcp --read-only` and `--tools`)" if known else ""
+            raise McpError(-32602, f"Unknown tool: {name}{offered}")
+        if not isinstance(arguments, (dict, type(None))):
+            raise McpError(-32602, f"Invalid arguments for tool {name}: an object is required")
+        meta = params.get("_meta")
+        token = meta.get("progressToken") if isinstance(meta, dict) else None
+        token = token if isinstance(token, (str, int)) and not isinstance(token, bool) else None
+        return McpCall(request_id, self.tools[name], arguments or {}, version, token)
 
-        It runs here, on the server's thread, with a deadline every exchange and
-        wait honours: nothing of a call goes on after its answer.
+    def run(self, call: McpCall) -> None:
+        """Run a tool call on this (the main) thread and answer it, unless it was cancelled."""
+        reply = None
+        if not call.cancelled:
+            try:
+                result = self.call(call)
+                reply = rpc_answer(call.id, result=completed(result) if call.version in MCP_MODERN_VERSIONS else result)
+            except McpCancelled:
+                pass
+            except Exception:  # a bug answering one request must not end the server
+                import traceback
+
+                traceback.print_exc(file=self.ctx.stderr)
+                reply = rpc_answer(call.id, error=McpError(-32603, "Internal error"))
+        with self.lock:
+            del self.unanswered[call.id]
+            if reply is not None and not call.cancelled:
+                self.write(reply)
+
+    def call(self, call: McpCall) -> dict[str, Any]:
+        """A tool's result: the operation's data as an object, or its error object with isError.
+
+        No exchange of the call starts after its deadline, and a read ends by it; no
+        wait outlasts it (see MCP_TIMEOUT), and a cancellation ends it.
         """
         import io
         import json
 
+        tool = call.tool
         # A call's diagnostics (notes, warnings) go to the server's stderr, never into a result on stdout.
-        ctx = Context(
-            env=self.ctx.env, stdout=io.StringIO(), stderr=self.ctx.stderr, sleep=self.ctx.sleep, now=self.ctx.now
-        )
+        ctx = Context(env=self.ctx.env, stdout=io.StringIO(), stderr=self.ctx.stderr,
+                      sleep=lambda seconds: self.pause(call, seconds), now=self.ctx.now)
         ctx.tls = self.ctx.tls  # one TLS context per process
         try:
-            values = tool.values(arguments)
-            seconds = timeout_setting(ctx)
+            values = tool.values(call.arguments)
+            seconds = min(timeout_setting(ctx), MCP_TIMEOUT)
+            ctx.env = {**ctx.env, "TOKENROUTE_TIMEOUT": str(seconds)}
             if tool.wait is not None:
-                values[tool.wait] = min(values.get(tool.wait, seconds), seconds)
-                seconds += values[tool.wait]
-            ctx.deadline = ctx.now() + seconds
+                call.waiting = values.setdefault(tool.wait, MCP_WAIT)
+                seconds += call.waiting
+            if tool.name == "login_finish" and values.get("user_code") is None:
+                values["user_code"] = self.login_code  # the caller's own login, not another host's
+            call.started = ctx.now()
+            ctx.deadline = call.started + seconds
+            call.ctx = ctx
+            if call.cancelled:  # before cancel() could see ctx
+                raise McpCancelled
             data = tool.run(ctx, self.api_url, values)
+            structured = data if isinstance(data, dict) else {"items": data}
             try:
-                text = json_text(data)
+                text = json_text(structured)
             except (ValueError, RecursionError):  # NaN or absurd nesting from the server
                 raise server_error("the gateway's answer cannot be shown as JSON") from None
         except CliError as error:
-            body = error_body(error)
-            content = [{"type": "text", "text": json.dumps({"error": body})}]
-            return {"content": content, "structuredContent": body, "isError": True}
+            body = {"error": error_body(error)}
+            return {"content": [{"type": "text", "text": json.dumps(body)}], "structuredContent": body, "isError": True}
         finally:
             self.ctx.tls = ctx.tls
+        if tool.name == "login_start" and data["status"] == "pending":
+            self.login_code = data["user_code"]
         content = [{"type": "text", "text": text}]
         guide = mcp_result_guide(ctx, tool.name, data, values)
         if guide:
             content.append({"type": "text", "text": guide})
-        # Before 2026-07-28, structured content had to be an object: a list goes under "items".
-        structured = data if isinstance(data, dict) or version in MCP_MODERN_VERSIONS else {"items": data}
         return {"content": content, "structuredContent": structured, "isError": False}
+
+    def pause(self, call: McpCall, seconds: float) -> None:
+        """A tool call's sleep: progress during a long wait, and a cancellation ends it."""
+        if seconds > 0 and call.tool.wait is not None and call.progress_token is not None and not call.cancelled:
+            self.report_progress(call)
+        if self.ctx.sleep is time.sleep:  # the real clock: a cancellation wakes it
+            call.wait(seconds)
+        else:  # a test's clock
+            self.ctx.sleep(seconds)
+        if call.cancelled:
+            raise McpCancelled
+
+    def report_progress(self, call: McpCall) -> None:
+        elapsed = round(self.ctx.now() - call.started, 1)
+        if elapsed <= call.progress:
+            return
+        call.progress = elapsed
+        import json
+
+        params = {"progressToken": call.progress_token, "progress": elapsed, "total": call.waiting,
+                  "message": "waiting for the user to approve the login"}
+        with self.lock:
+            self.write(json.dumps({"jsonrpc": "2.0", "method": "notifications/progress", "params": params}))
+
+
+def input_lines(stdin: BinaryIO) -> Iterator[bytes]:
+    """The lines of stdin, read from its file descriptor where it has one: a thread waiting in
+    the buffered reader's readline() holds its lock, and Python aborts at exit when another
+    thread ends the process meanwhile (stdout failed, Ctrl-C)."""
+    try:
+        fd = stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file: a test's bytes
+        yield from iter(stdin.readline, b"")
+        return
+    rest = b""
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        *lines, rest = (rest + chunk).split(b"\n")
+        for line in lines:
+            yield line + b"\n"
+    if rest:
+        yield rest
+
+
+def handshake_version(requested: str) -> str:
+    """The newest version this server speaks that is not newer than the client's (an older
+    client refuses a newer one); the newest of all when the client's is older than every one."""
+    return next((version for version in MCP_HANDSHAKE_VERSIONS if version <= requested), MCP_HANDSHAKE_VERSIONS[0])
+
+
+def completed(result: dict[str, Any]) -> dict[str, Any]:
+    """A result as 2026-07-28 sends it."""
+    return dict(result, resultType="complete", _meta={"io.modelcontextprotocol/serverInfo": mcp_server_info()})
 
 
 def mcp_result_guide(ctx: Context, tool: str, data: Any, values: dict[str, Any]) -> str | None:
-    """What the agent should do with a result, next to its JSON."""
+    """What the agent should do with a result, next to its JSON. Built only from values of a
+    known shape (the amount asked, a device-flow code), never from free text of the server."""
     if tool == "topup":
         return (
-            f"Give this checkout URL to the user, who pays {show(data.get('amount_usd'))} USD in a browser; "
-            f"nothing is paid until they do: {show(data['checkout_url'])}"
+            f"Give the user the checkout_url of this result: they pay {values['amount']} USD in a browser; "
+            "nothing is paid until they do."
         )
     if tool == "login_start" and data["status"] == "pending":
+        code = data["user_code"]
         return (
-            f"Ask the user to open {show(data['verification_uri_complete'])} and approve the code "
-            f"{show(data['user_code'])} (or enter it at {show(data['verification_uri'])}), then call login_finish."
+            f"Ask the user to open the verification_uri_complete of this result and approve the code {code} "
+            f"(or enter it at the verification_uri), then call login_finish with user_code {code}."
         )
     if tool == "keys_create":
         cached = "not cached (no_cache)" if values.get("no_cache") else f"cached in {last_key_path(ctx)}"
@@ -4513,6 +5001,12 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def login_code(text: str) -> str:
+    if not is_user_code(text.strip()):
+        raise BadValue(f"{text!r} is not a login code (letters and digits, like BCDF-GHJK)")
+    return text.strip()
+
+
 class Command:
     """One command of the table below: what runs it, its help and its options."""
 
@@ -4554,6 +5048,8 @@ COMMANDS = (
         option("--no-wait", action="store_true", help="print the code and exit; finish with --resume"),
         option("--resume", action="store_true", help="finish a login started with --no-wait"),
         option("--timeout", type=positive_seconds, metavar="SECONDS", help="with --resume: stop waiting after this long"),
+        option("--user-code", type=login_code, metavar="CODE",
+               help="with --resume: the login whose code this is (default: the newest)"),
     ),
     Command(
         "logout", cmd_logout, "forget this gateway's login", "tokenroute logout --all",
@@ -4621,7 +5117,11 @@ COMMANDS = (
         "completion", cmd_completion, "print a shell completion script", "tokenroute completion bash > tokenroute.bash",
         option("shell", choices=("bash", "zsh", "fish")),
     ),
-    Command("mcp", cmd_mcp, "serve your account as MCP tools on stdin/stdout", "tokenroute mcp"),
+    Command(
+        "mcp", cmd_mcp, "serve your account as MCP tools on stdin/stdout", "tokenroute mcp --read-only",
+        option("--read-only", action="store_true", help="offer only the tools that change nothing and return no secret"),
+        option("--tools", metavar="NAME,...", help="offer only these tools (comma-separated)"),
+    ),
     Command("version", cmd_version, "print the version", "tokenroute version"),
     Command(
         "help", cmd_help_topic, "show the help of a command", "tokenroute help keys create",

@@ -38,6 +38,12 @@ Both tokenroutes run as `python -c "import tokenroute; tokenroute.main()"`
 from their own folder (bytecode cached, no console-script wrapper), so only
 their code differs. Needs the openssl command and git.
 
+The MCP part (issue 17) times `tokenroute mcp` answering `initialize` (and then
+`tools/list`) and exiting at the end of its input, against the same server at
+MCP_BASELINE_COMMIT (1.0.0, before issue 17 moved tool calls to the main thread
+and stdin to a reader thread): both run as `python -c "import tokenroute; ..."`
+from their own folder, alternating which goes first; wall and CPU time ratios.
+
 The single-file part (issue 12, not in "all") times `--version` run the ways
 the README's single-file download offers (`python tokenroute.py`, `python -m
 tokenroute` next to it) against the uv-installed command and `python -c
@@ -68,6 +74,12 @@ WHEEL_LIMIT_BYTES = 73_000  # 30_000 before issues 8-12; about 15 KB of it is th
 WARMUP_RUNS = 3  # the first run of each writes __pycache__, as on a user's machine
 RSS_RUNS = 5
 GNU_TIME = "/usr/bin/time"
+
+MCP_LIMIT = 1.05  # `tokenroute mcp` answers initialize as fast as 1.0.0's did, within noise
+MCP_BASELINE_COMMIT = "9fb15b9"  # 1.0.0
+MCP_INITIALIZE = (b'{"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", '
+                  b'"capabilities": {}, "clientInfo": {"name": "bench", "version": "0"}}}\n')
+MCP_TOOLS_LIST = b'{"jsonrpc": "2.0", "id": 2, "method": "tools/list"}\n'
 
 HTTPS_LIMITS = {"models": 0.75, "balance": 0.75, "doctor": 0.6, "refresh": 0.6}
 BASELINE_COMMIT = "4b1b3ae"  # main before issue 10: a new TLS context (and bundle load) per request
@@ -242,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=25, help="A/B pairs per measurement (default 25; >= 20 counts)")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: 5 pairs")
-    parser.add_argument("--part", choices=("all", "startup", "https", "single-file"), default="all")
+    parser.add_argument("--part", choices=("all", "startup", "https", "mcp", "single-file"), default="all")
     args = parser.parse_args(argv)
     pairs = 5 if args.quick else args.pairs
     if pairs < 20:
@@ -252,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         met.append(bench_startup(pairs))
     if args.part in ("all", "https"):
         met.append(bench_https(pairs))
+    if args.part in ("all", "mcp"):
+        met.append(bench_mcp(pairs))
     if args.part == "single-file":
         bench_single_file(pairs)
     return 0 if all(met) else 1
@@ -294,6 +308,68 @@ def bench_startup(pairs: int) -> bool:
     met.append(wheel < WHEEL_LIMIT_BYTES)
     print(f"target: wheel {wheel / 1000:.1f} KB (< {WHEEL_LIMIT_BYTES // 1000} KB) {verdict(met[-1])}")
     return all(met)
+
+
+# ------------------------------------------------------------------- mcp ---
+
+
+def mcp_answered(argv: list[str], env: dict[str, str], messages: bytes) -> tuple[float, float]:
+    """Wall and CPU time (s) of `tokenroute mcp` answering MESSAGES, then exiting at the end of input."""
+    start = time.perf_counter()
+    child = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert child.stdin is not None and child.stdout is not None
+    child.stdin.write(messages)
+    child.stdin.close()
+    out = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    elapsed = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0 or out.count(b"\n") != messages.count(b"\n"):  # --version: one line
+        raise SystemExit(f"bench: {' '.join(argv)} did not answer: {out!r}")
+    return elapsed, usage.ru_utime + usage.ru_stime
+
+
+def bench_mcp(pairs: int) -> bool:
+    with tempfile.TemporaryDirectory(prefix="tokenroute-bench-mcp-") as tmpdir:
+        tmp = Path(tmpdir)
+        baseline = subprocess.run(["git", "-C", str(REPO), "show", f"{MCP_BASELINE_COMMIT}:tokenroute.py"],
+                                  check=True, capture_output=True).stdout
+        for name, source in (("new", (REPO / "tokenroute.py").read_bytes()), ("1.0.0", baseline)):
+            (tmp / name).mkdir()
+            (tmp / name / "tokenroute.py").write_bytes(source)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENROUTE_", "PYTHONDONTWRITEBYTECODE"))}
+        env["TOKENROUTE_CONFIG_DIR"] = str(tmp / "config")
+        print(f"\nMCP: {pairs} pairs per row after {WARMUP_RUNS} warm-up runs, alternating which goes first;"
+              f" load average {os.getloadavg()[0]:.1f}\n", flush=True)
+        results = {}
+        rows = (("initialize", ["mcp"], MCP_INITIALIZE), ("initialize + tools/list", ["mcp"], MCP_INITIALIZE + MCP_TOOLS_LIST),
+                ("--version (control)", ["--version"], b"\n"))  # the cost of a bigger module, in every command
+        for label, argv, messages in rows:
+            new, old = ([sys.executable, "-c", RUN_TOKENROUTE, str(tmp / name), *argv] for name in ("new", "1.0.0"))
+            for _ in range(WARMUP_RUNS):
+                mcp_answered(new, env, messages)
+                mcp_answered(old, env, messages)
+            runs = []
+            for number in range(pairs):
+                if number % 2:
+                    run_old, run_new = mcp_answered(old, env, messages), mcp_answered(new, env, messages)
+                else:
+                    run_new, run_old = mcp_answered(new, env, messages), mcp_answered(old, env, messages)
+                runs.append((run_new, run_old))
+            ratios = [a[0] / b[0] for a, b in runs]
+            r = results[label] = {
+                "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+                "cpu": statistics.median(a[1] / b[1] for a, b in runs),
+                "ms_a": 1000 * statistics.median(a[0] for a, _ in runs),
+                "ms_b": 1000 * statistics.median(b[0] for _, b in runs),
+            }
+            print(f"{label:<25} vs 1.0.0  median {r['median']:.2f}x  [{r['min']:.2f}-{r['max']:.2f}]"
+                  f"  {r['ms_a']:5.1f} / {r['ms_b']:5.1f} ms;  CPU {r['cpu']:.2f}x", flush=True)
+    print("\ntargets (MCP, against 1.0.0):")
+    median = results["initialize"]["median"]
+    met = median <= MCP_LIMIT
+    print(f"target: mcp initialize median {median:.2f}x (<= {MCP_LIMIT}) {verdict(met)}"
+          f"  (CPU time {results['initialize']['cpu']:.2f}x)")
+    return met
 
 
 # ----------------------------------------------------------- single file ---
