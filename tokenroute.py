@@ -3172,18 +3172,27 @@ def write_env_file(args: argparse.Namespace, ctx: Context, variables: dict[str, 
     """
     if args.export or args.shell != "dotenv":
         raise CliError("--write writes dotenv lines: leave out --export and --shell", code="usage")
+    descriptor = open_file_alias(args.write)
+    if descriptor is not None:
+        via = "" if descriptor == os.path.abspath(args.write) else f" (through {descriptor})"
+        raise CliError(f"{args.write} names a file a process holds open{via}, not a file to update; "
+                       "give the file's own path")
     path = os.path.realpath(args.write)  # a symlinked .env is updated at its target
     old, status = read_env_file(args.write, path)
     new, changes = updated_env_file(args.write, old or b"", variables)
     if new != old:
+        if status is not None:
+            check_replaceable(args.write, path, status)
         keep = None if status is None or not hasattr(os, "fchown") else (status.st_uid, status.st_gid)
         try:  # a new file is private; an existing one keeps its mode, owner and group
             replace_file(path, new, mode=0o600 if status is None else status.st_mode & 0o7777, owner=keep)
         except OwnerNotKept:
-            raise CliError(f"cannot update {args.write} and keep its owner and group ({owner_names(status)}): "
-                           "run this as its owner, or as root; the file is unchanged") from None
+            raise CliError(owner_not_kept(args.write, status)) from None
         except OSError as exc:
-            raise CliError(f"cannot write {args.write}: {exc.strerror}") from None
+            import errno
+
+            mounted = " (it is a mount point: edit it where it is mounted from)" if exc.errno == errno.EBUSY else ""
+            raise CliError(f"cannot write {args.write}: {exc.strerror}{mounted}") from None
     if args.json:
         render_json(ctx, {"path": os.path.abspath(args.write), "created": old is None, "changed": new != old})
     elif old is None:
@@ -3193,8 +3202,34 @@ def write_env_file(args: argparse.Namespace, ctx: Context, variables: dict[str, 
         note(ctx, f"Updated {args.write}: {', '.join(changes) or 'final newline added'}")
     else:
         note(ctx, f"{args.write} already has {' and '.join(variables)}; unchanged")
+    kept = [name for name, value in variables.items() if ctx.env.get(name, value) != value]
+    if kept:  # load_dotenv()'s override=False, and node's rule
+        warn(ctx, f"{' and '.join(kept)} {'is' if len(kept) == 1 else 'are'} also set in this environment, and "
+                  "node --env-file and python-dotenv's load_dotenv() keep that over the file's; unset it, "
+                  "or use `tokenroute run`")
     warn_if_committable(ctx, path, shown=path if os.path.islink(args.write) else args.write)
     return EXIT_OK
+
+
+def open_file_alias(shown: str) -> str | None:
+    """The name on the way from `shown` through its symlinks that stands for a process's open file
+    (/dev/stdout, /dev/fd/N, /proc/PID/fd/N), if any: `--write /dev/stdout >> out.log` must not
+    replace out.log under the shell that holds it open."""
+    import re
+
+    path = os.path.abspath(shown)
+    for _ in range(40):  # the kernel's limit on symlinks followed
+        if re.match(r"/dev/(?:std(?:in|out|err)$|fd/)|/proc/[^/]+/(?:task/[^/]+/)?fd/", path):
+            return path
+        try:
+            target = os.readlink(path)
+        except OSError:  # no symlink (or none there)
+            return None
+        path = os.path.normpath(os.path.join(os.path.dirname(path), target))
+    return None
+
+
+MAX_DOTENV_BYTES = 1024 * 1024  # a bigger file is no dotenv file (reading 100 MB took 17 s and 510 MB)
 
 
 def read_env_file(shown: str, path: str) -> tuple[bytes | None, os.stat_result | None]:
@@ -3209,18 +3244,48 @@ def read_env_file(shown: str, path: str) -> tuple[bytes | None, os.stat_result |
 
     try:
         before = os.stat(shown)  # follows symlinks, /dev/stdout's to a pipe or a terminal included
-        if not stat.S_ISREG(before.st_mode):
-            raise CliError(f"{shown} is not a regular file; --write updates a file (or a symlink to one)")
-        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
-        with os.fdopen(os.open(path, flags), "rb") as handle:
-            status = os.fstat(handle.fileno())
-            if (status.st_dev, status.st_ino) != (before.st_dev, before.st_ino):
-                raise CliError(f"{shown} was replaced while it was read; run this again")
-            return handle.read(), status
     except FileNotFoundError:
         return None, None
     except OSError as exc:
         raise CliError(f"cannot read {shown}: {exc.strerror}") from None
+    if not stat.S_ISREG(before.st_mode):
+        raise CliError(f"{shown} is not a regular file; --write updates a file (or a symlink to one)")
+    replaced = CliError(f"{shown} was replaced while it was read; run this again")
+    too_big = CliError(f"{shown} is over 1 MB: not a dotenv file")
+    if before.st_size > MAX_DOTENV_BYTES:
+        raise too_big
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        with os.fdopen(os.open(path, flags), "rb") as handle:
+            status = os.fstat(handle.fileno())
+            # An inode number is reused at once (ext4): what was opened must be a regular file too.
+            if not stat.S_ISREG(status.st_mode) or (status.st_dev, status.st_ino) != (before.st_dev, before.st_ino):
+                raise replaced
+            text = handle.read(MAX_DOTENV_BYTES + 1)
+    except FileNotFoundError:  # there a moment ago
+        raise replaced from None
+    except OSError as exc:
+        raise CliError(f"cannot read {shown}: {exc.strerror}") from None
+    if len(text) > MAX_DOTENV_BYTES:
+        raise too_big
+    return text, status
+
+
+def check_replaceable(shown: str, path: str, status: os.stat_result) -> None:
+    """Refuse what replacing the file by a new one would lose: the other names of a hard-linked
+    file would keep the old key, and extended attributes (an ACL among them) stay with the old
+    file. SELinux gives the new file its folder's label, as to every file an editor saves by rename."""
+    if status.st_nlink > 1:
+        raise CliError(f"{shown} has {status.st_nlink} hard links: replacing it would leave the old key under "
+                       "its other names; remove the other links (or edit the file by hand), then run this again")
+    try:
+        names = os.listxattr(path) if hasattr(os, "listxattr") else []
+    except OSError:  # a file system without extended attributes
+        names = []
+    lost = [name for name in names if name != "security.selinux"]
+    if lost:
+        raise CliError(f"{shown} has extended attributes ({sanitize(', '.join(lost))}) that replacing it would "
+                       "lose (an ACL among them is one); edit the file by hand, or remove them and run this again")
 
 
 def updated_env_file(shown: str, text: bytes, variables: dict[str, str]) -> tuple[bytes, list[str]]:
@@ -3230,15 +3295,20 @@ def updated_env_file(shown: str, text: bytes, variables: dict[str, str]) -> tupl
         raise CliError(f"{shown} is UTF-16 (PowerShell 5.1's >> writes that); save it as UTF-8 first")
     if any(dotenv_name(entry) == "OPENAI_API_BASE" for entry in dotenv_entries(text.removeprefix(BOM))):
         variables = {**variables, "OPENAI_API_BASE": variables["OPENAI_BASE_URL"]}
-    line = ambiguous_line(text, variables)
-    if line is not None:
-        raise CliError(f"python-dotenv and node --env-file read line {line} of {shown} differently (a quoted "
-                       "value one of them ends elsewhere); fix that line so that both read it alike, then run this again")
-    return set_dotenv_values(text, variables)
+    new, changes = set_dotenv_values(text, variables)
+    line = ambiguous_line(new, variables)
+    if line is None:
+        return new, changes
+    if b"=" not in new.split(b"\n")[line - 1]:
+        raise CliError(f"node --env-file reads line {line} of {shown}, which has no `=`, into the name of the "
+                       "variable after it; make that line a comment (`#` first) or remove it, then run this again")
+    raise CliError(f"python-dotenv and node --env-file read line {line} of {shown} differently (a quoted value one "
+                   "of them ends elsewhere); fix that line so that both read it alike, then run this again")
 
 
-def owner_names(status: os.stat_result) -> str:
-    """`app:www-data`, numbers where the names are unknown."""
+def owner_not_kept(shown: str, status: os.stat_result) -> str:
+    """Why a new file cannot have the old one's owner and group: `app:www-data`, numbers where
+    the names are unknown."""
     import grp
     import pwd
 
@@ -3250,124 +3320,193 @@ def owner_names(status: os.stat_result) -> str:
         group = grp.getgrgid(status.st_gid).gr_name
     except KeyError:
         group = str(status.st_gid)
-    return f"{user}:{group}"
+    if status.st_uid == os.geteuid():  # the file is ours: only its group cannot be given
+        return (f"cannot update {shown} and keep its group: its group {group} is not one of yours; "
+                "run this as root, or as a member of that group; the file is unchanged")
+    return (f"cannot update {shown} and keep its owner and group ({user}:{group}): "
+            "run this as its owner, or as root; the file is unchanged")
 
 
 def set_dotenv_values(text: bytes, variables: dict[str, str]) -> tuple[bytes, list[str]]:
-    """`text` with each variable set once, where it first was; every other line byte for byte.
+    """`text` with each variable set once, where it first was; every other line byte for byte,
+    except what would make node --env-file (20) read the file otherwise than python-dotenv.
 
     Works on bytes so that any encoding, CRLF ending, quoting and comment
-    outside the variables' own lines survives. A UTF-8 byte-order mark stays,
-    unless the first line is one of the variables: node reads the mark as
-    part of that name.
+    outside the variables' own lines survives. A UTF-8 byte-order mark goes
+    (node reads it as part of the first line), and so does the indentation
+    of a blank or comment line right above a variable's (node reads such a
+    line into the next name); a variable's own line keeps only spaces before
+    it (node reads a tab as part of the name).
     Returns the new text and what changed, for people.
     """
-    bom = BOM if text.startswith(BOM) else b""
+    changes = ["byte-order mark removed (node --env-file reads it as part of the first line)"] if text.startswith(
+        BOM) else []
     lines = dotenv_entries(text.removeprefix(BOM))
     eol = b"\r\n" if lines and lines[0].endswith(b"\r\n") else b"\n"
     if lines and not lines[-1].endswith(b"\n"):
         lines[-1] += eol
-    changes = []
+    ours = []
     for name, value in variables.items():
         at = [number for number, line in enumerate(lines) if dotenv_name(line) == name]
         if not at:
             lines.append(f"{name}={value}".encode() + eol)
+            ours.append(lines[-1])
             changes.append(f"{name} added")
             continue
         first = lines[at[0]]
-        prefix = first[: len(first) - len(first.lstrip())]
+        prefix = first[: len(first) - len(first.lstrip(b" "))]
         if first.lstrip().startswith(b"export"):
             prefix += b"export "
         ending = b"\r\n" if first.endswith(b"\r\n") else b"\n"
         lines[at[0]] = prefix + f"{name}={value}".encode() + ending
+        ours.append(lines[at[0]])
         if lines[at[0]] != first:
             changes.append(f"{name} replaced")
-        if bom and at[0] == 0:
-            bom = b""
-            changes.append(f"the byte-order mark before {name} removed (node reads it as part of the name)")
         for number in reversed(at[1:]):
             del lines[number]
         if len(at) > 1:
             changes.append(f"{len(at) - 1} older {name} removed")
-    return bom + b"".join(lines), changes
+    dedented = []
+    for number, line in enumerate(lines):
+        above = number - 1
+        while line in ours and above >= 0 and lines[above].lstrip(b" \t").startswith((b"#", b"\r", b"\n")):
+            if lines[above][:1] in (b" ", b"\t"):
+                lines[above] = lines[above].lstrip(b" \t")
+                dedented.append(str(above + 1))
+            above -= 1
+    if dedented:
+        changes.append(f"indentation of line{'s' * (len(dedented) > 1)} {', '.join(sorted(dedented, key=int))} "
+                       "removed (node --env-file reads such a line into the next name)")
+    return b"".join(lines), changes
 
 
 BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which Windows editors put first
-# Where a quoted value ends, for the two readers a .env file is written for.
-# python-dotenv (1.2.3+): a backslash escapes any character, so "C:\\data\\" ends
-# at its last quote. node --env-file: the next same quote ends it, backticks quote too.
-PYTHON_DOTENV_QUOTES = (rb"'(?:\\.|[^'\\])*'", rb'"(?:\\.|[^"\\])*"')
-NODE_QUOTES = (rb"'[^']*'", rb'"[^"]*"', rb"`[^`]*`")
+# The start of a python-dotenv (1.2.3+) entry, as far as it runs over lines: a name in
+# single quotes, and a quoted value, where a backslash escapes any character, so that
+# "C:\\data\\" ends at its last quote.
+DOTENV_ENTRY = (rb"[^\S\r\n]*(?:export[^\S\r\n]+)?(?:'[^']+'|[^=#\s]+)[^\S\r\n]*"
+                rb"""(?:=[^\S\r\n]*(?:'(?:\\.|[^'\\])*'|"(?:\\.|[^"\\])*")?)?""")
 
 
-def dotenv_entries(text: bytes, quotes: Sequence[bytes] = PYTHON_DOTENV_QUOTES) -> list[bytes]:
-    """The file's lines, except that a quoted value spanning lines stays one entry with its line.
+def dotenv_entries(text: bytes) -> list[bytes]:
+    """The file's lines as python-dotenv reads them, except that a quoted name or value spanning
+    lines stays one entry with its lines.
 
     A reader takes `CERT="...` up to the closing quote, so an `OPENAI_API_KEY=`
     line inside it is part of CERT, not a variable. A quote that never closes
-    makes no multi-line value (python-dotenv and node read it so).
+    makes nothing span lines.
     """
     import re
 
     line = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)?")
-    opening = b"".join(quote[:1] for quote in quotes)
-    quoted_start = re.compile(
-        rb"[^\S\r\n]*(?:export[^\S\r\n]+)?(?:'[^'\r\n=]+'|[^=#\s]+)[^\S\r\n]*=[^\S\r\n]*(?=[%s])" % opening)
-    quoted = {quote[0]: re.compile(quote, re.DOTALL) for quote in quotes}
+    entry = re.compile(DOTENV_ENTRY, re.DOTALL)
     entries: list[bytes] = []
     start = 0
     while start < len(text):
         end = line.match(text, start).end()
-        value = quoted_start.match(text, start, end)
-        closed = value and quoted[text[value.end()]].match(text, value.end())
-        if closed and closed.end() > end:
-            end = line.match(text, closed.end()).end()
+        reach = entry.match(text, start)
+        if reach and reach.end() > end:
+            end = line.match(text, reach.end()).end()
         entries.append(text[start:end])
         start = end
     return entries
 
 
+def node_bindings(text: bytes) -> list[tuple[bytes, int, int]]:
+    """The variables node --env-file (20) reads, as (name, first line, last line), lines counted from 0.
+
+    Its parser (src/node_dotenv.cc) drops every CR, skips a line that starts
+    with `#` or is empty, and takes everything else up to the next `=` as a
+    name: a line without `=` (blank but for spaces, an indented comment, a
+    lone word, a byte-order mark before a `#`) runs into the next line's
+    name. A value in quotes ('' "" ``) runs to the same quote, over lines.
+    """
+    content = text.replace(b"\r", b"")
+    end = len(content)
+    at = end - len(content.lstrip(b" "))
+    line = 0
+    found = []
+    while at < end:
+        if content[at] in b"\n#":
+            stop = content.find(b"\n", at)
+            if stop >= 0:
+                line, at = line + 1, stop + 1
+                continue
+        equals = content.find(b"=", at)
+        name = content[at:equals].strip(b" ")
+        if equals < 0 or not name:
+            break
+        value = equals + 1
+        while content[value:value + 1] == b" ":
+            value += 1
+        quote = content[value:value + 1]
+        close = content.find(quote, value + 1) if quote in (b'"', b"'", b"`") else -1
+        stop = content.find(b"\n", max(close, value))
+        if stop < 0 and quote in (b'"', b"'", b"`") and close < 0:  # an unclosed last value: none, read on from it
+            line, at = line + content.count(b"\n", at, value), value
+            continue
+        stop = end if stop < 0 else stop
+        last = line + content.count(b"\n", at, stop)
+        found.append((name[7:] if name.startswith(b"export ") else name, line, last))
+        line, at = last, stop
+    return found
+
+
 def ambiguous_line(text: bytes, variables: dict[str, str]) -> int | None:
-    """The first line where python-dotenv and node --env-file disagree on an entry
-    of one of the variables (where it starts or ends), None when they agree."""
-    text = text.removeprefix(BOM)
+    """The first line where python-dotenv and node --env-file disagree on an entry of one of the
+    variables (where it starts or ends, or what runs into it), None when they agree."""
+    names = {name.encode() for name in variables}
+    python: list[tuple[bytes | None, int, int]] = []
+    line = 0
+    for entry in dotenv_entries(text):
+        name = dotenv_name(entry)
+        python.append((name and name.encode(), line, line + entry.count(b"\n", 0, len(entry) - 1)))
+        line += entry.count(b"\n")
+    node = node_bindings(text)
 
-    def spans(quotes: Sequence[bytes]) -> set[tuple[int, int]]:
-        found: set[tuple[int, int]] = set()
-        at = 0
-        for entry in dotenv_entries(text, quotes):
-            if dotenv_name(entry) in variables:
-                found.add((at, at + len(entry)))
-            at += len(entry)
-        return found
+    def read(entries: Sequence[tuple[bytes | None, int, int]],
+             other: Sequence[tuple[bytes | None, int, int]]) -> set[tuple[bytes | None, int, int]]:
+        """A reader's entries (name, first line, last line) of the variables, and any that covers
+        one of the other reader's."""
+        theirs = [entry for entry in other if entry[0] in names]
+        return {(name, first, last) for name, first, last in entries
+                if name in names or any(first <= end and start <= last for _, start, end in theirs)}
 
-    differ = spans(PYTHON_DOTENV_QUOTES) ^ spans(NODE_QUOTES)
-    return text[: min(differ)[0]].count(b"\n") + 1 if differ else None
+    differ = read(python, node) ^ read(node, python)
+    return min(first for _, first, _ in differ) + 1 if differ else None
 
 
 def dotenv_name(line: bytes) -> str | None:
-    """The variable a dotenv line sets (`NAME=`, `export NAME=`, `NAME =`, `'NAME'=`), or None."""
-    words = line.strip().split(b"=", 1)
-    if len(words) < 2:
-        return None
-    name = words[0].strip()
-    if name.startswith(b"export") and name[6:7].isspace():
-        name = name[6:].strip()
-    if len(name) > 2 and name[:1] == name[-1:] == b"'":  # python-dotenv's quoted name
-        name = name[1:-1]
+    """The variable a dotenv line sets as python-dotenv reads it (`NAME=`, `export NAME=`, `NAME =`,
+    `'NAME'=`, and a bare `NAME`, which sets it to nothing), or None."""
+    import re
+
+    match = re.match(rb"\s*(?:export[^\S\r\n]+)?(?:'([^']+)'|([^=#\s]+))[^\S\r\n]*(?:[=#\r\n]|\Z)", line)
     try:
-        return name.decode("ascii") if name else None
+        return (match.group(1) or match.group(2)).decode("ascii") if match else None
     except UnicodeDecodeError:
         return None
 
 
-def warn_if_committable(ctx: Context, path: str, *, shown: str) -> None:
-    """Warn when git tracks the file or would take it in `git add .`; silent without git.
+# What makes git look at another repository than the file's own folder's; git itself drops
+# them when it runs in another repository (`git rev-parse --local-env-vars`).
+GIT_REPOSITORY_SETTINGS = frozenset((
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_CONFIG", "GIT_CONFIG_PARAMETERS", "GIT_CONFIG_COUNT",
+    "GIT_OBJECT_DIRECTORY", "GIT_DIR", "GIT_WORK_TREE", "GIT_IMPLICIT_WORK_TREE", "GIT_GRAFT_FILE", "GIT_INDEX_FILE",
+    "GIT_NO_REPLACE_OBJECTS", "GIT_REPLACE_REF_BASE", "GIT_PREFIX", "GIT_INTERNAL_SUPER_PREFIX", "GIT_SHALLOW_FILE",
+    "GIT_COMMON_DIR",
+))
 
-    The folder may be anyone's clone, and its git configuration may run commands
-    (core.fsmonitor, hooks) that could read the key just written: git runs with
-    them off, and never as a `git` found in the current folder (a relative PATH
-    entry, or Windows' Python before 3.12, which looks there first).
+
+def warn_if_committable(ctx: Context, path: str, *, shown: str) -> None:
+    """Warn when git tracks the file or would take it in `git add .`, or cannot tell in a work
+    tree (a repository of another owner under sudo, a broken .git); silent without git.
+
+    The folder may be anyone's clone, and its configuration could run a command
+    (core.fsmonitor) that reads the key just written: git runs with it off
+    (ls-files and check-ignore only read the index, so no hook runs), and never
+    as a `git` found in the current folder (a relative PATH entry, or Windows'
+    Python before 3.12, which looks there first).
     """
     import shutil
     import subprocess
@@ -3376,23 +3515,40 @@ def warn_if_committable(ctx: Context, path: str, *, shown: str) -> None:
     if git is None or not os.path.isabs(git):
         return
     folder, name = os.path.split(path)
-    no_commands = ["-c", "core.fsmonitor=", "-c", f"core.hooksPath={os.devnull}"]
+    env = {key: value for key, value in ctx.env.items() if key not in GIT_REPOSITORY_SETTINGS}
 
-    def status(*words: str) -> int | None:
+    def status(*words: str) -> tuple[int | None, str]:
         try:
-            return subprocess.run([git, *no_commands, *words, "--", name], cwd=folder or ".", env=dict(ctx.env),
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  timeout=10).returncode
+            done = subprocess.run([git, "-c", "core.fsmonitor=", *words, "--", name], cwd=folder or ".", env=env,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  timeout=10)
         except (OSError, subprocess.SubprocessError):
-            return None
+            return None, ""
+        said = done.stderr.decode(errors="replace").strip().splitlines()
+        return done.returncode, said[0] if said else ""
 
     # check-ignore says "not ignored" for any tracked file, whatever .gitignore lists.
-    if status("ls-files", "--error-unmatch") == 0:
-        ignore = "" if status("check-ignore", "--no-index", "-q") == 0 else " and add it to .gitignore"
+    tracked, reason = status("ls-files", "--error-unmatch")
+    if tracked == 0:
+        ignore = "" if status("check-ignore", "--no-index", "-q")[0] == 0 else " and add it to .gitignore"
         untrack = f"git rm --cached {shell_word(shown)}"
         warn(ctx, f"{shown} holds an API key and git tracks it; untrack it with `{untrack}`{ignore}")
-    elif status("check-ignore", "-q") == 1:  # in a work tree and not ignored (128: not a work tree)
+    elif tracked == 1 and status("check-ignore", "-q")[0] == 1:  # in a work tree and not ignored
         warn(ctx, f"{shown} holds an API key and git does not ignore it; add it to .gitignore")
+    elif tracked == 128 and in_git_folder(folder):  # git cannot answer for a work tree it finds
+        warn(ctx, f"could not check whether git tracks {shown} (git: {sanitize(reason.removeprefix('fatal: '))}); "
+                  "make sure it is not committed")
+
+
+def in_git_folder(folder: str) -> bool:
+    """Whether `folder` or one above it holds a .git, as a work tree's top does."""
+    folder = os.path.abspath(folder)
+    while True:
+        if os.path.exists(os.path.join(folder, ".git")):
+            return True
+        if os.path.dirname(folder) == folder:
+            return False
+        folder = os.path.dirname(folder)
 
 
 def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
@@ -3418,38 +3574,40 @@ def child_environment(env: Mapping[str, str], variables: dict[str, str]) -> dict
     child = {name: value for name, value in env.items() if name != "OPENAI_API_KEY_PATH"}
     child.update(variables, OPENAI_API_BASE=variables["OPENAI_BASE_URL"])
     if "PATH" in child:
-        child["PATH"] = without_own_bin(child["PATH"])
+        child["PATH"] = without_own_bin(child["PATH"], env.get("VIRTUAL_ENV"))
     return child
 
 
-def without_own_bin(path: str) -> str:
+def without_own_bin(path: str, virtual_env: str | None) -> str:
     """PATH for the child without the bin folder of tokenroute's own tool environment in front.
 
     `uvx tokenroute run -- python app.py`: uvx puts its tool environment's
     bin first, whose `python` lacks the user's packages. Only an environment
     a tool installer made for tokenroute alone is left out; the user's own
-    virtualenv with tokenroute in it (`PATH=/app/.venv/bin:$PATH`, uv's Docker
-    guide) stays, and so does a Python that is no virtual environment.
+    virtualenv with tokenroute in it (activated, or `PATH=/app/.venv/bin:$PATH`
+    as in uv's Docker guide) stays, and so does a Python that is no virtual
+    environment.
     """
     folders = path.split(os.pathsep)
-    if len(folders) < 2 or not same_folder(folders[0], os.path.dirname(sys.executable)) or not is_tool_environment():
+    if (len(folders) < 2 or not same_folder(folders[0], os.path.dirname(sys.executable))
+            or same_folder(virtual_env or "", sys.prefix) or not is_tool_environment()):
         return path
     return os.pathsep.join(folders[1:])
 
 
 def is_tool_environment() -> bool:
     """Whether this Python is a virtual environment made for one tool: by `uv tool install`
-    (uv-receipt.toml), pipx (pipx_metadata.json), or uvx (in uv's cache, which CACHEDIR.TAG marks)."""
+    (uv-receipt.toml), pipx (pipx_metadata.json), or uvx (an archive-vN/ID folder of uv's cache,
+    which CACHEDIR.TAG marks; uv's environments-vN entries link there)."""
+    import re
+
     if sys.prefix == sys.base_prefix:
         return False
     if any(os.path.isfile(os.path.join(sys.prefix, name)) for name in ("uv-receipt.toml", "pipx_metadata.json")):
         return True
-    folder = os.path.abspath(sys.prefix)
-    while os.path.dirname(folder) != folder:
-        folder = os.path.dirname(folder)
-        if os.path.isfile(os.path.join(folder, "CACHEDIR.TAG")):
-            return True
-    return False
+    bucket = os.path.dirname(os.path.realpath(sys.prefix))
+    return (re.fullmatch(r"archive-v[0-9]+", os.path.basename(bucket)) is not None
+            and os.path.isfile(os.path.join(os.path.dirname(bucket), "CACHEDIR.TAG")))
 
 
 def same_folder(one: str, other: str) -> bool:
@@ -3462,12 +3620,17 @@ def same_folder(one: str, other: str) -> bool:
 def replace_process(command: Sequence[str], env: dict[str, str]) -> None:
     """exec the command: no parent left to forward signals to or hold memory; returns only on failure.
 
-    A file without `#!` is a shell script: it runs under /bin/sh, as execvp(3),
-    every shell and `env` run it (Python's os.execvpe reports ENOEXEC instead).
+    The program is looked up as a shell does: the first executable regular file
+    of that name on PATH (a folder is no command). A file without `#!` is a
+    shell script: it runs under /bin/sh, as execvp(3), every shell and `env`
+    run it (Python's os.execvpe reports ENOEXEC instead).
     """
     import _signal  # builtin and already loaded: `signal` would import enum
     import errno
 
+    program = find_program(command[0], env)
+    if program is None:
+        raise command_not_found(command[0])
     # Python ignores SIGPIPE and SIGXFSZ, and an exec keeps ignored signals:
     # `tokenroute run -- yes | head -1` must end `yes` as a shell would.
     ignored = [number for number in (getattr(_signal, "SIGPIPE", None), getattr(_signal, "SIGXFSZ", None))
@@ -3476,34 +3639,46 @@ def replace_process(command: Sequence[str], env: dict[str, str]) -> None:
         _signal.signal(number, _signal.SIG_DFL)
     try:
         try:
-            os.execvpe(command[0], list(command), env)
+            os.execve(program, list(command), env)
         except OSError as exc:
-            script = located(command[0], env) if exc.errno == errno.ENOEXEC else None
-            if script is None or is_binary(script):
+            if exc.errno != errno.ENOEXEC or is_binary(first_line(program)):
                 raise
-            os.execve("/bin/sh", ["/bin/sh", script, *command[1:]], env)
+            os.execve("/bin/sh", ["/bin/sh", program, *command[1:]], env)
     except OSError as exc:
         for number in ignored:  # back as they were: reporting the failure must not die of a closed pipe
             _signal.signal(number, _signal.SIG_IGN)
-        raise exec_error(command[0], exc, env) from None
+        raise exec_error(command[0], exc, program) from None
 
 
-def located(program: str, env: Mapping[str, str]) -> str | None:
-    """The file `program` names, as an exec would look it up on the child's PATH."""
-    import shutil
+def find_program(name: str, env: Mapping[str, str]) -> str | None:
+    """The file a shell runs for `name`: `name` itself when it holds a slash, else the first
+    executable regular file of that name on the child's PATH, else the first regular one (whose
+    exec then reports why it cannot run); None when there is none."""
+    if os.sep in name or (os.altsep and os.altsep in name):
+        return name
+    fallback = None
+    for folder in env.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(folder or ".", name)  # an empty entry is the current folder
+        if os.path.isfile(candidate):
+            if os.access(candidate, os.X_OK):
+                return candidate
+            fallback = fallback or candidate
+    return fallback
 
-    return program if os.sep in program else shutil.which(program, path=env.get("PATH", os.defpath))
 
-
-def is_binary(path: str) -> bool:
-    """Whether the file holds a program for another machine, not a script: a NUL byte in its
-    first line, as bash decides before it would run a file as a script."""
+def first_line(path: str) -> bytes:
+    """The start of a file's first line (b"" when unreadable): what tells a script from a program."""
     try:
         with open(path, "rb") as handle:
-            head = handle.read(80)
+            return handle.readline(256)
     except OSError:
-        return True
-    return b"\0" in head.split(b"\n", 1)[0]
+        return b""
+
+
+def is_binary(head: bytes) -> bool:
+    """Whether a file whose first line starts with `head` holds a program for another machine, not
+    a script: a NUL byte within its first 80, as bash decides before it would run a file as a script."""
+    return b"\0" in head[:80]
 
 
 def run_and_wait(command: Sequence[str], env: dict[str, str]) -> int:
@@ -3516,7 +3691,7 @@ def run_and_wait(command: Sequence[str], env: dict[str, str]) -> int:
     try:
         child = subprocess.Popen([program, *command[1:]], env=env)
     except OSError as exc:
-        raise exec_error(command[0], exc, env) from None
+        raise exec_error(command[0], exc, program) from None
     while True:
         try:
             status = child.wait()
@@ -3538,29 +3713,31 @@ def exit_status(status: int) -> int:
     return status - 2**32 if status > 0x7FFFFFFF else status
 
 
-def exec_error(program: str, exc: OSError, env: Mapping[str, str]) -> CliError:
+def command_not_found(program: str) -> CliError:
+    return CliError(f"{sanitize(program)}: command not found", code="command_not_found", exit_code=EXIT_NOT_FOUND)
+
+
+def exec_error(program: str, exc: OSError, found: str) -> CliError:
+    """Why the file `found` for `program` could not be run, as a shell reports it."""
     import errno
 
-    name = sanitize(program)
-    found = located(program, env) if exc.errno == errno.ENOENT else None
-    if exc.errno == errno.ENOENT and (found is None or not os.path.isfile(found)):
-        return CliError(f"{name}: command not found", code="command_not_found", exit_code=EXIT_NOT_FOUND)
-    reason = exc.strerror or exc.__class__.__name__
-    if found is not None:  # the file is there: what starts it is not
-        interpreter = interpreter_of(found)
+    if not os.path.exists(found):
+        return command_not_found(program)
+    if os.path.isdir(found):
+        reason = "Is a directory"
+    elif exc.errno == errno.ENOENT:  # the file is there: what starts it is not
+        interpreter = interpreter_of(first_line(found))
         reason = (f"its interpreter {sanitize(interpreter)} is missing" if interpreter
-                  else f"{reason} (a program it needs to start, such as its loader, is missing)")
-    return CliError(f"{name}: cannot run it: {reason}", code="command_not_executable", exit_code=EXIT_NOT_EXECUTABLE)
+                  else f"{exc.strerror} (a program it needs to start, such as its loader, is missing)")
+    else:
+        reason = exc.strerror or exc.__class__.__name__
+    return CliError(f"{sanitize(program)}: cannot run it: {reason}", code="command_not_executable",
+                    exit_code=EXIT_NOT_EXECUTABLE)
 
 
-def interpreter_of(path: str) -> str | None:
+def interpreter_of(head: bytes) -> str | None:
     """The program a script's `#!` line names, None for a file without one."""
-    try:
-        with open(path, "rb") as handle:
-            line = handle.readline(256)
-    except OSError:
-        return None
-    words = line[2:].split() if line.startswith(b"#!") else []
+    words = head[2:].split() if head.startswith(b"#!") else []
     return words[0].decode(errors="replace") if words else None
 
 

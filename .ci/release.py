@@ -59,47 +59,76 @@ def check(tag: str | None, *, repo: Path = REPO, github_repository: str | None =
 
 
 def build(out: Path, *, npm: bool = True, repo: Path = REPO) -> list[Path]:
-    """Build every release file into `out`; returns the files SHA256SUMS covers."""
+    """Build every release file into `out`; returns the files SHA256SUMS covers.
+
+    Everything is built in a scratch folder first, then moved into `out`, each
+    file's name recorded there before it arrives: a later build deletes only those.
+    """
     version = check(None, repo=repo)
-    empty_output_folder(out)
-    (out / "python").mkdir()
-    sdist = build_sdist(repo, out / "python")
-    wheel = build_wheel_from_sdist(sdist, out / "python")
-    if npm:
-        (out / "npm").mkdir()
-        run(["npm", "pack", "--pack-destination", str(out / "npm")], cwd=repo / "npm", shell=os.name == "nt")
-        (repo / "npm" / "tokenroute.py").unlink(missing_ok=True)  # prepack's copy: keep the tree clean
-    single = out / "tokenroute.py"
-    shutil.copyfile(repo / "tokenroute.py", single)
-    covered = [single, sdist, wheel]
-    lines = [f"{sha256(path)}  {path.name}\n" for path in covered]
-    (out / "SHA256SUMS").write_bytes("".join(lines).encode())
-    for path in covered:
-        if not path.name.startswith(("tokenroute.py", f"tokenroute-{version}")):
-            raise ReleaseError(f"unexpected file name {path.name}")
-    return covered
+    out = output_folder(out)
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        sdist = build_sdist(repo, work)
+        wheel = build_wheel_from_sdist(sdist, work)
+        files = {f"python/{sdist.name}": sdist, f"python/{wheel.name}": wheel}
+        if npm:
+            packed = run(["npm", "pack", "--pack-destination", str(work)], cwd=repo / "npm", shell=os.name == "nt")
+            (repo / "npm" / "tokenroute.py").unlink(missing_ok=True)  # prepack's copy: keep the tree clean
+            tarball = packed.strip().splitlines()[-1]  # npm pack's last line names it
+            files[f"npm/{tarball}"] = work / tarball
+        single = work / "tokenroute.py"
+        shutil.copyfile(repo / "tokenroute.py", single)
+        covered = [single, sdist, wheel]
+        for path in covered:
+            if not path.name.startswith(("tokenroute.py", f"tokenroute-{version}")):
+                raise ReleaseError(f"unexpected file name {path.name}")
+        (work / "SHA256SUMS").write_bytes("".join(f"{sha256(path)}  {path.name}\n" for path in covered).encode())
+        files.update({"tokenroute.py": single, "SHA256SUMS": work / "SHA256SUMS"})
+        for name, path in files.items():
+            place(out, name, path)
+    return [out / "tokenroute.py", out / "python" / sdist.name, out / "python" / wheel.name]
 
 
-BUILT_HERE = ".release-build"  # in every folder `build` made: only such a folder is ever emptied
+BUILT_HERE = ".release-build"  # in every folder `build` made: the names of the files it put there, the only ones it deletes
 
 
-def empty_output_folder(out: Path) -> None:
-    """Make `out` an empty folder marked as a build's: a new one, an empty one, or one an earlier
-    build made. Anything else (the checkout, ~/Downloads, a file) is refused before anything is deleted."""
+def output_folder(out: Path) -> Path:
+    """`out` as an absolute path, made, or rid of the files an earlier build put there, and marked as
+    a build's. Any other folder with something in it (the checkout, ~/Downloads, a dist/ of 1.0) is
+    refused before anything is deleted.
+
+    Resolved first: pip and npm read a leading "~" of a relative path as the home folder.
+    """
+    if out.is_symlink() and not out.exists():
+        raise ReleaseError(f"{out} is a symlink to {os.readlink(out)}, which does not exist; "
+                           "build into a new or empty folder")
+    out = out.resolve()
     if out.exists() and not out.is_dir():
         raise ReleaseError(f"{out} is not a folder; build into a new or empty folder")
-    entries = sorted(out.iterdir()) if out.is_dir() else []
-    if entries and not (out / BUILT_HERE).is_file():
-        raise ReleaseError(f"{out} is not empty and no earlier build made it; build into a new or empty folder "
-                           "(nothing was deleted)")
-    for entry in entries:
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+    marker = out / BUILT_HERE
+    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
+        raise ReleaseError(f"{out} is not empty and this release helper did not make it (a dist/ of 1.0 included): "
+                           "remove it, or build into a new or empty folder (nothing was deleted)")
+    built = marker.read_text(encoding="utf-8").splitlines()[1:] if marker.is_file() else []
+    for name in built:
+        path = out / name
+        if out in path.resolve().parents:
+            path.unlink(missing_ok=True)
+    for folder in {(out / name).parent for name in built} - {out}:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
     out.mkdir(parents=True, exist_ok=True)
-    (out / BUILT_HERE).write_text("made by .ci/release.py build, which empties this folder when it builds again\n",
-                                  encoding="utf-8")
+    marker.write_text("made by .ci/release.py build, which deletes the files listed below when it builds again\n",
+                      encoding="utf-8")
+    return out
+
+
+def place(out: Path, name: str, source: Path) -> None:
+    """Move a built file to `out`/`name`, recorded in the marker before it is there."""
+    with (out / BUILT_HERE).open("a", encoding="utf-8") as marker:
+        marker.write(name + "\n")
+    (out / name).parent.mkdir(exist_ok=True)
+    shutil.move(str(source), str(out / name))
 
 
 def build_sdist(repo: Path, out: Path) -> Path:

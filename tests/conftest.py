@@ -111,7 +111,14 @@ class Cli:
             open_browser=self.record_browser,
             stdin=io.BytesIO(stdin) if stdin is not None else None,
         )
-        code = tokenroute.main(list(argv), ctx)
+        execs = {name: getattr(os, name) for name in ("execv", "execve", "execvp", "execvpe") if hasattr(os, name)}
+        for name in execs:  # an exec here would replace pytest, and the suite would end with status 0
+            setattr(os, name, refuse_exec)
+        try:
+            code = tokenroute.main(list(argv), ctx)
+        finally:
+            for name, function in execs.items():
+                setattr(os, name, function)
         return Result(code, out.getvalue(), err.getvalue())
 
     def record_browser(self, url: str) -> bool:
@@ -177,6 +184,15 @@ class Cli:
     def process_env(self, env: dict[str, str] | None = None) -> dict[str, str]:
         base = {k: v for k, v in os.environ.items() if not k.startswith("TOKENROUTE_")}
         return {**base, **self.env, **(env or {})}
+
+
+def refuse_exec(program: object, *args: object) -> None:
+    import signal
+
+    for name in ("SIGPIPE", "SIGXFSZ"):  # `run` set them to their defaults for the exec: Python ignores them
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise AssertionError(f"an in-process test would exec {program!r} and end pytest: run `run` with cli.script")
 
 
 def console_script() -> str:

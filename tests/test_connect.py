@@ -355,11 +355,12 @@ def make_venv(folder: Path) -> Path:
     return folder / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
-def run_in_venv(cli: Cli, python: Path, api_key: str, *child: str, path: str) -> subprocess.CompletedProcess[str]:
-    """`tokenroute run` as that environment's Python runs it, with PATH as given."""
+def run_in_venv(cli: Cli, python: Path, api_key: str, *child: str, path: str,
+                virtual_env: str = "") -> subprocess.CompletedProcess[str]:
+    """`tokenroute run` as that environment's Python runs it, with PATH (and VIRTUAL_ENV) as given."""
     return subprocess.run([str(python), str(REPO / "tokenroute.py"), "run", "--key", api_key, "--", *child],
-                          env=cli.process_env({"PATH": path, "VIRTUAL_ENV": ""}), capture_output=True, text=True,
-                          timeout=60)
+                          env=cli.process_env({"PATH": path, "VIRTUAL_ENV": virtual_env}), capture_output=True,
+                          text=True, timeout=60)
 
 
 # Where each installer makes tokenroute's own environment, and the file that tells it is one.
@@ -408,6 +409,34 @@ def test_a_tool_environment_not_first_on_path_leaves_path_as_it_was(cli: Cli, ap
     assert (done.returncode, done.stdout.strip()) == (0, path), done.stderr
 
 
+@pytest.mark.parametrize("activated", [True, False])
+def test_a_virtualenv_under_a_cache_folder_stays_first_on_the_childs_path(cli: Cli, api_key: str, tmp_path: Path,
+                                                                          activated: bool) -> None:
+    # Poetry keeps its environments in ~/.cache/pypoetry, and ~/.cache may hold a CACHEDIR.TAG: no uv cache.
+    venv = tmp_path / ".cache" / "pypoetry" / "virtualenvs" / "app-Xy3k-py3"
+    python = make_venv(venv)
+    (tmp_path / ".cache" / "CACHEDIR.TAG").write_text("Signature: 8a477f597d28d172789f06886806bc55\n")
+    path = os.pathsep.join([str(python.parent), str(tmp_path / "bin")])
+
+    done = run_in_venv(cli, python, api_key, sys.executable, "-c", PRINT_PATH, path=path,
+                       virtual_env=str(venv) if activated else "")
+
+    assert (done.returncode, done.stdout.strip()) == (0, path), done.stderr
+
+
+def test_an_activated_virtualenv_stays_first_on_the_childs_path_wherever_it_is(cli: Cli, api_key: str,
+                                                                               tmp_path: Path) -> None:
+    folder, marker = TOOL_ENVIRONMENTS["uvx"]  # made where uvx makes its own, and yet the user's: VIRTUAL_ENV says so
+    python = make_venv(tmp_path / folder)
+    (tmp_path / marker).write_text("")
+    path = os.pathsep.join([str(python.parent), str(tmp_path / "bin")])
+
+    done = run_in_venv(cli, python, api_key, sys.executable, "-c", PRINT_PATH, path=path,
+                       virtual_env=str(tmp_path / folder))
+
+    assert (done.returncode, done.stdout.strip()) == (0, path), done.stderr
+
+
 @posix_only
 def test_the_folder_of_a_python_that_is_no_virtualenv_stays_on_the_childs_path(api_key: str, tmp_path: Path) -> None:
     base_python = os.path.realpath(sys.executable)  # a venv's python links to its base interpreter
@@ -424,14 +453,58 @@ def test_a_gateway_url_with_an_ipv6_zone_id_is_refused(cli: Cli, api_key: str, t
     # A zone names this machine's interface: no name for a gateway, and not one spelling of it.
     marker = tmp_path / "started"
     by_flag = cli.run("env", "--api-url", url, "--key", api_key)
-    by_env = cli.run("run", "--key", api_key, "--", sys.executable, "-c", f"open({str(marker)!r}, 'w')",
-                     env={"TOKENROUTE_API_URL": url})
+    by_env = script(cli, "run", "--key", api_key, "--", sys.executable, "-c", f"open({str(marker)!r}, 'w')",
+                    env={"TOKENROUTE_API_URL": url})  # a subprocess: were it not refused, run would exec
 
     assert (by_flag.code, by_flag.out) == (1, "")
     assert by_flag.err.startswith("error: --api-url ") and by_flag.err.count("\n") == 1
     assert (by_env.code, by_env.out) == (1, "")
     assert by_env.err.startswith("error: TOKENROUTE_API_URL ") and by_env.err.count("\n") == 1
     assert tokenroute.canonical_url(url) is None and not marker.exists()
+
+
+def test_an_in_process_run_can_never_exec_and_end_the_test_session(cli: Cli, api_key: str) -> None:
+    # cli.run is main() inside pytest: an exec there would replace pytest and end the suite with status 0.
+    with pytest.raises(AssertionError, match="would exec"):
+        cli.run("run", "--key", api_key, "--", sys.executable, "-c", "pass")
+
+
+@posix_only
+def test_a_folder_named_like_the_command_on_path_is_no_command(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    (tmp_path / "first" / "tool-tr9").mkdir(parents=True)
+
+    only_folder = script(cli, "run", "--key", api_key, "--", "tool-tr9", env={"PATH": str(tmp_path / "first")})
+    (tmp_path / "second").mkdir()
+    (tmp_path / "second" / "tool-tr9").write_text("#!/bin/sh\necho ran \"$0\"\n")
+    (tmp_path / "second" / "tool-tr9").chmod(0o755)
+    found_after = script(cli, "run", "--key", api_key, "--", "tool-tr9",
+                         env={"PATH": os.pathsep.join([str(tmp_path / "first"), str(tmp_path / "second"), "/bin"])})
+
+    assert (only_folder.code, only_folder.err) == (127, "error: tool-tr9: command not found\n")  # as bash says
+    assert (found_after.code, found_after.out) == (0, f"ran {tmp_path / 'second' / 'tool-tr9'}\n")
+
+
+@posix_only
+def test_a_folder_named_by_path_says_it_is_a_folder(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    (tmp_path / "tool").mkdir()
+
+    result = script(cli, "run", "--key", api_key, "--", "./tool", cwd=tmp_path)
+
+    assert (result.code, result.out, result.err) == (126, "", "error: ./tool: cannot run it: Is a directory\n")
+
+
+@posix_only
+def test_run_takes_the_first_executable_file_on_path_as_a_shell_does(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    # A shell passes over a file it may not run; the one it runs has no #! line, so it runs under sh.
+    for folder, mode in (("first", 0o644), ("second", 0o755)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "tool-tr9").write_text(f"echo {folder}\n")
+        (tmp_path / folder / "tool-tr9").chmod(mode)
+    path = os.pathsep.join([str(tmp_path / "first"), str(tmp_path / "second"), os.environ["PATH"]])
+
+    result = script(cli, "run", "--key", api_key, "--", "tool-tr9", env={"PATH": path})
+
+    assert (result.code, result.out, result.err) == (0, "second\n", "")
 
 
 # ---------------------------------------------------------------- env --write
@@ -788,10 +861,10 @@ def read_with_each(path: Path) -> dict[str, dict[str, str]]:
 
 @pytest.mark.parametrize("start", [
     b"\xef\xbb\xbfOPENAI_API_KEY=sk-tr-stale1\r\nDEBUG=1\r\n",  # Notepad's UTF-8; node reads the mark into the name
-    b"\xef\xbb\xbfDEBUG=1\nOPENAI_API_KEY=sk-tr-stale1\n",  # the mark stays: it is not before one of the two
+    b"\xef\xbb\xbf# app settings\r\nOPENAI_API_KEY=sk-tr-stale1\r\n",  # node runs "\ufeff# ..." into the next name
     b'DATA_DIR="C:\\\\data\\\\"\nOPENAI_API_KEY=sk-tr-stale1\nGREETING="hi"\n',  # ends at its last quote
     b"'OPENAI_API_KEY'=sk-tr-stale1\nexport  OPENAI_BASE_URL = https://old.example/v1\n",
-], ids=["byte-order mark", "byte-order mark before another name", "backslash before the closing quote",
+], ids=["byte-order mark", "byte-order mark before a comment", "backslash before the closing quote",
         "python-dotenv's quoted name"])
 def test_env_write_replaces_the_key_where_todays_readers_read_it(cli: Cli, gateway: FakeGateway, api_key: str,
                                                                   tmp_path: Path, start: bytes) -> None:
@@ -803,7 +876,7 @@ def test_env_write_replaces_the_key_where_todays_readers_read_it(cli: Cli, gatew
     assert result.code == 0, result
     text = path.read_bytes()
     assert text.count(b"OPENAI_API_KEY=") == 1 and b"stale" not in text
-    assert text.startswith(b"\xef\xbb\xbf") == start.startswith(b"\xef\xbb\xbfDEBUG")
+    assert not text.startswith(b"\xef\xbb\xbf")  # neither reader needs it; node reads it into the first line
     read = read_with_each(path)
     assert read == {reader: {"OPENAI_API_KEY": api_key, "OPENAI_BASE_URL": gateway.url + "/v1"} for reader in read}
     again = write_env(cli, api_key, str(path))
@@ -836,7 +909,7 @@ def test_env_write_refuses_a_file_python_dotenv_and_node_read_differently(cli: C
     result = write_env(cli, api_key, str(path))
 
     assert (result.code, result.out) == (1, "")
-    assert result.err.startswith(f"error: python-dotenv and node --env-file read line 2 of {path} differently")
+    assert result.err.startswith(f"error: python-dotenv and node --env-file read line 1 of {path} differently")
     assert path.read_bytes() == start
 
 
@@ -859,7 +932,11 @@ def test_env_write_refuses_anything_but_a_file_before_reading_it(cli: Cli, api_k
     result = write_env(cli, api_key, name)  # stdout: a pipe to the test
 
     assert (result.code, result.out) == (1, "")
-    assert result.err == f"error: {name} is not a regular file; --write updates a file (or a symlink to one)\n"
+    if kind == "/dev/stdout":
+        assert result.err == ("error: /dev/stdout names a file a process holds open, not a file to update; "
+                              "give the file's own path\n")
+    else:
+        assert result.err == f"error: {name} is not a regular file; --write updates a file (or a symlink to one)\n"
     if before is not None:
         assert stat.S_IFMT(target.lstat().st_mode) == stat.S_IFMT(before.st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["home"] if kind == "/dev/stdout" else ["home", "target"])
@@ -950,6 +1027,317 @@ def test_env_write_never_runs_a_git_found_in_the_current_folder(cli: Cli, api_ke
 
     assert result.code == 0, result
     assert not (tmp_path / "ran").exists()
+
+
+# ---- node 20's --env-file: a line without `=` runs into the next line's name
+
+
+def read_with_node_parser(texts: list[str]) -> list[dict[str, str]]:
+    """What node's --env-file parser (util.parseEnv runs the same code) reads from each text."""
+    program = ("const u = require('util'); const texts = JSON.parse(require('fs').readFileSync(0, 'utf8'));"
+               "console.log(JSON.stringify(texts.map((t) => u.parseEnv(t))))")
+    done = subprocess.run(["node", "-e", program], input=json.dumps(texts), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def node_has_parse_env() -> bool:
+    if shutil.which("node") is None:
+        return False
+    done = subprocess.run(["node", "-e", "process.exit(typeof require('util').parseEnv === 'function' ? 0 : 1)"],
+                          capture_output=True, timeout=30)
+    return done.returncode == 0
+
+
+@pytest.mark.parametrize("start", [
+    b"\xef\xbb\xbf# OpenAI settings\r\nOPENAI_API_KEY=sk-proj-old\r\n",  # node: no comment, "\ufeff# ..." is a name
+    b"A=1\n   ",  # the appended key would follow a line of spaces
+    b"A=1\n  # the key\nOPENAI_API_KEY=sk-proj-old\n",
+    b"A=1\n \t\n\nOPENAI_API_KEY=sk-proj-old\n",
+    b"\tOPENAI_API_KEY=sk-proj-old\n",  # node reads the tab as part of the name
+    b"OPENAI_API_KEY=sk-proj-old\nOPENAI_API_KEY\n",  # python-dotenv: a bare name sets it to nothing
+], ids=["byte-order mark before a comment", "spaces last", "indented comment", "blank line of spaces and tabs",
+        "tab before the name", "bare name"])
+def test_env_write_leaves_no_line_that_hides_the_key_from_node_or_python_dotenv(
+        cli: Cli, gateway: FakeGateway, api_key: str, tmp_path: Path, start: bytes) -> None:
+    path = tmp_path / ".env"
+    path.write_bytes(start)
+
+    result = write_env(cli, api_key, str(path))
+
+    assert result.code == 0, result
+    read = read_with_each(path)
+    assert read == {reader: {"OPENAI_API_KEY": api_key, "OPENAI_BASE_URL": gateway.url + "/v1"} for reader in read}
+    assert b"sk-proj-old" not in path.read_bytes()
+    again = write_env(cli, api_key, str(path))
+    assert again.err.endswith("unchanged\n")  # read back as it was written
+
+
+def test_env_write_refuses_a_line_node_reads_into_the_keys_name(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    start = b"A=1\nsome words\nOPENAI_API_KEY=sk-proj-old\n"
+    path.write_bytes(start)
+
+    result = write_env(cli, api_key, str(path))
+
+    assert (result.code, result.out) == (1, "")
+    assert result.err == (f"error: node --env-file reads line 2 of {path}, which has no `=`, into the name of the "
+                          "variable after it; make that line a comment (`#` first) or remove it, then run this again\n")
+    assert path.read_bytes() == start
+
+
+DOTENV_PIECES = ["OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_API_BASE", "A", "export ", "export\t", " ", "\t", "=",
+                 "=sk-proj-old", "#", " # c", "'", '"', "`", "\\", "\n", "\n", "\r\n", "\r", "x", "\ufeff", "word",
+                 "OPENAI_API_KEY=sk-proj-old\n", '\nCERT="a\nb"\n', "\n  # c\n", "\n   \n"]
+
+
+@pytest.mark.skipif(not python_dotenv_reads_as_today() or not node_has_parse_env(),
+                    reason="needs python-dotenv 1.2.3+ and node 20.12+ (util.parseEnv)")
+def test_whatever_the_file_env_write_leaves_both_readers_reading_the_gateway_or_refuses(gateway: FakeGateway) -> None:
+    import random
+
+    rng = random.Random(15)
+    variables = {"OPENAI_API_KEY": "sk-tr-" + "n" * 32, "OPENAI_BASE_URL": gateway.url + "/v1"}
+    written = []
+    for _ in range(1500):
+        start = "".join(rng.choice(DOTENV_PIECES) for _ in range(rng.randint(1, 12))).encode()
+        try:
+            written.append(tokenroute.updated_env_file(".env", start, variables)[0].decode())
+        except tokenroute.CliError as refused:
+            assert "line" in refused.message
+    by_node = read_with_node_parser(written)
+
+    wrong = [text for text, node in zip(written, by_node)
+             if any(node.get(name) != value or read_with_python_dotenv(text).get(name) != value
+                    for name, value in variables.items())]
+    assert len(written) > 300 and wrong == []
+
+
+def test_env_write_warns_when_the_environment_sets_the_key_too(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    # node --env-file and load_dotenv() keep what the environment has: the real key would go to the gateway.
+    result = script(cli, "env", "--write", str(tmp_path / ".env"),
+                    env={"TOKENROUTE_API_KEY": api_key, "OPENAI_API_KEY": "sk-proj-REAL"})
+
+    assert result.code == 0, result
+    assert result.err.splitlines()[-1] == (
+        "warning: OPENAI_API_KEY is also set in this environment, and node --env-file and python-dotenv's "
+        "load_dotenv() keep that over the file's; unset it, or use `tokenroute run`")
+    assert "sk-proj-REAL" not in result.err
+
+
+# ---- what replacing the file would lose, or replace
+
+
+class SwapAfterStat:
+    """os.stat that lets `swap` replace the file right after it was looked at, as another process may."""
+
+    def __init__(self, path: Path, swap: Any) -> None:
+        self.path, self.swap, self.stat = str(path), swap, os.stat
+
+    def __call__(self, path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        status = self.stat(path, *args, **kwargs)
+        if str(path) == self.path and self.swap is not None:
+            swap, self.swap = self.swap, None
+            return swap(status)
+        return status
+
+
+@posix_only
+def test_env_write_refuses_a_fifo_swapped_in_under_a_reused_inode_number(cli: Cli, api_key: str, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / ".env"
+    path.write_text("A=1\n")
+
+    def swap(status: os.stat_result) -> os.stat_result:
+        path.unlink()
+        os.mkfifo(path)
+        fifo = os.lstat(path)  # ext4 hands a freed inode number out again at once: say it did
+        return os.stat_result((status.st_mode, fifo.st_ino, fifo.st_dev, *status[3:10]))
+
+    monkeypatch.setattr(os, "stat", SwapAfterStat(path, swap))
+    result = cli.run("env", "--write", str(path), env={"TOKENROUTE_API_KEY": api_key})
+    monkeypatch.undo()
+
+    assert (result.code, result.err) == (1, f"error: {path} was replaced while it was read; run this again\n")
+    assert stat.S_ISFIFO(path.lstat().st_mode)
+
+
+def test_env_write_refuses_a_file_removed_after_it_was_looked_at(cli: Cli, api_key: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / ".env"
+    path.write_text("A=1\nOPENAI_API_KEY=sk-proj-old\n")
+
+    def remove(status: os.stat_result) -> os.stat_result:
+        path.unlink()  # an editor saving it by rename, between the look and the open
+        return status
+
+    monkeypatch.setattr(os, "stat", SwapAfterStat(path, remove))
+    result = cli.run("env", "--write", str(path), env={"TOKENROUTE_API_KEY": api_key})
+    monkeypatch.undo()
+
+    assert (result.code, result.err) == (1, f"error: {path} was replaced while it was read; run this again\n")
+    assert not path.exists()  # not created anew as if there had been none
+
+
+@posix_only
+@pytest.mark.parametrize("name", ["/dev/stdout", "/dev/fd/1", "/proc/self/fd/1", "link to /dev/stdout"])
+def test_env_write_refuses_a_process_s_open_file_even_when_it_is_a_file(cli: Cli, api_key: str, tmp_path: Path,
+                                                                        name: str) -> None:
+    if name.startswith("/proc") and not Path("/proc/self/fd").is_dir():
+        pytest.skip("no /proc")
+    log = tmp_path / "out.log"
+    log.write_text("earlier output\n")
+    if name.startswith("link"):
+        (tmp_path / ".env").symlink_to("/dev/stdout")
+        name = str(tmp_path / ".env")
+    with log.open("ab") as stdout:  # `tokenroute env --write /dev/stdout >> out.log`
+        done = subprocess.run([console_script(), "env", "--write", name], stdout=stdout, stderr=subprocess.PIPE,
+                              text=True, env=cli.process_env({"TOKENROUTE_API_KEY": api_key}), timeout=60)
+
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"error: {name} names a file a process holds open")
+    assert log.read_text() == "earlier output\n"  # not replaced by a .env under the shell that holds it
+
+
+@posix_only
+def test_env_write_refuses_a_hard_linked_file(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text("OPENAI_API_KEY=sk-proj-old\n")
+    os.link(path, tmp_path / "backup.env")
+
+    result = write_env(cli, api_key, str(path))
+
+    assert (result.code, result.out) == (1, "")
+    assert result.err == (f"error: {path} has 2 hard links: replacing it would leave the old key under its other "
+                          "names; remove the other links (or edit the file by hand), then run this again\n")
+    assert path.read_text() == (tmp_path / "backup.env").read_text() == "OPENAI_API_KEY=sk-proj-old\n"
+
+
+@pytest.mark.skipif(not hasattr(os, "setxattr"), reason="no extended attributes here (Linux only)")
+def test_env_write_refuses_a_file_whose_extended_attributes_would_be_lost(cli: Cli, api_key: str,
+                                                                          tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text("A=1\n")
+    try:
+        os.setxattr(path, "user.origin", b"vault")
+    except OSError as exc:
+        pytest.skip(f"the file system takes no user extended attributes: {exc}")
+
+    result = write_env(cli, api_key, str(path))
+
+    assert (result.code, result.out) == (1, "")
+    assert result.err == (f"error: {path} has extended attributes (user.origin) that replacing it would lose (an "
+                          "ACL among them is one); edit the file by hand, or remove them and run this again\n")
+    assert (path.read_text(), os.getxattr(path, "user.origin")) == ("A=1\n", b"vault")
+
+
+UNSHARE, MOUNT = shutil.which("unshare"), shutil.which("mount")
+
+
+@pytest.mark.skipif(UNSHARE is None or MOUNT is None or not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="a bind mount needs root, unshare and mount")
+def test_env_write_on_a_bind_mounted_file_says_where_to_edit_it(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    source, mounted = tmp_path / "secrets.env", tmp_path / ".env"
+    source.write_text("A=1\n")
+    mounted.write_text("")
+    program = 'mount --bind "$1" "$2" && exec "$3" env --write "$2"'  # `docker run -v ./secrets.env:/app/.env`
+    done = subprocess.run([UNSHARE, "-m", "sh", "-c", program, "sh", str(source), str(mounted), console_script()],
+                          env=cli.process_env({"TOKENROUTE_API_KEY": api_key}), capture_output=True, text=True,
+                          timeout=60)
+    if "mount" in done.stderr and done.returncode != 1:
+        pytest.skip(f"cannot bind mount here: {done.stderr}")
+
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (f"error: cannot write {mounted}: Device or resource busy (it is a mount point: edit it "
+                           "where it is mounted from)\n")
+    assert source.read_text() == "A=1\n"
+
+
+def test_env_write_refuses_a_file_too_big_to_be_a_dotenv_file(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"A=1\n" * 300_000)  # 1.2 MB
+
+    result = write_env(cli, api_key, str(path))
+
+    assert (result.code, result.err) == (1, f"error: {path} is over 1 MB: not a dotenv file\n")
+    assert path.stat().st_size == 1_200_000
+
+
+def root_without_chown(groups: list[int]) -> list[str]:
+    """The argv prefix that runs a command as root with these groups but no right to give files away:
+    as a user is, for a file of its own."""
+    assert SETPRIV is not None
+    return [SETPRIV, "--inh-caps=-chown", "--bounding-set=-chown", f"--groups={','.join(map(str, groups))}"]
+
+
+@posix_modes
+def test_a_users_env_write_keeps_the_files_group_when_it_is_not_their_first(cli: Cli, gateway: FakeGateway,
+                                                                             api_key: str, tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text("A=1\n")
+    path.chmod(0o640)
+    if AS_ROOT and SETPRIV is not None:
+        prefix, group = root_without_chown([0, 8765]), 8765  # 0 first, as a user's own group is
+    else:
+        others = [number for number in os.getgroups() if number != os.getegid()]
+        if AS_ROOT or not others:
+            pytest.skip("needs root and setpriv, or a user with a group besides the first")
+        prefix, group = [], others[0]
+    os.chown(path, -1, group)  # the group a service reads it by
+
+    done = subprocess.run([*prefix, console_script(), "env", "--write", str(path)], capture_output=True, text=True,
+                          env=cli.process_env({"TOKENROUTE_API_KEY": api_key}), timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    assert (path.stat().st_gid, stat.S_IMODE(path.stat().st_mode)) == (group, 0o640)
+    assert path.read_text() == "A=1\n" + two_lines(gateway, api_key)
+
+
+@pytest.mark.skipif(not AS_ROOT or SETPRIV is None, reason="needs root, and setpriv to drop its right to give files away")
+def test_env_write_says_when_the_files_group_is_not_one_of_the_users(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text("A=1\n")
+    os.chown(path, 0, 8765)  # the user's own file, in a group the user is not in
+
+    done = subprocess.run([*root_without_chown([0]), console_script(), "env", "--write", str(path)],
+                          capture_output=True, text=True, env=cli.process_env({"TOKENROUTE_API_KEY": api_key}),
+                          timeout=60)
+
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (f"error: cannot update {path} and keep its group: its group 8765 is not one of yours; "
+                           "run this as root, or as a member of that group; the file is unchanged\n")
+    assert (path.read_text(), path.stat().st_gid) == ("A=1\n", 8765)
+
+
+# ---- the git check
+
+
+@pytest.mark.skipif(GIT is None, reason="git is not installed")
+def test_env_write_says_when_git_cannot_tell_whether_it_tracks_the_file(cli: Cli, api_key: str,
+                                                                        tmp_path: Path) -> None:
+    (tmp_path / ".git").write_text("gitdir: /nonexistent/repository\n")  # a work tree git cannot read
+
+    result = write_env(cli, api_key, cwd=tmp_path)
+
+    assert result.code == 0, result
+    assert result.err.splitlines()[-1] == ("warning: could not check whether git tracks .env (git: not a git "
+                                           "repository: /nonexistent/repository); make sure it is not committed")
+
+
+@pytest.mark.skipif(GIT is None, reason="git is not installed")
+def test_env_write_asks_git_about_the_files_own_repository_whatever_git_dir_says(cli: Cli, api_key: str,
+                                                                                 tmp_path: Path) -> None:
+    app, other = tmp_path / "app", tmp_path / "other"
+    for folder in (app, other):
+        subprocess.run([GIT, "init", "-q", str(folder)], check=True)
+    (other / ".gitignore").write_text(".env\n")
+
+    result = script(cli, "env", "--write", env={"TOKENROUTE_API_KEY": api_key, "GIT_DIR": str(other / ".git"),
+                                                 "GIT_WORK_TREE": str(other)}, cwd=app)
+
+    assert result.code == 0, result
+    assert result.err.splitlines()[-1] == "warning: .env holds an API key and git does not ignore it; add it to .gitignore"
 
 
 # ---------------------------------------------------------------- help and usage errors

@@ -245,6 +245,49 @@ def test_ctrl_c_at_a_terminal_reaches_the_cli_once_and_the_launcher_waits_for_it
     assert result == (130, "interrupts 1\n", "")  # not two: the launcher did not pass its own on
 
 
+# A shell with job control at a terminal: it owns the terminal, and its background job has a group of its own.
+BACKGROUND_JOB = """
+import os, subprocess, sys
+job = subprocess.Popen(sys.argv[1:], preexec_fn=os.setpgrp)
+print(job.pid, flush=True)
+sys.exit(job.wait())
+"""
+
+
+@posix_only
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the launcher tells a Ctrl-C by /proc (Linux)")
+def test_a_sigint_sent_to_a_background_launcher_at_a_terminal_reaches_the_cli(echo_package: Path,
+                                                                              tmp_path: Path) -> None:
+    import fcntl
+    import pty
+    import termios
+
+    master, terminal = pty.openpty()
+    launcher = 0
+    try:
+        job = [NODE, str(echo_package / "bin" / "tokenroute.js"), "wait-for-interrupt"]
+        shell = subprocess.Popen([sys.executable, "-c", BACKGROUND_JOB, *job], stdin=terminal, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                 env=clean_env(tmp_path, TOKENROUTE_PYTHON=sys.executable),
+                                 preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # the session's terminal
+        assert shell.stdout is not None
+        launcher = int(shell.stdout.readline())
+        assert shell.stdout.readline() == "ready\n"
+
+        os.kill(launcher, signal.SIGINT)  # `kill -INT %1`: stdin is a terminal, but no Ctrl-C reached the CLI
+        result = finish(shell)
+    finally:
+        if launcher:
+            try:
+                os.killpg(launcher, signal.SIGKILL)  # the job's group, left behind if the test failed
+            except ProcessLookupError:
+                pass
+        os.close(master)
+        os.close(terminal)
+
+    assert result == (130, "interrupted\n", "")
+
+
 @posix_only
 @pytest.mark.parametrize("name", ["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_signal_sent_to_the_launcher_alone_reaches_the_cli(echo_package: Path, tmp_path: Path, name: str) -> None:

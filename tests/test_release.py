@@ -182,18 +182,60 @@ def test_build_refuses_a_folder_it_did_not_make_and_deletes_nothing(tmp_path: Pa
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
 
 
-def test_build_empties_only_a_folder_an_earlier_build_made(tmp_path: Path) -> None:
+def test_building_again_deletes_only_the_files_the_earlier_build_put_there(tmp_path: Path) -> None:
     new, empty = tmp_path / "new" / "dist", tmp_path / "empty"
     empty.mkdir()
     for folder in (new, empty):
-        release.empty_output_folder(folder)
-        (folder / "python").mkdir()
-        (folder / "python" / "old.whl").write_text("")
+        release.output_folder(folder)
+        for name in ("python/tokenroute-0.9.whl", "SHA256SUMS"):
+            (tmp_path / "built").write_text("")
+            release.place(folder, name, tmp_path / "built")
         (folder / "NOTES.md").write_text("")  # what the release workflow adds
+        (folder / "python" / "mine.txt").write_text("")  # what a person put there
 
-        release.empty_output_folder(folder)  # building again
+        release.output_folder(folder)  # building again
 
-        assert [p.name for p in folder.iterdir()] == [release.BUILT_HERE]
+        assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == [
+            release.BUILT_HERE, "NOTES.md", "python", "python/mine.txt"]
+
+
+def test_build_refuses_a_dist_of_1_0_and_says_to_remove_it(tmp_path: Path) -> None:
+    dist = tmp_path / "dist"  # 1.0's build deleted the folder and marked nothing
+    for name in ("python/tokenroute-1.0.0.tar.gz", "npm/tokenroute-1.0.0.tgz", "tokenroute.py", "SHA256SUMS"):
+        (dist / name).parent.mkdir(exist_ok=True, parents=True)
+        (dist / name).write_text("")
+
+    done = run([sys.executable, RELEASE, "build", "dist", "--no-npm"], cwd=tmp_path)
+
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (f"release: error: {dist} is not empty and this release helper did not make it (a dist/ of "
+                           "1.0 included): remove it, or build into a new or empty folder (nothing was deleted)\n")
+    assert len(list(dist.rglob("*"))) == 6
+
+
+def test_build_into_a_dangling_symlink_says_so(tmp_path: Path) -> None:
+    (tmp_path / "dist").symlink_to(tmp_path / "gone")
+
+    done = run([sys.executable, RELEASE, "build", tmp_path / "dist", "--no-npm"])
+
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (f"release: error: {tmp_path / 'dist'} is a symlink to {tmp_path / 'gone'}, which does not "
+                           "exist; build into a new or empty folder\n")
+    assert not (tmp_path / "gone").exists()
+
+
+def test_build_into_a_folder_named_tilde_builds_there_not_in_home(tmp_path: Path) -> None:
+    if importlib.util.find_spec("flit_core") is None:
+        pytest.skip("flit_core is not installed in the test interpreter (pip install flit_core)")
+    home = tmp_path / "home"
+    home.mkdir()
+
+    done = run([sys.executable, RELEASE, "build", "~", "--no-npm"], cwd=tmp_path, env=clean_env(HOME=str(home)))
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(p.name for p in (tmp_path / "~" / "python").iterdir()) == [
+        f"tokenroute-{VERSION}-py3-none-any.whl", f"tokenroute-{VERSION}.tar.gz"]
+    assert not (home / "python").exists()  # pip reads "~/python" as the home folder's
 
 
 # ---------------------------------------------------------------- the single-file download
@@ -236,3 +278,59 @@ def test_single_file_download_runs_as_a_script_and_as_a_module(built: Path, tmp_
 
     assert (script.returncode, script.stdout, script.stderr) == (0, VERSION_LINE, "")
     assert (module.returncode, module.stdout, module.stderr) == (0, VERSION_LINE, "")
+
+
+# ---------------------------------------------------------------- every Python, before the matrix
+
+OTHER_PYTHONS = REPO / ".ci" / "other-pythons"
+STUB_PYTHON = """#!/bin/sh
+# Python {version} as .ci/other-pythons sees it: a version, a venv, pip and pytest that say they ran.
+case "$*" in
+  *"print("*) echo {version} ;;
+  *"import venv, ensurepip"*) exit {probe} ;;
+  "-m venv "*) mkdir -p "$3/bin" && cp "$0" "$3/bin/python" ;;
+  "-m pytest"*) echo "suite under {version}" >> "$LOG" ;;
+esac
+"""
+
+
+def other_pythons(tmp_path: Path, main: str, others: dict[str, bool]) -> tuple[str, list[str]]:
+    """Run .ci/other-pythons where `python` is Python `main` and python3.X on PATH are `others` (whether
+    each can make a venv); returns its output and the Pythons the suite ran under."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, version, usable in [("python", main, True)] + [(f"python{v}", v, ok) for v, ok in others.items()]:
+        (bin_dir / name).write_text(STUB_PYTHON.format(version=version, probe=0 if usable else 1))
+        (bin_dir / name).chmod(0o755)
+    for tool in ("seq", "ls", "mkdir", "cp"):  # and no other Python
+        (bin_dir / tool).symlink_to(shutil.which(tool) or tool)
+    log = tmp_path / "suites.log"
+    env = {key: value for key, value in clean_env().items() if key != "GITHUB_ACTIONS"}
+    env.update(PATH=str(bin_dir), PYENV_ROOT=str(tmp_path / "no-pyenv"), LOG=str(log))
+    done = run([shutil.which("bash"), OTHER_PYTHONS], cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr, log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.mark.skipif(os.name == "nt" or shutil.which("bash") is None, reason="POSIX sh stubs for Python")
+def test_ci_runs_the_suite_under_the_oldest_python_and_the_newest_unless_it_ran_already(tmp_path: Path) -> None:
+    _, suites = other_pythons(tmp_path, "3.13", {"3.9": True, "3.10": True, "3.12": True})
+
+    assert suites == ["suite under 3.9"]  # 3.13 ran it already: the next newest adds nothing
+
+
+@pytest.mark.skipif(os.name == "nt" or shutil.which("bash") is None, reason="POSIX sh stubs for Python")
+def test_ci_passes_over_a_python_that_cannot_make_a_venv_and_says_so(tmp_path: Path) -> None:
+    said, suites = other_pythons(tmp_path, "3.11", {"3.9": False, "3.10": True, "3.13": True})
+
+    assert suites == ["suite under 3.10", "suite under 3.13"]
+    assert f"note: {tmp_path / 'bin' / 'python3.9'} cannot make a virtual environment (no venv or ensurepip); " \
+           "skipped" in said
+
+
+@pytest.mark.skipif(os.name == "nt" or shutil.which("bash") is None, reason="POSIX sh stubs for Python")
+def test_ci_with_no_other_python_says_the_suite_ran_under_one(tmp_path: Path) -> None:
+    said, suites = other_pythons(tmp_path, "3.12", {})
+
+    assert suites == []
+    assert "note: no older or newer Python 3.9+ here than 3.12 (PATH or pyenv); the suite ran under 3.12 only" in said

@@ -139,17 +139,32 @@ function dieBy(signal) {
 
 // SIGTERM, SIGHUP and SIGINT sent to this process are passed on to Python
 // (or, if none is running yet, end the launcher), then the launcher waits for
-// its exit. Except for SIGINT at a terminal: Ctrl-C reaches the child through
-// the terminal's process group already, and a second one would be a second
-// Ctrl-C to it (a "press again to force quit" for many programs). As uv does,
-// a terminal on stdin tells that case from a parent's kill or a container's
-// stop signal.
-const AT_TERMINAL = require("tty").isatty(0);
+// its exit. Except for a Ctrl-C: the terminal sends it to its whole foreground
+// process group, Python included, and a second one would be a second Ctrl-C
+// to it (a "press again to force quit" for many programs). A SIGINT sent to
+// the launcher alone (a parent's child.kill(), a container's stop signal, a
+// kill from elsewhere while it runs in the background) is passed on.
+let interrupts = 0;
 const forward = (signal) => {
   if (child === null || child.pid === undefined) dieBy(signal);
-  else if (!(signal === "SIGINT" && AT_TERMINAL)) child.kill(signal);
+  else if (!(signal === "SIGINT" && fromTerminal())) child.kill(signal);
 };
 for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"]) process.on(signal, forward);
+
+// Whether a SIGINT is likely a Ctrl-C that reached Python too. Linux tells:
+// this process's group is its terminal's foreground group (fields pgrp and
+// tpgid of /proc/self/stat, after the name in parentheses). Elsewhere only the
+// first is judged, by a terminal on stdin; any later one is passed on.
+function fromTerminal() {
+  interrupts += 1;
+  try {
+    const stat = fs.readFileSync("/proc/self/stat", "utf8");
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return fields[2] === fields[5];
+  } catch (err) {
+    return interrupts === 1 && require("tty").isatty(0);
+  }
+}
 
 function run(remaining) {
   if (remaining.length === 0) {
