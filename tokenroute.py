@@ -979,11 +979,12 @@ def adopt_earlier_login(ctx: Context, api_url: str) -> None:
         return  # a damaged file is reported by the command that needs it
     shared = read_shared_file(ctx)
     entries = shared.entries({api_url}) if shared is not None else []
-    if not (entries or ("" in store.logins and api_url == DEFAULT_API_URL) or not store.current or folder_widened(ctx)):
+    verdicts = [Judge(store.logins, None).verdict(entry) for entry in entries]
+    open_to_take = api_url not in store.logins and api_url not in store.logged_out
+    earlier = "" in store.logins and api_url == DEFAULT_API_URL
+    if not (any(verdicts) or (entries and open_to_take) or earlier or not store.current or folder_widened(ctx)):
         return
-    local = Judge(store.logins, None)
-    asks = api_url not in store.logged_out and any(local.verdict(entry) is None for entry in entries)
-    default = default_client(ctx) if asks else (None, "")
+    default = default_client(ctx) if open_to_take and None in verdicts else (None, "")
     take_over(ctx, api_url, lambda: adopt_login(ctx, api_url, *default))
 
 
