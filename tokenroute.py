@@ -137,6 +137,7 @@ class Context:
         self.open_browser = open_browser or open_in_system_browser
         self.tls: TrustStore | None = None  # made by the first https request, shared by the rest
         self.deadline: float | None = None  # an MCP tool call's end (ctx.now() time): no exchange or wait outlasts it
+        self.earlier_checked: set[str] = set()  # gateways whose earlier releases' logins this command looked at
 
     @classmethod
     def from_process(cls) -> Context:
@@ -407,16 +408,18 @@ def env_flag(value: str | None) -> bool:
 
 # ----------------------------------------------------------- local state ---
 # The files, and what each may hold:
-#   credentials.json  {"version": 2, "logins": {API_URL: login}}, a login per gateway
-#   keys.txt          a version header, then "API_URL KEY ID" lines: the newest key created on each gateway
-#   last_key.txt      the newest key of all, raw (scripts read it); one tokenroute did not write there
-#                     (a person's, or 0.1.0's) is the gateway in use's
+#   credentials.json  {"version": 2, "logins": {API_URL: login}, "logged_out": [API_URL]}: a login per
+#                     gateway, and the gateways logged out of whose earlier logins are never taken over
+#   keys.txt          a version header, then "API_URL KEY ID" lines: the newest key created on each
+#                     gateway; the record, written first
+#   last_key.txt      the newest key of all, raw (scripts read it): keys.txt's mirror; a key there that
+#                     keys.txt does not list (a person's, or 0.1.0's) is the default gateway's
 #   pending_login.json the device code between `login --no-wait` and `--resume`
 #   credentials.lock  held by every transition that writes the three first files
 # and what the earlier releases left (shared/spec/legacy-clients.md): 0.1.0's
 # credentials.json, which records no gateway (kept here under the gateway ""
-# until taken over), 1.0.0's "API_URL KEY ID" lines in last_key.txt, and
-# 0.2.0's ~/.paradigx files.
+# until taken over for the default gateway), 1.0.0's "API_URL KEY ID" lines in
+# last_key.txt, and 0.2.0's ~/.paradigx files.
 
 
 def ensure_config_dir(ctx: Context) -> str:
@@ -443,11 +446,11 @@ def file_error(action: str, path: str, exc: OSError) -> CliError:
     )
 
 
-def write_private_file(ctx: Context, path: str, text: str) -> None:
-    """Atomically replace `path` with `text`, owner-only from the first byte."""
+def write_private_file(ctx: Context, path: str, text: str, *, before_rename: Callable[[], None] | None = None) -> None:
+    """Atomically replace `path` with `text`, owner-only from the first byte (see replace_file)."""
     ensure_config_dir(ctx)
     try:
-        replace_file(path, text.encode("utf-8"), mode=0o600)
+        replace_file(path, text.encode("utf-8"), mode=0o600, before_rename=before_rename)
     except OSError as exc:
         raise file_error("cannot write", path, exc) from None
 
@@ -456,14 +459,19 @@ class OwnerNotKept(OSError):
     """replace_file could not give the new file the owner and group asked for."""
 
 
-def replace_file(path: str, data: bytes, *, mode: int, owner: tuple[int, int] | None = None) -> None:
+def replace_file(
+    path: str, data: bytes, *, mode: int, owner: tuple[int, int] | None = None,
+    before_rename: Callable[[], None] | None = None,
+) -> None:
     """Atomically replace `path` with `data`, in `mode` from the first byte; OSError on failure.
 
     The temp file is created in the same folder (so the umask cannot widen
     it and a crash never leaves a half-written secret), then renamed over
     the target; a symlink planted at the target is replaced, not followed.
     `owner` (uid, gid): the new file's, set before any byte is written;
-    OwnerNotKept when this process may not give it away.
+    OwnerNotKept when this process may not give it away. `before_rename` runs
+    once the new bytes are on disk, before they replace the old: what it
+    raises stops the replacement.
     Bytes, so that Windows writes the same line endings as everyone else.
     """
     tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
@@ -481,8 +489,10 @@ def replace_file(path: str, data: bytes, *, mode: int, owner: tuple[int, int] | 
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
-    except OSError:
+    except (OSError, CliError):
         try:
             os.remove(tmp)
         except OSError:
@@ -545,8 +555,11 @@ def remove_file(path: str) -> bool:
 
 
 def set_aside(ctx: Context, path: str, reason: str) -> None:
-    """Rename a damaged file (or folder) out of the way, keeping it for the user."""
-    aside = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(ctx.now()))}"
+    """Rename a damaged file (or folder) out of the way, keeping it for the user (and
+    every one set aside before: a second one within the same second gets a number)."""
+    stamp = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(ctx.now()))}"
+    aside = next((name for name in (stamp, *(f"{stamp}-{n}" for n in range(2, 100))) if not os.path.lexists(name)),
+                 f"{stamp}-{os.getpid()}")
     try:
         os.replace(path, aside)
     except OSError as exc:
@@ -567,8 +580,24 @@ CREDENTIAL_FIELDS = ("api_url", "access_token", "token_endpoint", "client_id", "
 DISCOVERED_FIELDS = ("token_endpoint", "client_id")  # "" in a login taken over from 0.1.0: discovery tells
 
 
+class Store:
+    """credentials.json as read: the logins by gateway ("" for 0.1.0's, which names none); the
+    gateways logged out of, whose earlier releases' logins are never taken over (`login` there
+    clears one); and whether the file is in this release's format (version 2)."""
+
+    def __init__(self, logins: dict[str, dict[str, Any]], logged_out: set[str], *, current: bool = True) -> None:
+        self.logins = logins
+        self.logged_out = logged_out
+        self.current = current
+
+
 def read_logins(ctx: Context) -> dict[str, dict[str, Any]]:
-    """The stored logins by gateway ("" for 0.1.0's, which names none); a damaged file is an error."""
+    """The stored logins by gateway; a damaged file is an error."""
+    return read_store(ctx).logins
+
+
+def read_store(ctx: Context) -> Store:
+    """credentials.json; a damaged file is an error."""
     path = credentials_path(ctx)
     if not is_own_file(path):
         raise CliError(
@@ -578,37 +607,37 @@ def read_logins(ctx: Context) -> dict[str, dict[str, Any]]:
         )
     text = read_text_file(path)
     if text is None:
-        return {}
+        return Store({}, set())
     import json
 
     try:
         data = json.loads(text)
     except (ValueError, RecursionError):
         data = None
-    logins = logins_in(data)
-    if logins is None:
+    store = store_in(data)
+    if store is None:
         raise CliError(
             f"{path} is damaged; `tokenroute login` sets it aside and logs in again",
             code="credentials_corrupt",
             next="tokenroute login",
         )
-    return logins
+    return store
 
 
-def logins_in(data: object) -> dict[str, dict[str, Any]] | None:
-    """The logins of a credentials.json of any release, None when it is damaged."""
+def store_in(data: object) -> Store | None:
+    """The store of a credentials.json of any release, None when it is damaged."""
     if not isinstance(data, dict):
         return None
     if data.get("version") == STORE_VERSION:
-        logins = data.get("logins")
-        if not isinstance(logins, dict):
+        logins, logged_out = data.get("logins"), data.get("logged_out", [])
+        if not isinstance(logins, dict) or not isinstance(logged_out, list):
             return None
         valid = all(is_valid_login(login) and login["api_url"] == url for url, login in logins.items())
-        return logins if valid else None
+        return Store(logins, {url for url in logged_out if isinstance(url, str)}) if valid else None
     if not (data.keys() >= EARLIER_FIELDS or "api_url" in data):
         return None
     login = earlier_login(data, data.get("api_url") or "")  # 0.1.0's, or this release's before version 2
-    return {login["api_url"]: login} if is_valid_login(login) else None
+    return Store({login["api_url"]: login}, set(), current=False) if is_valid_login(login) else None
 
 
 EARLIER_FIELDS = {"access_token", "refresh_token", "expires_at", "issuer", "client_id"}  # 0.1.0 wrote all, some null
@@ -619,8 +648,8 @@ STORE_VERSION = 2
 
 def earlier_login(data: dict[str, Any], api_url: str) -> dict[str, Any]:
     """A login of 0.1.0 or 0.2.0 in this release's shape; its nulls mean unknown."""
-    expires_at = data.get("expires_at")
-    return {
+    expires_at, issuer = data.get("expires_at"), data.get("issuer")
+    login = {
         "api_url": canonical_url(api_url) or "" if api_url else "",
         "access_token": data.get("access_token"),
         "refresh_token": data.get("refresh_token") or "",
@@ -629,6 +658,7 @@ def earlier_login(data: dict[str, Any], api_url: str) -> dict[str, Any]:
         "client_id": data.get("client_id") or "",
         "resource": data.get("resource") or api_url,
     }
+    return dict(login, issuer=issuer) if isinstance(issuer, str) and issuer else login
 
 
 def is_valid_login(creds: object) -> bool:
@@ -643,13 +673,18 @@ def is_valid_login(creds: object) -> bool:
     refreshable = refresh_token == "" or (isinstance(refresh_token, str) and is_header_safe(refresh_token))
     expires_at = creds.get("expires_at")
     dated = isinstance(expires_at, (int, float)) and not isinstance(expires_at, bool) and abs(expires_at) < 1e12
-    return texts and refreshable and dated
+    issued = isinstance(creds.get("issuer", ""), str)  # logins stored before 1.1 name no issuer
+    return texts and refreshable and dated and issued
 
 
-def write_logins(ctx: Context, logins: dict[str, dict[str, Any]]) -> None:
-    """Replace the stored logins (hold the lock); none left removes the file."""
-    if logins:
-        write_private_file(ctx, credentials_path(ctx), json_text({"version": STORE_VERSION, "logins": logins}))
+def write_logins(ctx: Context, logins: dict[str, dict[str, Any]], *, logged_out: set[str]) -> None:
+    """Replace the stored logins and the gateways logged out of (hold the lock); nothing left
+    removes the file."""
+    if logins or logged_out:
+        data: dict[str, Any] = {"version": STORE_VERSION, "logins": logins}
+        if logged_out:
+            data["logged_out"] = sorted(logged_out)
+        write_private_file(ctx, credentials_path(ctx), json_text(data))
     else:
         remove_file(credentials_path(ctx))
 
@@ -657,28 +692,28 @@ def write_logins(ctx: Context, logins: dict[str, dict[str, Any]]) -> None:
 def require_credentials(ctx: Context, api_url: str) -> dict[str, Any]:
     """The login for this gateway, or the error that says how to get one."""
     adopt_earlier_login(ctx, api_url)
-    logins = read_logins(ctx)
-    if api_url in logins:
-        return logins[api_url]
-    if "" in logins:  # the takeover failed, and said why
-        raise CliError(
+    store = read_store(ctx)
+    if api_url in store.logins:
+        return store.logins[api_url]
+    if "" in store.logins and api_url == DEFAULT_API_URL and not earlier_login_kept(ctx, store, api_url):
+        raise CliError(  # the takeover failed, and said why
             f"the login of tokenroute 0.1.0 in {credentials_path(ctx)} is not taken over yet: make "
             f"{config_dir(ctx)} writable, or set TOKENROUTE_CONFIG_DIR to a writable folder and log in",
             code="config",
         )
-    others = ", ".join(url for url in logins if url)
+    others = ", ".join(sorted({url or DEFAULT_API_URL for url in store.logins} - {api_url}))
     elsewhere = f" (logged in to {others}; choose it with --api-url or TOKENROUTE_API_URL)" if others else ""
     raise CliError(f"not logged in to {api_url}{elsewhere}", code="auth_required", next="tokenroute login")
 
 
 def save_login(ctx: Context, creds: dict[str, Any]) -> None:
-    """Store one gateway's login next to the others' (hold the lock)."""
+    """Store one gateway's login next to the others' (hold the lock); a logout's record of the
+    gateway goes."""
     try:
-        logins = read_logins(ctx)
+        store = read_store(ctx)
     except CliError:  # a damaged file: `login` set it aside; a refresh reaches here only after reading it
-        logins = {}
-    logins[creds["api_url"]] = creds
-    write_logins(ctx, logins)
+        store = Store({}, set())
+    write_logins(ctx, {**store.logins, creds["api_url"]: creds}, logged_out=store.logged_out - {creds["api_url"]})
 
 
 def is_header_safe(value: str) -> bool:
@@ -689,24 +724,68 @@ def is_plausible_key(key: str) -> bool:
     return key.startswith(KEY_PREFIX) and len(key) > len(KEY_PREFIX) and set(key) <= KEY_CHARS and len(key) <= 200
 
 
-def read_key_cache(ctx: Context) -> tuple[dict[str, tuple[str, str]], str]:
-    """The cached keys by gateway, as (key, id), newest last, and the text of last_key.txt.
+class KeyCache:
+    """The key files as read. keys.txt, the record, lists the newest key created on each
+    gateway (1.0.0 wrote the same lines in last_key.txt). last_key.txt mirrors the newest
+    of them, raw, while it is cached; one it lists that is not the newest is a mirror an
+    interrupted write left, and keys.txt has the word. A key there that keys.txt does not
+    list (a person pasted it, or tokenroute 0.1.0 wrote it), like 0.2.0's in ~/.paradigx,
+    names no gateway: it is the default gateway's (0.1.0's default, and where a key from
+    the dashboard comes from), and no other gateway is ever sent it."""
 
-    keys.txt lists them, then come the lines tokenroute 1.0.0 wrote in last_key.txt;
-    "" is a key in last_key.txt that tokenroute did not write (a person put it
-    there, or tokenroute 0.1.0). An unreadable file holds no usable key.
-    """
-    keys = dict(key_lines(peek_text_file(keys_path(ctx)), KEYS_HEADER))
-    newest = (peek_text_file(last_key_path(ctx)) or "").strip(" \t\r\n\ufeff")
-    if newest.startswith("#"):  # 1.0.0's header, then its "GATEWAY KEY ID" lines
-        keys.update(key_lines(newest, "#"))
-    elif newest and newest not in {key for key, _ in keys.values()}:
-        keys[""] = (newest, "-")
-    return keys, newest
+    def __init__(self, ctx: Context, listed: dict[str, tuple[str, str]], last: str, *, of_1_0: bool,
+                 unrecorded: tuple[str, str, bool] | None, earlier_file: str) -> None:
+        self.files = (keys_path(ctx), last_key_path(ctx))
+        self.listed = listed  # by gateway: (key, key id), newest last
+        self.last = last  # last_key.txt's text without spaces around it; "" when absent, unreadable or 1.0.0's
+        self.of_1_0 = of_1_0
+        self.unrecorded = unrecorded  # the newest unlisted key: (key, its file, whether it is newer than keys.txt)
+        self.earlier_file = earlier_file  # 0.2.0's key file, "" when it holds no key to take
+
+    def keys(self) -> dict[str, tuple[str, str]]:
+        """The cached keys by gateway as (key, key id), newest last; the one rule for an unlisted key."""
+        keys = dict(self.listed)
+        if self.unrecorded is None:
+            return keys
+        key, _, newer = self.unrecorded
+        if newer:  # pasted after keys.txt was written: it replaces the default gateway's key there
+            keys.pop(DEFAULT_API_URL, None)
+            keys[DEFAULT_API_URL] = (key, "-")
+        elif DEFAULT_API_URL not in keys:  # 0.2.0's, older than anything keys.txt lists
+            keys = {DEFAULT_API_URL: (key, "-"), **keys}
+        return keys
+
+    def source(self, key: str) -> str:
+        """The file a cached key is read from."""
+        if self.unrecorded is not None and key == self.unrecorded[0]:
+            return self.unrecorded[1]
+        return self.files[1] if key == self.last else self.files[0]
+
+
+def read_key_cache(ctx: Context, *, to_write: bool = False) -> KeyCache:
+    """The key files; unreadable ones hold no usable key. `to_write` (under the lock): 0.2.0's
+    key counts only where its file can then be removed, so that it never comes back."""
+    listed = dict(key_lines(peek_text_file(keys_path(ctx)), KEYS_HEADER))
+    text = peek_text_file(last_key_path(ctx)) or ""
+    of_1_0 = text.splitlines()[:1] == [KEYS_HEADER_1_0]
+    if of_1_0:
+        listed.update(key_lines(text, KEYS_HEADER_1_0))
+    last = "" if of_1_0 else text.strip(" \t\r\n\ufeff")
+    recorded = {key for key, _ in listed.values()}
+    found = []  # (when, key, its file, whether it is newer than the key keys.txt lists for the default gateway)
+    if is_plausible_key(last) and last not in recorded:
+        found.append((file_time(last_key_path(ctx)), last, last_key_path(ctx), True))  # pasted after keys.txt's
+    earlier_file, earlier_key = paradigx_key(ctx)
+    if earlier_key and to_write and not is_writable(os.path.dirname(earlier_file)):
+        earlier_file, earlier_key = "", ""
+    if earlier_key and earlier_key not in recorded:  # a tie goes to 0.2.0's, the newer copy of 0.1.0's
+        found.append((file_time(earlier_file) + 0.001, earlier_key, earlier_file, False))
+    best = max(found) if found else None
+    return KeyCache(ctx, listed, last, of_1_0=of_1_0, unrecorded=best[1:] if best else None, earlier_file=earlier_file)
 
 
 def key_lines(text: str | None, header: str) -> list[tuple[str, tuple[str, str]]]:
-    """The "GATEWAY KEY ID" lines after a first line that starts with `header`."""
+    """The "GATEWAY KEY ID" lines after a first line that is `header` (or starts with it)."""
     lines = (text or "").splitlines()
     if not lines or not lines[0].startswith(header):
         return []
@@ -714,65 +793,86 @@ def key_lines(text: str | None, header: str) -> list[tuple[str, tuple[str, str]]
 
 
 KEYS_HEADER = "# tokenroute keys, version 1: the newest API key created on each gateway (gateway key id)"
+KEYS_HEADER_1_0 = "# tokenroute: the newest API key created on each gateway (gateway, key, key id)"  # in last_key.txt
 
 
-def gateway_keys(cache: dict[str, tuple[str, str]], api_url: str) -> dict[str, tuple[str, str]]:
-    """The cached keys by gateway, where a key in last_key.txt that tokenroute did not
-    write is the gateway in use's: the one rule for a pasted key, and for 0.1.0's."""
-    keys = dict(cache)
-    pasted = keys.pop("", None)
-    if pasted is not None:
-        keys.pop(api_url, None)
-        keys[api_url] = pasted
-    return keys
+def write_key_cache(ctx: Context, cache: KeyCache, keys: dict[str, tuple[str, str]], *,
+                    newest: str | None = None) -> None:
+    """Replace the cached keys with `keys` (hold the lock; `cache` as read under it, to write).
+    last_key.txt holds `newest`, or else keeps its key while that is still cached: when
+    it goes, no other gateway's key takes its place (a script pairs the file with a URL).
 
-
-def write_key_cache(ctx: Context, keys: dict[str, tuple[str, str]], *, newest: str | None = None) -> None:
-    """Replace the cached keys (hold the lock). last_key.txt holds `newest`, or else
-    keeps its key while that is still cached; keys.txt lists them all.
-
-    last_key.txt is written first: a crash in between leaves the new key there,
-    unlisted, and the next command takes it as the gateway in use's.
+    keys.txt, the record, is written first, then last_key.txt, its mirror: after a crash
+    in between, last_key.txt holds a key keys.txt lists, or none. So a key there that
+    `keys` drops leaves just before the new keys.txt replaces the old (once it is safely
+    written: a full disk changes nothing): unlisted, it would read as pasted, the default
+    gateway's. Text there that is no key is set aside, never overwritten; 0.2.0's key
+    file goes once its key is recorded (or replaced).
     """
-    _, current = read_key_cache(ctx)
-    newest = newest or (current if any(key == current for key, _ in keys.values()) else None)
-    path = last_key_path(ctx)
-    if newest is None:
-        remove_file(path)
-    elif newest != current:
-        keep_unusable(ctx, path)
-        write_private_file(ctx, path, newest)
-    lines = [f"{url} {key} {key_id}" for url, (key, key_id) in keys.items() if url]
-    path = keys_path(ctx)
+    kept = [key for key, _ in keys.values()]
+    if newest is None and cache.last in kept:
+        newest = kept[-1]  # a mirror that an interrupted write left behind is brought up to date
+    last = last_key_path(ctx)
+
+    def drop_dropped_key() -> None:
+        if is_plausible_key(cache.last) and cache.last not in kept:
+            remove_file(last)
+
+    lines = [f"{url} {key} {key_id}" for url, (key, key_id) in keys.items()]
+    keep_unusable(ctx, keys_path(ctx), usable=lambda text: text.startswith(KEYS_HEADER))
     if lines:
-        keep_unusable(ctx, path, header=KEYS_HEADER)
-        write_private_file(ctx, path, "\n".join([KEYS_HEADER, *lines]) + "\n")
+        write_private_file(ctx, keys_path(ctx), "\n".join([KEYS_HEADER, *lines]) + "\n", before_rename=drop_dropped_key)
     else:
-        remove_file(path)
+        drop_dropped_key()
+        remove_file(keys_path(ctx))
+    if newest is not None and (newest != cache.last or cache.of_1_0):
+        keep_unusable(ctx, last, usable=lambda text: is_plausible_key(text.strip()) or text.startswith(KEYS_HEADER_1_0))
+        write_private_file(ctx, last, newest)
+    elif newest is None and cache.of_1_0:
+        remove_file(last)
+    if cache.earlier_file:
+        remove_file(cache.earlier_file)
+    unrecorded = cache.unrecorded
+    if unrecorded is not None and unrecorded[0] in kept:
+        key = redact(unrecorded[0])
+        what = (f"Took over the cached API key {key} of tokenroute 0.2.0 ({unrecorded[1]})"
+                if unrecorded[1] == cache.earlier_file else f"Recorded the API key {key} in {unrecorded[1]} "
+                "(it names no gateway: pasted, or tokenroute 0.1.0's)")
+        note(ctx, f"{what} as {DEFAULT_API_URL}'s, in {keys_path(ctx)}.")
 
 
-def keep_unusable(ctx: Context, path: str, *, header: str = "") -> None:
-    """Set aside a file about to be replaced that cannot be read (left by `sudo
-    tokenroute`), or not as `header` says (a later release's): it may hold a key
-    that is nowhere else."""
+def keep_unusable(ctx: Context, path: str, *, usable: Callable[[str], bool]) -> None:
+    """Set aside a file about to be replaced that cannot be read (left by `sudo tokenroute`),
+    or that holds what tokenroute did not write there (a later release's format, a person's
+    note): it may hold a key that is nowhere else."""
     text = peek_text_file(path) if os.path.isfile(path) else ""
-    if text is None or (text and not text.startswith(header)):
+    if text is None or (text and not usable(text)):
         set_aside(ctx, path, "could not be read" if text is None else "is not in a format this release knows")
+
+
+def is_writable(folder: str) -> bool:
+    try:
+        check_writable(folder)
+    except CliError:
+        return False
+    return True
 
 
 def cache_key(ctx: Context, api_url: str, key: str, key_id: str) -> None:
     """Make `key` this gateway's cached key and the newest (last_key.txt)."""
     with CredentialsLock(ctx):
-        keys = gateway_keys(read_key_cache(ctx)[0], api_url)  # a pasted key was this gateway's: this one replaces it
+        cache = read_key_cache(ctx, to_write=True)
+        keys = cache.keys()
         keys.pop(api_url, None)
         keys[api_url] = (key, key_id if is_header_safe(key_id) else "-")
-        write_key_cache(ctx, keys, newest=key)
+        write_key_cache(ctx, cache, keys, newest=key)
 
 
 def forget_cached_key(ctx: Context, api_url: str, *, key_id: str | None = None, prefix: str | None = None) -> bool:
     """Drop this gateway's cached key (only if it is `key_id` or starts with `prefix`, when given)."""
     with CredentialsLock(ctx):
-        keys = gateway_keys(read_key_cache(ctx)[0], api_url)
+        cache = read_key_cache(ctx, to_write=True)
+        keys = cache.keys()
         key, cached_id = keys.get(api_url, ("", ""))
         matches = key and (
             (key_id is None and prefix is None)
@@ -781,33 +881,51 @@ def forget_cached_key(ctx: Context, api_url: str, *, key_id: str | None = None, 
         )
         if matches:
             del keys[api_url]
-            write_key_cache(ctx, keys)
+            write_key_cache(ctx, cache, keys)
         return bool(matches)
 
 
 def resolve_api_key(ctx: Context, flag: str | None, api_url: str) -> tuple[str, str]:
-    """The API key for /v1 calls and where it came from: --key, env, then this gateway's cached key."""
+    """The API key for /v1 calls and where it came from: --key, env, then this gateway's cached
+    key (once 1.0.0's key file is converted)."""
+    if flag is None and not ctx.env.get("TOKENROUTE_API_KEY"):
+        adopt_earlier_keys(ctx, api_url)
+    return api_key_in_use(ctx, flag, api_url)
+
+
+def api_key_in_use(ctx: Context, flag: str | None, api_url: str) -> tuple[str, str]:
+    """resolve_api_key without taking anything over: it only reads."""
     if flag is not None:
         key, source = flag.strip(), "--key"
     elif ctx.env.get("TOKENROUTE_API_KEY"):
         key, source = ctx.env["TOKENROUTE_API_KEY"].strip(), "TOKENROUTE_API_KEY"
     else:
-        adopt_earlier_keys(ctx, api_url)
-        cache, newest = read_key_cache(ctx)
-        keys = gateway_keys(cache, api_url)  # if the takeover failed, a pasted key still serves this gateway
-        key = keys.get(api_url, ("", ""))[0]
-        if not key:
-            others = ", ".join(keys)
-            elsewhere = f" (the cached keys are for {others})" if others else ""
-            raise CliError(
-                f"no API key for {api_url}{elsewhere}: pass --key, set TOKENROUTE_API_KEY, or create one",
-                code="no_key",
-                next="tokenroute keys create --name NAME",
-            )
-        source = last_key_path(ctx) if key == newest else keys_path(ctx)
+        cache = read_key_cache(ctx)
+        keys = cache.keys()
+        if api_url not in keys:
+            raise no_key_error(api_url, keys, cache.unrecorded[1] if cache.unrecorded else None)
+        key = keys[api_url][0]
+        source = cache.source(key)
     if not is_plausible_key(key):
         raise CliError(f"the API key from {source} is not a tokenroute key (sk-tr-...)", code="invalid_key")
     return key, source
+
+
+def no_key_error(api_url: str, keys: dict[str, tuple[str, str]], unlisted: str | None) -> CliError:
+    others = ", ".join(keys)
+    elsewhere = f" (the cached keys are for {others})" if others else ""
+    if unlisted is not None:
+        return CliError(
+            f"no API key for {api_url}{elsewhere}: the key in {unlisted} names no gateway, so it is taken for "
+            f"{DEFAULT_API_URL} only; to use it here, pass it with --key or TOKENROUTE_API_KEY",
+            code="no_key",
+            next="tokenroute keys create --name NAME",
+        )
+    return CliError(
+        f"no API key for {api_url}{elsewhere}: pass --key, set TOKENROUTE_API_KEY, or create one",
+        code="no_key",
+        next="tokenroute keys create --name NAME",
+    )
 
 
 def redact(text: str) -> str:
@@ -822,37 +940,56 @@ def redact(text: str) -> str:
 
 
 def adopt_earlier_keys(ctx: Context, api_url: str) -> None:
-    """Take over, for the gateway in use, the cached keys that tokenroute has not recorded.
-
-    A key in last_key.txt that keys.txt does not list (a person put it there,
-    or tokenroute 0.1.0) and 0.2.0's key file name no gateway: like 0.2.0,
-    this gives them to the gateway the command talks to. Of several the
-    newest wins and the rest are dropped, so a key revoked later cannot come
-    back from an old file. 1.0.0's lines in last_key.txt move to keys.txt.
-    Offline, and says once, on stderr.
+    """Convert 1.0.0's last_key.txt: its "GATEWAY KEY ID" lines move to keys.txt (a crash
+    in between converts again; no key is lost), and last_key.txt holds this gateway's key
+    alone again (which of 1.0.0's keys was newest is unknown). Make 0.1.0's folder private.
+    Offline, and says once, on stderr. Keys that name no gateway stay where they are until
+    the key cache is next written (KeyCache): reading never moves them.
     """
-    if earlier_keys_left(ctx):
-        take_over(ctx, api_url, lambda: adopt_key(ctx, api_url))
+    if read_key_cache(ctx).of_1_0 or folder_widened(ctx):
+        take_over(ctx, api_url, lambda: convert_key_cache(ctx, api_url))
+
+
+def convert_key_cache(ctx: Context, api_url: str) -> list[str]:
+    cache = read_key_cache(ctx, to_write=True)
+    if not cache.of_1_0:
+        return []
+    keys = cache.keys()
+    if api_url in keys:
+        keys[api_url] = keys.pop(api_url)
+    write_key_cache(ctx, cache, keys, newest=next(reversed(keys.values()))[0] if keys else None)
+    return [f"moved the cached keys to {keys_path(ctx)} ({last_key_path(ctx)} holds the newest key alone again)"]
 
 
 def adopt_earlier_login(ctx: Context, api_url: str) -> None:
-    """Take over an earlier release's login for this gateway (for the commands that need one).
-
-    0.1.0's login, in this folder and for no gateway named, is the gateway in
-    use's. 0.2.0's entries in ~/.paradigx/auth.json, a file other products
-    share, are taken only when known to be tokenroute's (is_tokenroute_entry),
-    which may take a question to the gateway. A login ends up in exactly one
-    place: a refresh token that two programs hold is poison once one of them
+    """Take over an earlier release's login for this gateway (for the commands that need
+    one; once a command). 0.2.0's entries in ~/.paradigx/auth.json, a file other products
+    share, are taken only when known to be tokenroute's (Judge), which may take a question
+    to the default gateway; 0.1.0's login, which names no gateway, is the default
+    gateway's. Nothing is taken for a gateway logged out of since. A login ends up in
+    exactly one place: a refresh token that two programs hold is poison once one of them
     rotates it. Says once, on stderr.
     """
-    if not earlier_login_left(ctx, api_url):
+    if api_url in ctx.earlier_checked:
         return
-    client = tokenroute_client(ctx, api_url) if api_url in shared_urls(ctx) else None
-    take_over(ctx, api_url, lambda: adopt_login(ctx, api_url, client))
+    ctx.earlier_checked.add(api_url)
+    try:
+        store = read_store(ctx)
+    except CliError:
+        return  # a damaged file is reported by the command that needs it
+    shared = read_shared_file(ctx)
+    entries = shared.entries({api_url}) if shared is not None else []
+    verdicts = [Judge(store.logins, None).verdict(entry) for entry in entries]
+    open_to_take = api_url not in store.logins and api_url not in store.logged_out
+    earlier = "" in store.logins and api_url == DEFAULT_API_URL
+    if not (any(verdicts) or (entries and open_to_take) or earlier or not store.current or folder_widened(ctx)):
+        return
+    default = default_client(ctx) if open_to_take and None in verdicts else (None, "")
+    take_over(ctx, api_url, lambda: adopt_login(ctx, api_url, *default))
 
 
 def take_over(ctx: Context, api_url: str, adopt: Callable[[], list[str]]) -> None:
-    """Run `adopt` under the lock, and say what it took."""
+    """Run `adopt` under the lock, and say what it took (or why not)."""
     try:
         with CredentialsLock(ctx):
             took = adopt() + make_private(ctx)
@@ -863,28 +1000,19 @@ def take_over(ctx: Context, api_url: str, adopt: Callable[[], list[str]]) -> Non
         note(ctx, f"For {api_url}: {'; '.join(took)}.")
 
 
-def earlier_keys_left(ctx: Context) -> bool:
-    """Whether a key is left to take over (cheap: a few small reads and a stat)."""
-    keys, newest = read_key_cache(ctx)
-    return "" in keys or newest.startswith("#") or folder_widened(ctx) or bool(paradigx_key(ctx)[1])
-
-
 def paradigx_key(ctx: Context) -> tuple[str, str]:
     """0.2.0's key file in ~/.paradigx and the key it holds, "" when none is usable."""
     folder = paradigx_dir(ctx)
     path = os.path.join(folder, PARADIGX_KEY) if folder else ""
     key = (peek_text_file(path) or "").strip() if path and is_own_file(path) else ""
-    return path, key if is_plausible_key(key) else ""
+    return (path, key) if is_plausible_key(key) else ("", "")
 
 
-def earlier_login_left(ctx: Context, api_url: str) -> bool:
-    try:
-        logins = read_logins(ctx)
-    except CliError:
-        return False  # a damaged file is reported by the command that needs it
-    stored = peek_text_file(credentials_path(ctx))
-    unversioned = stored is not None and f'"version": {STORE_VERSION}' not in stored
-    return "" in logins or unversioned or folder_widened(ctx) or api_url in shared_urls(ctx)
+def earlier_login_kept(ctx: Context, store: Store, api_url: str) -> bool:
+    """Whether 0.1.0's login stays untaken for this gateway on purpose: it was logged out of,
+    or auth.json keeps a login for it (0.2.0's copy of that login may be the newer)."""
+    shared = read_shared_file(ctx)
+    return api_url in store.logged_out or bool(shared is not None and shared.entries({api_url}))
 
 
 def folder_widened(ctx: Context) -> bool:
@@ -906,160 +1034,235 @@ def make_private(ctx: Context) -> list[str]:
 PARADIGX_KEY = "tokenroute_last_key.txt"
 
 
-def adopt_login(ctx: Context, api_url: str, client: tuple[str, str | None] | None) -> list[str]:
-    """Move an earlier release's login for this gateway into credentials.json (under the lock).
+def adopt_login(ctx: Context, api_url: str, default: tuple[str, str] | None, unknown: str) -> list[str]:
+    """Move an earlier release's login for this gateway into credentials.json (under the lock);
+    what it did, and what it left and why. `default`: tokenroute's client as the default
+    gateway names it (None: `unknown` says why it is not known).
 
-    A login stored here already is newer than 0.2.0's, which is then only removed.
+    A login stored here already is newer than 0.2.0's, which is then only removed, as is a
+    copy of another gateway's stored login. An entry of tokenroute's that is no usable
+    login is left as it is, never cut untaken.
     """
     try:
-        logins = read_logins(ctx)
+        store = read_store(ctx)
     except CliError:
         return []  # a damaged file is reported by the command that needs it
-    taken = []
-    shared = tokenroute_entries(ctx, {api_url: client}, held_tokens(logins))
-    if shared is not None:
-        check_writable(os.path.dirname(shared.path))  # else the login would end up in two places
-    if shared is not None and shared.logins and api_url not in logins:
-        logins[api_url] = max(shared.logins, key=lambda login: login["expires_at"])
-        taken.append(f"took over the login of tokenroute 0.2.0 ({shared.path})")
-    earlier = logins.pop("", None)
-    if earlier is not None and api_url not in logins:
-        logins[api_url] = dict(earlier, api_url=api_url, resource=api_url)
-        taken.append(f"took over the login of tokenroute 0.1.0 ({credentials_path(ctx)})")
-    stored = peek_text_file(credentials_path(ctx))
-    if earlier is not None or taken or (stored is not None and f'"version": {STORE_VERSION}' not in stored):
-        write_logins(ctx, logins)  # an unversioned file of this release's first cut becomes version 2 once
-    if shared is not None:
-        shared.remove()
-    return taken
+    logins = dict(store.logins)
+    shared = read_shared_file(ctx)
+    entries = shared.entries({api_url}) if shared is not None else []
+    judge = Judge(logins, default)
+    ours = [entry for entry in entries if judge.verdict(entry)]
+    copies = [entry for entry in ours if judge.holder(entry) not in (None, "", api_url)]  # of another's login
+    said, taken = [], None
+    open_to_take = api_url not in logins and api_url not in store.logged_out
+    if open_to_take and shared is not None:
+        latest = [earlier_login(entry.value, api_url) for entry in ours if entry.group == shared.last
+                  and entry not in copies]
+        if latest and all(map(is_valid_login, latest)):
+            taken = max(latest, key=lambda login: login["expires_at"])
+        elif latest:
+            said.append(f"the login of tokenroute 0.2.0 in {shared.path} is not taken over: it is no usable "
+                        "login (its tokens or expiry are not what a login holds); `tokenroute login` logs in")
+        elif entries:
+            why = unknown or f"it is no login of tokenroute's client as {DEFAULT_API_URL} names it"
+            said.append(f"the login in {shared.path} is not taken over: tokenroute cannot tell it is its own "
+                        f"({why}); `tokenroute login` logs in")
+    cut = ours if api_url in logins or taken is not None else copies
+    left = [entry for entry in entries if entry not in cut]
+    took = []
+    if taken is not None:
+        logins[api_url] = taken
+        took.append(f"took over the login of tokenroute 0.2.0 ({shared.path if shared else ''})")
+    earlier = logins.pop("", None) if api_url == DEFAULT_API_URL else None
+    if earlier is not None and api_url not in logins:  # else it is superseded: dropped
+        if api_url in store.logged_out or left:
+            logins[""] = earlier
+            if left and open_to_take:
+                said.append(f"nor is the login of tokenroute 0.1.0 in {credentials_path(ctx)}: the one in "
+                            "auth.json may be its newer copy, and refreshing the older would end both")
+        else:
+            logins[api_url] = dict(earlier, api_url=api_url, resource=api_url)
+            took.append(f"took over the login of tokenroute 0.1.0 ({credentials_path(ctx)})")
+    changed = logins != store.logins or (not store.current and "" not in logins)  # this release's first cut: once
+
+    def save() -> None:
+        write_logins(ctx, logins, logged_out=store.logged_out)
+
+    if cut and shared is not None:
+        cut_shared_logins(ctx, shared, cut, save=save if changed else None)
+    elif changed:
+        save()
+    return took + said
 
 
-def held_tokens(logins: dict[str, dict[str, Any]]) -> set[str]:
-    return {login["refresh_token"] for login in logins.values() if login["refresh_token"]}
+class Judge:
+    """Whether an entry of auth.json is tokenroute 0.2.0's login for its gateway. Other
+    products' entries have the same shape, and the server at an entry's URL may be another
+    product built like tokenroute, whose discovery names its own client: so an entry is
+    tokenroute's only when a source other than that server vouches for it. It copies a
+    refresh token tokenroute holds; or it names the client (and issuer) of the login
+    tokenroute holds for that gateway; or, with none, the client id and issuer that the
+    default gateway's discovery names (`default`: tokenroute's by definition). Never by
+    its URL alone."""
 
-
-def tokenroute_client(ctx: Context, api_url: str) -> tuple[str, str | None] | None:
-    """Who tokenroute is at this gateway: the client id of the login stored for it, or
-    else the client id and issuer that its login discovery answers; None when it
-    answers none (it is no tokenroute gateway). Unreachable: the network error."""
-    try:
-        stored = read_logins(ctx).get(api_url)
-    except CliError:
-        stored = None
-    if stored is not None and stored["client_id"]:
-        return stored["client_id"], None
-    try:
-        found = discover(ctx, api_url)
-    except CliError as error:
-        if error.exit_code == EXIT_NETWORK:
-            raise
-        return None
-    issuer = found.get("issuer")
-    return found["client_id"], issuer if isinstance(issuer, str) else None
-
-
-def is_tokenroute_entry(entry: object, api_url: str, client: tuple[str, str | None] | None, held: set[str]) -> bool:
-    """Whether an entry of auth.json is tokenroute 0.2.0's login for this gateway. Other
-    products' entries have the same shape, and a mistyped URL can name theirs: it must
-    also be a login of tokenroute's client there (its client id, and its issuer when
-    discovery told it), or a copy of a refresh token tokenroute holds. Never by URL alone."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("api_url"), str):
-        return False
-    if canonical_url(entry["api_url"]) != api_url:
-        return False
-    if isinstance(entry.get("refresh_token"), str) and entry["refresh_token"] in held:
-        return True
-    return client is not None and entry.get("client_id") == client[0] and client[1] in (None, entry.get("issuer"))
-
-
-class SharedLogins:
-    """tokenroute's entries in ~/.paradigx/auth.json: `logins` as JSON readers see them
-    (the last "tokens" member, if the file repeats it), and what `remove` cuts out of
-    every "tokens" member, each other byte as written (CRLF, separators, indent)."""
-
-    def __init__(self, path: str, text: str, cuts: list[tuple[int, int, list[tuple[int, int, int]], set[int]]],
-                 logins: list[dict[str, Any]], urls: set[str]) -> None:
-        self.path = path  # the real file, past a symlink
-        self.text = text
-        self.cuts = cuts  # per "tokens" object: its span, its members' spans, the members to cut
+    def __init__(self, logins: dict[str, dict[str, Any]], default: tuple[str, str] | None) -> None:
         self.logins = logins
-        self.urls = urls  # the gateways whose entries are cut
+        self.held = {login["refresh_token"]: url for url, login in logins.items() if login["refresh_token"]}
+        self.default = default
 
-    def remove(self) -> None:
-        """Rewrite auth.json without them: atomically, in its own mode."""
+    def holder(self, entry: SharedEntry) -> str | None:
+        """The gateway of the stored login whose refresh token the entry copies; None if none."""
+        refresh_token = entry.value.get("refresh_token")
+        return self.held.get(refresh_token) if isinstance(refresh_token, str) else None
+
+    def verdict(self, entry: SharedEntry) -> bool | None:
+        """True when the entry is tokenroute's; None when nothing vouches either way."""
+        value = entry.value
+        if self.holder(entry) is not None:
+            return True
+        stored = self.logins.get(entry.url)
+        if stored is not None and stored["client_id"]:
+            return is_same_client(value, stored)
+        if self.default is None:
+            return None
+        return value.get("client_id") == self.default[0] and is_same_issuer(value.get("issuer"), self.default[1])
+
+
+def is_same_client(entry: dict[str, Any], login: dict[str, Any]) -> bool:
+    """Whether an entry of auth.json names the client of a stored login: its client id and
+    issuer; for a login stored before 1.1 (no issuer), its client id, and the host of its
+    token endpoint as the entry's issuer's host, when both are known."""
+    issuer = entry.get("issuer")
+    if entry.get("client_id") != login["client_id"]:
+        return False
+    if login.get("issuer"):
+        return is_same_issuer(issuer, login["issuer"])
+    issuer_url = canonical_url(issuer) if isinstance(issuer, str) else None
+    endpoint_url = canonical_url(login["token_endpoint"]) if login["token_endpoint"] else None
+    return issuer_url is None or endpoint_url is None or url_host(issuer_url) == url_host(endpoint_url)
+
+
+def is_same_issuer(one: object, other: object) -> bool:
+    return isinstance(one, str) and isinstance(other, str) and bool(one) and one.rstrip("/") == other.rstrip("/")
+
+
+def default_client(ctx: Context) -> tuple[tuple[str, str] | None, str]:
+    """tokenroute's client id and issuer as the default gateway's login discovery names them
+    (that gateway is tokenroute's by definition); or None, and why they are not known."""
+    try:
+        found = discover(ctx, DEFAULT_API_URL)
+    except CliError as error:  # offline, or unavailable: nothing is judged
+        return None, f"{DEFAULT_API_URL} could not be asked: {error.message}"
+    issuer = found.get("issuer")
+    if not isinstance(issuer, str) or not issuer:
+        return None, f"{DEFAULT_API_URL} names no issuer"
+    return (found["client_id"], issuer), ""
+
+
+class SharedEntry:
+    """A member of a "tokens" object in auth.json shaped like tokenroute 0.2.0's login: its
+    place (which "tokens" member, which entry) and its gateway in canonical form."""
+
+    def __init__(self, group: int, index: int, value: dict[str, Any]) -> None:
+        self.group = group
+        self.index = index
+        self.value = value
+        self.url = canonical_url(value["api_url"]) or value["api_url"]
+
+
+class SharedFile:
+    """~/.paradigx/auth.json as read once: its real path (past a symlink), its text as
+    written, and each "tokens" object in it (a file may repeat the member; JSON readers see
+    the last) as its span and its members' values and spans."""
+
+    def __init__(self, path: str, text: str,
+                 groups: list[tuple[int, int, list[tuple[object, tuple[int, int, int]]]]]) -> None:
+        self.path = path
+        self.text = text
+        self.groups = groups
+        self.last = len(groups) - 1
+
+    def entries(self, urls: set[str] | None = None) -> list[SharedEntry]:
+        """The logins shaped like 0.2.0's (objects naming an api_url) for these gateways (None: any)."""
+        found = [
+            SharedEntry(group, index, value)
+            for group, (_, _, members) in enumerate(self.groups)
+            for index, (value, _) in enumerate(members)
+            if isinstance(value, dict) and isinstance(value.get("api_url"), str)
+        ]
+        return [entry for entry in found if urls is None or entry.url in urls]
+
+    def without(self, cut: list[SharedEntry]) -> str:
+        """The text without the `cut` entries, each other byte as written (CRLF, separators, indent)."""
         text = self.text
-        for start, end, members, drop in reversed(self.cuts):
-            text = text[:start] + without_members(text[start:end], members, drop, offset=start) + text[end:]
-        try:
-            replace_file(self.path, text.encode("utf-8"), mode=os.stat(self.path).st_mode & 0o777)
-        except OSError as exc:
-            raise file_error("cannot write", self.path, exc) from None
+        for group in reversed(range(len(self.groups))):
+            drop = {entry.index for entry in cut if entry.group == group}
+            if drop:
+                start, end, members = self.groups[group]
+                spans = [span for _, span in members]
+                text = text[:start] + without_members(text[start:end], spans, drop, offset=start) + text[end:]
+        return text
 
 
-def tokenroute_entries(
-    ctx: Context, clients: dict[str, tuple[str, str | None] | None], held: set[str]
-) -> SharedLogins | None:
-    """tokenroute's entries in ~/.paradigx/auth.json for the gateways of `clients`; None when there are none."""
-    found = shared_members(ctx)
-    if found is None:
-        return None
-    path, text, groups = found
-    cuts, logins, urls = [], [], set()
-    for number, (start, end, members) in enumerate(groups):
-        drop = set()
-        for index, (entry, _) in enumerate(members):
-            url = next((url for url, client in clients.items() if is_tokenroute_entry(entry, url, client, held)), None)
-            if url is None:
-                continue
-            drop.add(index)
-            urls.add(url)
-            login = earlier_login(entry, entry["api_url"])
-            if number == len(groups) - 1 and is_valid_login(login):
-                logins.append(login)
-        if drop:
-            cuts.append((start, end, [span for _, span in members], drop))
-    return SharedLogins(path, text, cuts, logins, urls) if cuts else None
-
-
-def shared_members(
-    ctx: Context,
-) -> tuple[str, str, list[tuple[int, int, list[tuple[object, tuple[int, int, int]]]]]] | None:
-    """~/.paradigx/auth.json's real path, its text as written, and each "tokens" object
-    in it (a file may repeat the member) as its span and its members' values and spans.
-    None when there is no such file of this user's that is JSON."""
-    import json
-
+def read_shared_file(ctx: Context) -> SharedFile | None:
+    """~/.paradigx/auth.json; None when there is no such file of this user's that is JSON."""
     folder = paradigx_dir(ctx)
     if folder is None:
         return None
     path = os.path.realpath(os.path.join(folder, "auth.json"))
     if not is_own_file(path):
         return None  # another user's: not ours to read or rewrite
-    text = peek_text_file(path, newline="") or ""  # newline="": CRLF stays CRLF
+    text = peek_text_file(path, newline="")  # newline="": CRLF stays CRLF
+    if text is None:
+        return None
+    import json
+
     try:
         json.loads(text)
     except (ValueError, RecursionError):
-        return None  # absent, or not ours to judge: another product may own the damage
+        return None  # not ours to judge: another product may own the damage
     decoder = json.JSONDecoder()
     groups = []
     for key, (_, start, end) in object_members(text, skip_space(text, 0), decoder) or []:
         members = object_members(text, start, decoder) if key == "tokens" else None
         if members is not None:
             groups.append((start, end, [(decoder.raw_decode(text, span[1])[0], span) for _, span in members]))
-    return path, text, groups
+    return SharedFile(path, text, groups)
 
 
-def shared_urls(ctx: Context) -> set[str]:
-    """The gateways named by the entries of ~/.paradigx/auth.json, in canonical form."""
-    found = shared_members(ctx)
-    entries = [entry for _, _, members in (found[2] if found else []) for entry, _ in members]
-    urls = {entry["api_url"] for entry in entries if isinstance(entry, dict) and isinstance(entry.get("api_url"), str)}
-    return {canonical_url(url) or url for url in urls}
+def cut_shared_logins(ctx: Context, shared: SharedFile, cut: list[SharedEntry], *,
+                      save: Callable[[], None] | None = None) -> None:
+    """Rewrite auth.json without the `cut` entries (hold the lock): atomically, at a
+    symlink's target, in its mode, owner and group; never over what another program wrote
+    since it was read. With `save` (which stores a login taken from it), in two phases, so
+    that the login is never in two places and never lost: the new auth.json is written
+    and synced beside the old one, then `save` runs, and only then does the new file
+    replace the old. If that fails, credentials.json is put back as it was."""
+    path = credentials_path(ctx)
+    before = peek_text_file(path)
+    saved = False
 
+    def save_then_check() -> None:
+        nonlocal saved
+        if save is not None:
+            save()
+            saved = True
+        if peek_text_file(shared.path, newline="") != shared.text:
+            raise CliError(f"{shared.path} changed meanwhile (another program wrote it); nothing was taken from it")
 
-def shared_gateways(ctx: Context) -> list[str]:
-    """The gateways of the logins left in ~/.paradigx/auth.json, for people to read."""
-    return sorted(sanitize(url) for url in shared_urls(ctx))
+    try:
+        status = os.stat(shared.path)
+        owner = (status.st_uid, status.st_gid) if hasattr(os, "fchown") else None  # Windows: its ACL stays
+        replace_file(shared.path, shared.without(cut).encode("utf-8"), mode=status.st_mode & 0o777,
+                     owner=owner, before_rename=save_then_check)
+    except (OSError, CliError) as error:
+        if saved and before is not None:
+            write_private_file(ctx, path, before)
+        elif saved:
+            remove_file(path)
+        if isinstance(error, CliError):
+            raise
+        raise CliError(f"cannot rewrite {shared.path}: {error.strerror or describe(error)}") from None
 
 
 def without_members(text: str, members: list[tuple[int, int, int]], drop: set[int], *, offset: int) -> str:
@@ -1107,39 +1310,6 @@ def skip_space(text: str, at: int) -> int:
     while at < len(text) and text[at] in " \t\r\n":
         at += 1
     return at
-
-
-def adopt_key(ctx: Context, api_url: str) -> list[str]:
-    """Give this gateway the newest key that tokenroute has not recorded (one in
-    last_key.txt, or 0.2.0's), and bring 1.0.0's last_key.txt to one raw key (under the lock)."""
-    keys, newest = read_key_cache(ctx)
-    last = last_key_path(ctx)
-    found = []  # (when, key, what was done, whether it replaces the key this gateway has: a pasted one is newer)
-    pasted = keys.pop("", ("", ""))[0]
-    if is_plausible_key(pasted):  # else it stays, and is reported as what it is
-        found.append((file_time(last), pasted, f"took the API key {redact(pasted)} in {last} (recorded for no "
-                      "gateway: pasted, or tokenroute 0.1.0's) as this gateway's", True))
-    shared, shared_key = paradigx_key(ctx)
-    if shared_key:
-        check_writable(os.path.dirname(shared))  # a key that stays there would come back after a revoke
-        found.append((file_time(shared) + 0.001, shared_key, f"took over the cached API key {redact(shared_key)} "
-                      f"of tokenroute 0.2.0 ({shared})", False))  # a tie goes to 0.2.0's newer copy
-    taken = []
-    best = max(found) if found else None
-    if best is not None and (api_url not in keys or best[3]):
-        keys.pop(api_url, None)
-        keys[api_url] = (best[1], "-")
-        taken.append(best[2])
-    converted = newest.startswith("#")  # 1.0.0's "GATEWAY KEY ID" lines
-    if converted:
-        taken.append(f"moved the cached keys to {keys_path(ctx)} ({last} holds the newest key alone again)")
-        if api_url in keys:
-            keys[api_url] = keys.pop(api_url)  # which of 1.0.0's was newest is unknown: this gateway's is now
-    if found or converted:
-        write_key_cache(ctx, keys, newest=next(reversed(keys.values()))[0] if keys and taken else None)
-    if shared_key:
-        remove_file(shared)
-    return taken
 
 
 def file_time(path: str) -> float:
@@ -1997,6 +2167,7 @@ def fresh_access_token(ctx: Context, creds: dict[str, Any], *, rejected: str | N
             raise not_logged_in()
         if current["access_token"] != rejected and not expiring(ctx, current):
             return current["access_token"]
+        current = with_token_endpoint(ctx, current)  # discovery sends no secret: it needs no hold
         with SignalsHeld(ctx):  # the provider rotates the refresh token: the new one must be saved
             refreshed = refresh_credentials(ctx, current)
             try:
@@ -2007,13 +2178,15 @@ def fresh_access_token(ctx: Context, creds: dict[str, Any], *, rejected: str | N
 
 
 class SignalsHeld:
-    """Ctrl-C (SIGINT) and SIGTERM wait while held, then act as they would have.
+    """Ctrl-C (SIGINT), SIGTERM, SIGHUP (a closed terminal) and SIGQUIT wait while held,
+    then act as they would have (the first of them).
 
     From sending a refresh token until its answer is saved: the provider
     rotates the token, and an answer lost on the way leaves a dead login. The
-    wait is bounded by the exchange's timeout. Only the main thread can set
-    signal handlers: elsewhere (an MCP tool call on a helper thread) nothing
-    is held.
+    wait is bounded by the one exchange's timeout. A signal ignored when the
+    hold starts (`nohup`, a background job) stays ignored. Only the main thread
+    can set signal handlers, and a refresh runs there (MCP tool calls too);
+    elsewhere nothing is held.
     """
 
     def __init__(self, ctx: Context) -> None:
@@ -2024,7 +2197,8 @@ class SignalsHeld:
     def __enter__(self) -> SignalsHeld:
         import signal
 
-        for number in (signal.SIGINT, signal.SIGTERM):
+        names = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")  # the last two are not Windows'
+        for number in [getattr(signal, name) for name in names if hasattr(signal, name)]:
             if signal.getsignal(number) is signal.SIG_IGN:  # `nohup`, a background job: it does nothing anyway
                 continue
             try:
@@ -2045,15 +2219,25 @@ class SignalsHeld:
         for number, handler in self.previous.items():
             signal.signal(number, signal.SIG_DFL if handler is None else handler)
         if self.caught:
-            signal.raise_signal(self.caught[0])  # SIGINT: KeyboardInterrupt (exit 130); SIGTERM: dies of it
+            signal.raise_signal(self.caught[0])  # SIGINT: KeyboardInterrupt (exit 130); the others: dies of it
+
+
+def with_token_endpoint(ctx: Context, creds: dict[str, Any]) -> dict[str, Any]:
+    """A login taken over from 0.1.0 (no token endpoint or client id recorded) completed by
+    the gateway's discovery; its refresh token goes only to the issuer that granted it."""
+    if not creds["refresh_token"] or (creds["token_endpoint"] and creds["client_id"]):
+        return creds
+    found = discover(ctx, creds["api_url"])
+    if creds.get("issuer") and not is_same_issuer(found.get("issuer"), creds["issuer"]):
+        raise CliError(f"the login taken over from tokenroute 0.1.0 was granted by {sanitize(creds['issuer'])}, "
+                       f"not by the identity provider of {creds['api_url']}", code="session_expired",
+                       next="tokenroute login")
+    return dict(creds, token_endpoint=found["token_endpoint"], client_id=creds["client_id"] or found["client_id"])
 
 
 def refresh_credentials(ctx: Context, creds: dict[str, Any]) -> dict[str, Any]:
     if not creds["refresh_token"]:  # the provider granted no offline_access
         raise session_expired()
-    if not creds["token_endpoint"] or not creds["client_id"]:  # a login taken over from 0.1.0
-        found = discover(ctx, creds["api_url"])
-        creds = dict(creds, token_endpoint=found["token_endpoint"], client_id=creds["client_id"] or found["client_id"])
     response = send(
         ctx,
         "POST",
@@ -2132,11 +2316,13 @@ def start_device_flow(ctx: Context, api_url: str) -> dict[str, Any]:
     interval = grant.get("interval")
     expires_in = grant.get("expires_in")
     complete = grant.get("verification_uri_complete")
+    issuer = found.get("issuer")
     pending = {
         "api_url": api_url,
         "token_endpoint": found["token_endpoint"],
         "client_id": found["client_id"],
         "resource": found["resource"],
+        "issuer": issuer if isinstance(issuer, str) else "",  # what tells tokenroute's logins in auth.json
         "device_code": grant["device_code"],
         "user_code": grant["user_code"],
         "verification_uri": grant["verification_uri"],
@@ -2250,6 +2436,7 @@ def credentials_from_grant(ctx: Context, pending: dict[str, Any], answer: dict[s
         "token_endpoint": pending["token_endpoint"],
         "client_id": pending["client_id"],
         "resource": pending["resource"],
+        "issuer": pending["issuer"] if isinstance(pending.get("issuer"), str) else "",  # 1.0 kept none
     }
 
 
@@ -2477,22 +2664,22 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
 
 def usable_login(ctx: Context, api_url: str) -> dict[str, Any] | None:
     """This gateway's stored login, None when there is none."""
-    replaceable_logins(ctx)  # a damaged file goes aside first: an earlier release's login may still be taken
+    replaceable_store(ctx)  # a damaged file goes aside first: an earlier release's login may still be taken
     adopt_earlier_login(ctx, api_url)
     return read_logins(ctx).get(api_url)
 
 
-def replaceable_logins(ctx: Context) -> dict[str, dict[str, Any]]:
+def replaceable_store(ctx: Context) -> Store:
     """The stored logins, for `login` and `logout`: a credentials file that cannot
     be used (damaged, unreadable, a folder, another user's) is set aside, so
     that they always get the user out."""
     try:
-        return read_logins(ctx)
+        return read_store(ctx)
     except CliError as error:
         if error.code not in ("credentials_corrupt", "credentials_unreadable"):
             raise
         set_aside(ctx, credentials_path(ctx), f"could not be used ({error.message.partition('; ')[0]})")
-        return {}
+        return Store({}, set())
 
 
 def read_pending_logins(ctx: Context) -> list[dict[str, Any]]:
@@ -2579,7 +2766,7 @@ def check_login_storage(ctx: Context) -> None:
     must take a new file, and the lock and credentials.json be usable (ones that are not
     are set aside)."""
     check_writable(ensure_config_dir(ctx))
-    replaceable_logins(ctx)
+    replaceable_store(ctx)
     with CredentialsLock(ctx):
         pass
 
@@ -2712,69 +2899,74 @@ def render_pending(ctx: Context, args: argparse.Namespace, pending: dict[str, An
 
 
 def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
-    """Forget this gateway's login (every gateway's with --all), under the refresh lock, and
-    tokenroute 0.2.0's logins of it in ~/.paradigx/auth.json: final, whatever the files' state."""
     api_url, _ = api_url_setting(ctx, args.api_url)
-    logins = replaceable_logins(ctx)  # a damaged file goes aside: logout never stops at it
-    urls = {*logins, api_url, DEFAULT_API_URL} - {""} if args.all else {api_url}
-    clients, unreachable = {}, []
-    for url in sorted(urls & shared_urls(ctx)):  # is 0.2.0's login there tokenroute's?
-        try:
-            clients[url] = tokenroute_client(ctx, url)
-        except CliError as error:
-            unreachable.append(f"{url} ({error.message})")
-    with CredentialsLock(ctx):
-        logins = replaceable_logins(ctx)
-        gone = list(logins) if args.all else [url for url in logins if url in (api_url, "")]  # "": 0.1.0's, this one's
-        if gone:
-            write_logins(ctx, {url: login for url, login in logins.items() if url not in gone})
-        remove_file(pending_login_path(ctx))
-        keys = gateway_keys(read_key_cache(ctx)[0], api_url)
-        forgotten = [url for url in keys if args.all or url == api_url] if args.forget_key else []
-        if forgotten:
-            keys = {url: key for url, key in keys.items() if url not in forgotten}
-            write_key_cache(ctx, keys)
-        gone += forget_shared_logins(ctx, clients, held_tokens(logins))
-    if unreachable:
-        raise network_error(
-            f"logged out here, but could not ask {', '.join(unreachable)} whether the login for it in "
-            f"{os.path.join(paradigx_dir(ctx) or '', 'auth.json')} is tokenroute 0.2.0's; run this logout again "
-            "once it can be reached"
-        )
-    kept = sorted(keys) if args.all else [url for url in keys if url == api_url]
+    done = logout(ctx, api_url, every=args.all, forget_key=args.forget_key)
+    gone, forgotten, kept, left = done["gone"], done["forgotten"], done["kept"], done["left"]
     if args.json:
         render_json(ctx, {"logged_out": bool(gone), "api_url": api_url, "cached_keys": kept})
-        return EXIT_OK
-    forgot = f"forgot the cached API key{'s' if len(forgotten) > 1 else ''}" if forgotten else ""
-    if gone:
-        say_ok(ctx, f"logged out of {'every gateway' if args.all else api_url}" + (f" and {forgot}" if forgot else ""))
-    elif forgot:
-        say_ok(ctx, f"{forgot} of {'every gateway' if args.all else api_url} (not logged in)")
     else:
-        ctx.stdout.write(f"Not logged in to {'any gateway' if args.all else api_url}; nothing to do\n")
-    if kept:
-        note(ctx, f"An API key for {', '.join(kept)} stays cached in {keys_path(ctx)} (env, run, test and models "
-             f"use it); forget it with `tokenroute{gateway_option(args, api_url)} logout{' --all' if args.all else ''} --forget-key`")
-    left = shared_gateways(ctx) if args.all else []
-    if left:  # 0.2.0's logins of gateways never used since look like any other product's
-        note(ctx, f"{os.path.join(paradigx_dir(ctx) or '', 'auth.json')} still holds logins for {', '.join(left)}; "
-             "if one is tokenroute 0.2.0's, `tokenroute --api-url URL logout` removes it")
+        forgot = f"forgot the cached API key{'s' if len(forgotten) > 1 else ''}" if forgotten else ""
+        if gone:
+            say_ok(ctx, f"logged out of {'every gateway' if args.all else api_url}" + (f" and {forgot}" if forgot else ""))
+        elif forgot:
+            say_ok(ctx, f"{forgot} of {'every gateway' if args.all else api_url} (not logged in)")
+        else:
+            ctx.stdout.write(f"Not logged in to {'any gateway' if args.all else api_url}; nothing to do\n")
+        if kept:
+            note(ctx, f"An API key for {', '.join(kept)} stays cached in {keys_path(ctx)} (env, run, test and models "
+                 f"use it); forget it with `tokenroute{gateway_option(args, api_url)} logout{' --all' if args.all else ''} --forget-key`")
+    if left:  # another product's, or 0.2.0's that nothing vouches for: never taken over now
+        ctx.stdout.flush()
+        note(ctx, f"{os.path.join(paradigx_dir(ctx) or '', 'auth.json')} still holds a login for {', '.join(left)} "
+             f"that tokenroute cannot tell is its own ({done['why']}): it stays there, and tokenroute will not take "
+             "it over")
     return EXIT_OK
 
 
-def forget_shared_logins(ctx: Context, clients: dict[str, tuple[str, str | None] | None], held: set[str]) -> list[str]:
-    """Remove tokenroute's entries for these gateways from ~/.paradigx/auth.json (hold the
-    lock); the gateways whose entries went. One that cannot be rewritten keeps them,
-    unused: nothing is taken over from a file tokenroute cannot rewrite."""
-    shared = tokenroute_entries(ctx, clients, held)
-    if shared is None:
-        return []
-    try:
-        shared.remove()
-    except CliError as error:
-        warn(ctx, f"{error.message}; tokenroute 0.2.0's login stays there, unused")
-        return []
-    return sorted(shared.urls)
+def logout(ctx: Context, api_url: str, *, every: bool, forget_key: bool) -> dict[str, Any]:
+    """Forget this gateway's login (every gateway's), under the refresh lock, and tokenroute
+    0.2.0's logins of it in ~/.paradigx/auth.json (with `every`, all it can tell are
+    tokenroute's). Final whatever the files' state, and offline too: the gateways of the
+    logins left in auth.json are recorded as logged out of, so none is ever taken over."""
+    logins = replaceable_store(ctx).logins  # a damaged file goes aside: logout never stops at it
+    shared = read_shared_file(ctx)
+    known = {*logins, api_url} | {entry.url for entry in (shared.entries() if shared else [])}
+    urls = known - {""} if every else {api_url}
+    asks = any(Judge(logins, None).verdict(entry) is None for entry in (shared.entries(urls) if shared else []))
+    default, unknown = default_client(ctx) if asks else (None, "")
+    with CredentialsLock(ctx):
+        store = replaceable_store(ctx)
+        gone = list(store.logins) if every else [url for url in store.logins if url in (api_url, "")]  # "": 0.1.0's
+        logins = {url: login for url, login in store.logins.items() if url not in gone}
+        shared = read_shared_file(ctx)
+        entries = shared.entries(urls) if shared is not None else []
+        ours = [entry for entry in entries if Judge(store.logins, default).verdict(entry)]  # before the logins go
+        logged_out = store.logged_out - urls
+        write_logins(ctx, logins, logged_out=logged_out | {entry.url for entry in entries})
+        remove_file(pending_login_path(ctx))
+        cache = read_key_cache(ctx, to_write=forget_key)
+        keys = cache.keys()
+        forgotten = [url for url in keys if every or url == api_url] if forget_key else []
+        if forgotten:
+            keys = {url: key for url, key in keys.items() if url not in forgotten}
+            write_key_cache(ctx, cache, keys)
+        left = entries
+        if ours and shared is not None:
+            try:
+                cut_shared_logins(ctx, shared, ours)
+            except CliError as error:
+                warn(ctx, f"{error.message}; tokenroute 0.2.0's login stays there, unused")
+            else:
+                left = [entry for entry in entries if entry not in ours]
+                gone += sorted({entry.url for entry in ours} - set(gone))
+                write_logins(ctx, logins, logged_out=logged_out | {entry.url for entry in left})
+    return {
+        "gone": gone,
+        "forgotten": forgotten,
+        "kept": sorted(keys) if every else [url for url in keys if url == api_url],
+        "left": sorted({sanitize(entry.url) for entry in left}),
+        "why": unknown or "other Paradigx products keep their logins there",
+    }
 
 
 class Show:
@@ -2927,7 +3119,7 @@ def keys_and_key_in_use(ctx: Context, api_url: str) -> tuple[list[dict[str, Any]
     (None: no usable one)."""
     keys = [key for key in call_account(ctx, api_url, "GET", "/api/v1/me/keys", kind=list) if isinstance(key, dict)]
     try:
-        in_use: tuple[str, str] | None = resolve_api_key(ctx, None, api_url)
+        in_use: tuple[str, str] | None = api_key_in_use(ctx, None, api_url)
     except CliError:
         in_use = None
     used = find_key(keys, in_use[0]) if in_use else None

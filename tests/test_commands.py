@@ -137,7 +137,7 @@ def test_login_stores_tokens_endpoint_client_resource_and_url(cli, gateway):
 
     creds = stored(cli)
     assert set(creds) == {
-        "api_url", "access_token", "refresh_token", "expires_at", "token_endpoint", "client_id", "resource",
+        "api_url", "access_token", "refresh_token", "expires_at", "token_endpoint", "client_id", "resource", "issuer",
     }
     assert creds["api_url"] == gateway.url
     assert creds["access_token"].startswith("eyJ")  # a JWT for the gateway, not an opaque token
@@ -145,6 +145,7 @@ def test_login_stores_tokens_endpoint_client_resource_and_url(cli, gateway):
     assert creds["token_endpoint"] == gateway.url + "/oidc/token"
     assert creds["client_id"] == "tokenroute-cli"
     assert creds["resource"] == RESOURCE
+    assert creds["issuer"] == gateway.url + "/oidc"  # what tells tokenroute's logins in ~/.paradigx/auth.json
     assert creds["expires_at"] == pytest.approx(before + 5 + 3600)
 
 

@@ -22,6 +22,8 @@ import pytest
 from conftest import Cli, Result, console_script
 from fake_gateway import FakeGateway
 
+import tokenroute
+
 POSIX = pytest.mark.skipif(os.name != "posix", reason="POSIX file modes, descriptors and signals")
 
 
@@ -31,6 +33,14 @@ def mode(path: Path) -> int:
 
 def files_under(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def foreign_file() -> str:
+    """A file of another user's (root's) that this one can read."""
+    found = next((path for path in ("/etc/hostname", "/etc/passwd") if os.path.exists(path)), None)
+    if found is None or os.stat(found).st_uid == os.getuid():
+        pytest.skip("no file of another user's here")
+    return found
 
 
 # ------------------------------------------------------------ earlier releases
@@ -107,11 +117,14 @@ class Earlier:
 
 
 @pytest.fixture
-def earlier(cli: Cli, gateway: FakeGateway) -> Earlier:
+def earlier(cli: Cli, gateway: FakeGateway, monkeypatch: pytest.MonkeyPatch) -> Earlier:
+    """The earlier releases' files, for a user of the default gateway: `gateway` plays it
+    (0.1.0 and 0.2.0 users almost all used it), so its discovery names tokenroute's client."""
+    monkeypatch.setattr(tokenroute, "DEFAULT_API_URL", gateway.url)
     return Earlier(cli, gateway)
 
 
-def test_0_2_login_and_key_are_taken_over_once_without_a_new_login(cli, gateway, earlier, api_key):
+def test_0_2_login_and_key_are_taken_over_once_without_a_new_login(cli, gateway, earlier, api_key, staging):
     entry = earlier.login_02()
     earlier.key_02_file(api_key)
     other_before = earlier.other_entry_text()
@@ -129,15 +142,16 @@ def test_0_2_login_and_key_are_taken_over_once_without_a_new_login(cli, gateway,
     assert mode(earlier.auth) == 0o640 or os.name != "posix"  # Windows has no modes
     assert gateway.requests[-1].header("Authorization") == f"Bearer {entry['access_token']}"
 
-    key = cli.run("env")  # the first command that needs a key takes it
-    assert "took over the cached API key sk-tr-" in key.err and api_key not in key.err
-    assert f"OPENAI_API_KEY={api_key}\n" in key.out
-    assert not earlier.key_02.exists()
-    assert cli.cached_key() == api_key and cli.last_key.read_text() == api_key
+    key = cli.run("env")  # 0.2.0's key names no gateway: the default gateway's, read where it is
+    assert (key.code, key.err) == (0, "") and f"OPENAI_API_KEY={api_key}\n" in key.out
+    assert earlier.key_02.exists()
 
-    again = cli.run("env")
-    assert (again.code, again.err) == (0, "")
-    assert f"OPENAI_API_KEY={api_key}\n" in again.out
+    login_to(cli, staging)
+    created = cli.run("keys", "create", "--name", "stage", "--json", env={"TOKENROUTE_API_URL": staging.url})
+    assert f"Took over the cached API key {api_key[:10]}... of tokenroute 0.2.0 ({earlier.key_02})" in created.err
+    assert not earlier.key_02.exists() and api_key not in created.err  # the first write records it first
+    assert cli.cached_key() == api_key and cli.last_key.read_text() == created.json()["raw"]
+    assert cli.run("env").out.splitlines()[0] == f"OPENAI_API_KEY={api_key}"
 
 
 def test_0_2_login_without_token_endpoint_refreshes_through_discovery(cli, gateway, earlier):
@@ -253,10 +267,12 @@ def test_takeover_notes_stay_off_stdout_and_out_of_json(cli, gateway, earlier, a
     earlier.login_02()
     earlier.key_02_file(api_key)
 
-    result = cli.run("env", "--json")
+    result = cli.run("balance", "--json")
+    env = cli.run("env", "--json")
 
-    assert json.loads(result.out) == {"OPENAI_API_KEY": api_key, "OPENAI_BASE_URL": gateway.url + "/v1"}
+    assert json.loads(result.out) == {"balance_usd": "5.00", "currency": "USD"}
     assert "took over" in result.err
+    assert json.loads(env.out) == {"OPENAI_API_KEY": api_key, "OPENAI_BASE_URL": gateway.url + "/v1"}
 
 
 def test_after_logout_no_refresh_token_of_tokenroute_remains_under_home(cli, gateway, earlier):
@@ -497,10 +513,11 @@ def test_login_sets_an_unusable_credentials_file_aside_and_logs_in(cli, gateway,
         (cli.credentials / "inside").write_text("kept")
     else:
         cli.credentials.write_bytes(b"\xff\xfe\x00garbage" if damage == "binary" else b'{"version": 2, "logins": {}}')
-    if damage == "foreign":
-        if not hasattr(os, "chown") or os.geteuid() != 0:
-            pytest.skip("making a file another user's needs root (test_takeover.py has a file no user can open)")
+    if damage == "foreign" and os.geteuid() == 0:
         os.chown(cli.credentials, 12345, 12345)
+    elif damage == "foreign":  # a symlink to a file root owns is another user's file for anyone else
+        cli.credentials.unlink()
+        cli.credentials.symlink_to(foreign_file())
     gateway.auto_approve = True
 
     refused = cli.run("whoami")
@@ -773,7 +790,7 @@ def read_only(folder: Path) -> Iterator[None]:
 
 @POSIX
 def test_a_login_in_a_read_only_paradigx_folder_is_never_copied(cli, gateway, earlier):
-    earlier.login_02()
+    entry = earlier.login_02()
     before = earlier.auth.read_bytes()
 
     with read_only(earlier.paradigx):
@@ -782,24 +799,26 @@ def test_a_login_in_a_read_only_paradigx_folder_is_never_copied(cli, gateway, ea
         again = cli.run("whoami", "--json")
 
     assert whoami.code == 1 and last_error(whoami)["code"] == "auth_required"
-    assert "warning: could not take over the earlier release's files: cannot write in" in whoami.err
-    assert str(earlier.paradigx) in whoami.err
-    assert not cli.credentials.exists()  # not copied: the refresh token stays in one place
+    assert f"warning: could not take over the earlier release's files: cannot rewrite {earlier.auth}" in whoami.err
     assert earlier.auth.read_bytes() == before
+    assert entry["refresh_token"].encode() not in b"".join(files_under(cli.config_dir).values())  # in one place
     assert logout.out == f"Not logged in to {gateway.url}; nothing to do\n"
-    assert again.code == 1 and not cli.credentials.exists()
+    assert "tokenroute 0.2.0's login stays there, unused" in logout.err
+    assert again.code == 1 and json.loads(cli.credentials.read_text())["logins"] == {}  # logged out of: final
 
 
 @POSIX
-def test_a_key_in_a_read_only_paradigx_folder_is_never_taken_so_never_comes_back(cli, gateway, earlier, api_key):
+def test_a_key_in_a_read_only_paradigx_folder_is_used_where_it_is_and_never_recorded(cli, gateway, earlier, api_key):
     earlier.key_02_file(api_key)
+    cli.login()
 
     with read_only(earlier.paradigx):
-        result = cli.run("env", "--json")
+        env = cli.run("env", "--json")
+        created = cli.run("keys", "create", "--name", "ci", "--json")  # a write: it cannot leave, so it is not taken
 
-    assert result.code == 1 and last_error(result)["code"] == "no_key"
-    assert "could not take over" in result.err
-    assert cli.cached_key() is None
+    assert env.json()["OPENAI_API_KEY"] == api_key
+    assert created.code == 0 and "Took over" not in created.err, created
+    assert earlier.key_02.read_text() == api_key and api_key not in cli.keys_file.read_text()
 
 
 @POSIX
@@ -814,22 +833,24 @@ def test_a_0_1_login_in_a_read_only_folder_says_why_it_is_not_used(cli, gateway,
     assert "tokenroute 0.1.0" in last_error(result)["message"] and "writable" in last_error(result)["message"]
 
 
-def test_logout_all_removes_the_0_2_logins_of_every_gateway_it_knows(cli, gateway, earlier, staging):
-    earlier.login_02()
+def test_logout_all_removes_the_0_2_logins_of_every_gateway(cli, gateway, earlier, staging):
+    earlier.login_02()  # the default gateway's (`gateway` plays it), never used since the upgrade
     auth = json.loads(earlier.auth.read_text())
-    auth["tokens"][staging.url] = dict(auth["tokens"][gateway.url], api_url=staging.url, refresh_token="rt-staging")
+    for url in (staging.url, "https://api.tokenroute.example"):  # logged in there again; never used
+        auth["tokens"][url] = dict(auth["tokens"][gateway.url], api_url=url, refresh_token=f"rt-{url}")
     earlier.auth.write_text(json.dumps(auth, indent=2))
     login_to(cli, staging)
 
-    result = cli.run("logout", "--all")
+    result = cli.run("logout", "--all", env={"TOKENROUTE_API_URL": staging.url})
 
     assert result.code == 0, result
     left = json.loads(earlier.auth.read_text())["tokens"]
     assert list(left) == ["https://api.other-product.example"]
     assert b"rt-" not in b"".join(files_under(cli.home).values())
-    assert result.err.endswith(  # a login tokenroute cannot tell from another product's is named, with the fix
-        f"{earlier.auth} still holds logins for https://api.other-product.example; "
-        "if one is tokenroute 0.2.0's, `tokenroute --api-url URL logout` removes it\n"
+    assert result.err.endswith(  # another product's login is named, and left as it is
+        f"{earlier.auth} still holds a login for https://api.other-product.example that tokenroute cannot tell is "
+        "its own (other Paradigx products keep their logins there): it stays there, and tokenroute will not take "
+        "it over\n"
     )
 
 
