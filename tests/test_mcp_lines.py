@@ -10,13 +10,16 @@ Python SDK, tests/test_mcp_compat.py with an old one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
+import re
+import signal
 import subprocess
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -55,19 +58,29 @@ def raw_exchange(cli: Cli, lines: list[bytes], env: dict[str, str] | None = None
 
 
 class McpProcess:
-    """`tokenroute mcp` as a subprocess, written to and read from one line at a time."""
+    """`tokenroute mcp` as a subprocess, written to and read from one line at a time; its
+    stderr's lines arrive in `errors` as it writes them (None: it closed stderr)."""
 
     def __init__(self, cli: Cli, env: dict[str, str] | None = None) -> None:
         self.process = subprocess.Popen([console_script(), "mcp"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, env=cli.process_env(env))
         self.lines: queue.Queue[bytes] = queue.Queue()
+        self.errors: queue.Queue[bytes | None] = queue.Queue()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
+        self.error_reader = threading.Thread(target=self._read_errors, daemon=True)
+        self.error_reader.start()
 
     def _read(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             self.lines.put(line)
+
+    def _read_errors(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.errors.put(line)
+        self.errors.put(None)
 
     def send(self, *lines: bytes) -> None:
         assert self.process.stdin is not None
@@ -82,16 +95,16 @@ class McpProcess:
             pytest.fail("tokenroute mcp wrote nothing for 60 s")
 
     def close(self) -> tuple[int, list[dict[str, Any]], str]:
-        """Close stdin; the exit code, the lines not read yet and stderr."""
-        assert self.process.stdin is not None and self.process.stderr is not None
+        """Close stdin; the exit code, the lines not read yet and what stderr got."""
+        assert self.process.stdin is not None
         self.process.stdin.close()
         code = self.process.wait(timeout=60)
-        err = self.process.stderr.read().decode()
-        self.reader.join(timeout=60)  # it has read up to the end of stdout
+        self.reader.join(timeout=60)  # they have read up to the end of stdout and stderr
+        self.error_reader.join(timeout=60)
         rest = []
         while not self.lines.empty():
             rest.append(json.loads(self.lines.get()))
-        return code, rest, err
+        return code, rest, b"".join(iter(self.errors.get_nowait, None)).decode()
 
     def __enter__(self) -> McpProcess:
         return self
@@ -157,6 +170,83 @@ def advance_clock_per_request(cli: Cli, seconds: float, *, method: str) -> None:
     cli.gateway.handle = slow  # type: ignore[method-assign]
 
 
+class Pipe:
+    """A pipe to serve in process: lines written to it arrive while the server runs."""
+
+    def __init__(self) -> None:
+        read_end, self.write_end = os.pipe()
+        self.read_end = os.fdopen(read_end, "rb", buffering=0)
+        self.closed = threading.Lock()
+
+    def send(self, *lines: bytes) -> None:
+        os.write(self.write_end, b"".join(line + b"\n" for line in lines))
+
+    def close(self) -> None:
+        """The end of the input (once)."""
+        if self.closed.acquire(blocking=False):
+            os.close(self.write_end)
+
+
+def serve_live(cli: Cli, lines: list[bytes], during: Callable[[Pipe, Any], None],
+               env: dict[str, str] | None = None) -> tuple[int, list[dict], str]:
+    """`serve`, with the input open until the first wait of a tool call (on the fake clock, of
+    more than 0 s): there `during(pipe, woken)` runs, where lines it sends arrive while that
+    call waits (`woken` is the lock a cancellation of it releases); then the input ends."""
+    pipe = Pipe()
+    pipe.send(*lines)
+
+    def first_wait(woken: Any, seconds: float) -> None:
+        if seconds > 0 and not pipe.closed.locked():
+            during(pipe, woken)
+            pipe.close()
+
+    cli.clock.on_wait.append(first_wait)
+    watchdog = threading.Timer(60, pipe.close)  # a server that never waits must not wait for input for ever
+    watchdog.start()
+    try:
+        with pipe.read_end:
+            result = cli.run("mcp", stdin=pipe.read_end, env=env)
+    finally:
+        watchdog.cancel()
+        pipe.close()
+    return result.code, [json.loads(line) for line in result.out.splitlines()], result.err
+
+
+def read_cancellation(woken: Any) -> None:
+    """Wait until the server has read a cancellation of the waiting call (it releases `woken`),
+    and so every line sent before it; a server that never releases it gets 30 s."""
+    if woken.acquire(timeout=30):
+        woken.release()
+
+
+class Stall:
+    """A request held at the gateway: `arrived` is set when it comes, and it goes on once `released` is."""
+
+    def __init__(self) -> None:
+        self.arrived, self.released = threading.Event(), threading.Event()
+
+
+@contextlib.contextmanager
+def stall(cli: Cli, method: str, path: str, *, form: dict[str, str] | None = None) -> Iterator[Stall]:
+    """Hold the next METHOD request to PATH (with these form fields) at the gateway until the
+    test releases it, or the block ends."""
+    held = Stall()
+    handle = cli.gateway.handle
+
+    def holding(request: Any, handler: Any) -> None:
+        wanted = (request.method, request.path_only) == (method, path)
+        if wanted and (form or {}).items() <= (request.form or {}).items() and not held.arrived.is_set():
+            held.arrived.set()
+            held.released.wait(60)
+        handle(request, handler)
+
+    cli.gateway.handle = holding  # type: ignore[method-assign]
+    try:
+        yield held
+    finally:
+        held.released.set()
+
+
 def checked_against_output_schema(jsonschema: Any, tool: dict[str, Any], result: dict[str, Any]) -> None:
     jsonschema.validate(result["structuredContent"], tool["outputSchema"])
     assert json.loads(result["content"][0]["text"]) == result["structuredContent"]
@@ -217,6 +307,24 @@ def test_a_fifo_where_the_pending_logins_belong_never_blocks_a_login(cli: Cli) -
     started = cli.run("login", "--no-wait", "--json")
     assert started.code == 0 and "moved it to" in started.err
     assert (cli.config_dir / "pending_login.json").is_file()
+
+
+def pending_codes(cli: Cli) -> list[str]:
+    """The user codes of the logins pending_login.json keeps, oldest first."""
+    return [pending["user_code"] for pending in json.loads((cli.config_dir / "pending_login.json").read_text())["pending"]]
+
+
+def test_ten_logins_at_most_are_kept_waiting_and_a_new_one_pushes_out_the_oldest(cli: Cli) -> None:
+    started = [cli.run("login", "--no-wait", "--json").json()["user_code"] for _ in range(11)]
+    assert pending_codes(cli) == started[1:]
+    assert cli.run("login", "--resume", "--user-code", started[0], "--json").error()["code"] == "no_pending_login"
+
+
+def test_a_login_whose_code_expired_is_not_kept(cli: Cli) -> None:
+    cli.run("login", "--no-wait")
+    cli.clock.time += 601  # the fake identity provider's codes last 600 s
+    started = cli.run("login", "--no-wait", "--json").json()["user_code"]
+    assert pending_codes(cli) == [started]
 
 
 def test_login_user_code_without_resume_is_a_usage_error(cli: Cli) -> None:
@@ -388,6 +496,8 @@ HOSTILE_URLS = [
     "javascript:alert(1)", "data:text/html,<script>alert(1)</script>", "http://evil.example/pay",
     "https://checkout.stripe.com@evil.example/pay", "https://evil.example/pay now", "https:///pay",
     "https://evil.example/\u202epay", "ftp://evil.example/pay", "https://[fe80::1%25eth0]/pay", "",
+    "https://checkout.str\u0456pe.com/pay",  # a Cyrillic i: the host is not checkout.stripe.com
+    "https://checkout.stripe.com/" + "x" * 4096,
 ]
 
 
@@ -495,6 +605,26 @@ def test_tools_offers_only_the_tools_named(ready: Cli) -> None:
     assert answers[1]["result"]["isError"] is False
 
 
+def test_tools_may_be_spaced_and_given_more_than_once(ready: Cli) -> None:
+    assert set(listed_tools(ready, ("--tools", " balance , keys_list"))) == {"balance", "keys_list"}
+    assert set(listed_tools(ready, ("--tools", "balance", "--tools=usage,doctor"))) == {"balance", "usage", "doctor"}
+
+
+@pytest.mark.parametrize("args", [(), ("--read-only",), ("--tools", "balance"), ("--tools", "login_start,topup,env")])
+def test_the_instructions_name_only_the_tools_offered(cli: Cli, args: tuple[str, ...]) -> None:
+    """A model told to call login_start on a server that does not offer it cannot do what it is told."""
+    code, answers, err = serve(cli, [request("initialize", {"protocolVersion": "2025-06-18", "capabilities": {}}),
+                                     request("tools/list", id=2), request("server/discover", modern(), id=3)], args=args)
+    assert (code, err) == (0, "")
+    instructions = answers[0]["result"]["instructions"]
+    assert answers[2]["result"]["instructions"] == instructions
+    offered = {tool["name"] for tool in answers[1]["result"]["tools"]}
+    assert {name for name in TOOLS if re.search(rf"\b{name}\b", instructions)} == offered
+    if not {"login_start", "login_finish"} <= offered:
+        assert "ask the user to run `tokenroute login` in a terminal" in instructions
+    assert ("secret" in instructions) == bool(offered & SECRET_TOOLS)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tools", "balance,nope"], "--tools: there is no tool 'nope'; the tools are whoami, balance, usage, models, "
                                   "keys_list, keys_create, keys_revoke, topup, env, test, doctor, login_start, "
@@ -591,6 +721,20 @@ def test_malformed_lines_get_json_rpc_errors_and_the_server_goes_on(cli: Cli) ->
         (10, "ok"),
     ]
     assert error_of(answers[6]) == (-32601, "Method not found: resources/list")
+
+
+def test_a_message_longer_than_16_mib_is_refused_unread_and_the_server_goes_on(cli: Cli) -> None:
+    """A host cannot make the server hold unbounded memory; a long message that fits still counts."""
+    long = request("ping", {"pad": "x" * (1 << 20)}, id=1)  # read in many pieces
+    too_long = request("ping", {"pad": "x" * (16 << 20)}, id=2)
+    code, answers, err = serve(cli, [long, too_long, request("ping", id=3)])
+    assert (code, err) == (0, "")
+    assert answers == [
+        {"jsonrpc": "2.0", "id": 1, "result": {}},
+        {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "Invalid Request: a message longer than "
+                                                                             "16 MiB"}},
+        {"jsonrpc": "2.0", "id": 3, "result": {}},
+    ]
 
 
 def test_eof_on_stdin_ends_the_server_with_exit_0(cli: Cli) -> None:
@@ -704,10 +848,82 @@ def test_login_finish_reports_progress_while_it_waits(cli: Cli) -> None:
     assert answers[3]["result"]["structuredContent"]["error"]["code"] == "login_pending"
 
 
+def test_a_call_whose_time_ran_out_in_the_queue_answers_the_timeout_and_sends_nothing(ready: Cli) -> None:
+    """A host counts a call's time from when it sent it (issue 17, 3): a keys_create that waited
+    21 s behind another call must not land after the host gave up (with no_cache its key is lost)."""
+    ready.run("login", "--no-wait", "--force")  # a login nobody approves, for login_finish to wait on
+
+    def during(pipe: Pipe, woken: Any) -> None:
+        pipe.send(tool_call("keys_create", {"name": "late", "no_cache": True}, id=2),
+                  notification("notifications/cancelled", {"requestId": 1}))
+        read_cancellation(woken)  # keys_create has arrived...
+        ready.clock.time += 21  # ...and waits 21 s behind login_finish
+
+    code, answers, err = serve_live(ready, [tool_call("login_finish", {"timeout": 20})], during)
+    assert (code, err) == (0, "")
+    [answer] = answers
+    error = answer["result"]["structuredContent"]["error"]
+    assert (answer["id"], error["code"], error["message"]) == (2, "network", "timed out: the tool call took longer "
+                                                                             "than 20s")
+    assert [r.path for r in ready.gateway.requests if r.method == "POST" and r.path_only == "/api/v1/me/keys"] == []
+
+
+def test_login_finish_waits_what_is_left_of_its_timeout_after_the_queue(cli: Cli) -> None:
+    """Its progress counts from its arrival too, towards the end of its wait (the total)."""
+    cli.run("login", "--no-wait")
+    start = cli.clock.time
+
+    def during(pipe: Pipe, woken: Any) -> None:
+        pipe.send(tool_call("login_finish", {"timeout": 12}, id=2, _meta={"progressToken": "p"}),
+                  notification("notifications/cancelled", {"requestId": 1}))
+        read_cancellation(woken)
+        cli.clock.time += 8  # the second login_finish waits 8 s in the queue
+
+    code, answers, err = serve_live(cli, [tool_call("login_finish", {"timeout": 20})], during)
+    assert (code, err) == (0, "")
+    progress, answer = answers
+    assert progress["params"] == {"progressToken": "p", "progress": 8, "total": 12,
+                                  "message": "waiting for the user to approve the login"}
+    assert answer["id"] == 2 and answer["result"]["structuredContent"]["error"]["code"] == "login_pending"
+    assert cli.clock.time == pytest.approx(start + 12)  # 12 s from its arrival, not from its start
+    assert device_polls(cli) == 2  # one each
+
+
+def test_login_finish_waits_20_s_by_default(cli: Cli) -> None:
+    cli.run("login", "--no-wait")
+    start = cli.clock.time
+    code, answers, err = serve(cli, [tool_call("login_finish")])
+    assert (code, err) == (0, "")
+    assert answers[0]["result"]["structuredContent"]["error"]["code"] == "login_pending"
+    assert cli.clock.time == pytest.approx(start + 20)
+
+
+def test_a_write_gets_20_s_whatever_tokenroute_timeout_says_and_then_its_exchange_ends(ready: Cli) -> None:
+    """TOKENROUTE_TIMEOUT=60 would outlast the host. The timeout says what the limit is, and
+    the exchange is abandoned: a gateway trickling its answer keeps no thread reading it in a
+    server that runs for days. (Real time: 20 s.)"""
+    ready.gateway.fail("/api/v1/me/keys", method="POST", trickle=0.05)
+    ended = threading.Event()
+    handle = ready.gateway.handle
+
+    def watched(request: Any, handler: Any) -> None:
+        handle(request, handler)
+        if request.method == "POST":
+            ended.set()  # the trickle stopped: the connection was closed
+
+    ready.gateway.handle = watched  # type: ignore[method-assign]
+    code, answers, err = serve(ready, [tool_call("keys_create", {"name": "slow"})], env={"TOKENROUTE_TIMEOUT": "60"})
+    error = answers[0]["result"]["structuredContent"]["error"]
+    assert (error["code"], error["message"]) == ("network", "timed out waiting for 127.0.0.1 (an MCP tool call waits "
+                                                            "at most 20s)")
+    assert ended.wait(30)
+
+
 # ---------------------------------------------------------------- a server that stays responsive (issue 17, 2)
 
 
 def test_ping_and_tools_list_are_answered_while_a_call_runs(cli: Cli) -> None:
+    cli.gateway.interval = 1
     cli.run("login", "--no-wait")  # a login the person approves later
     with McpProcess(cli) as server:
         server.send(tool_call("login_finish", {"timeout": 20}, id=1))
@@ -734,6 +950,48 @@ def test_a_cancelled_call_is_never_answered_and_stops_waiting(ready: Cli) -> Non
         assert server.close() == (0, [], "")
 
 
+def test_a_cancellation_ends_the_wait_at_once(cli: Cli) -> None:
+    cli.run("login", "--no-wait")
+    start = cli.clock.time
+
+    def during(pipe: Pipe, woken: Any) -> None:
+        pipe.send(notification("notifications/cancelled", {"requestId": 1}), request("ping", id=2))
+        read_cancellation(woken)
+
+    code, answers, err = serve_live(cli, [tool_call("login_finish", {"timeout": 20})], during)
+    assert (code, answers, err) == (0, [{"jsonrpc": "2.0", "id": 2, "result": {}}], "")
+    assert cli.clock.time == start  # not a second of the wait went by
+    assert device_polls(cli) == 1
+
+
+def test_a_cancellation_of_request_true_is_not_one_of_request_1(cli: Cli) -> None:
+    cli.gateway.interval = 1  # polled each second
+    cli.run("login", "--no-wait")
+    with McpProcess(cli) as server:
+        server.send(tool_call("login_finish", {"timeout": 20}, id=1))
+        wait_for(lambda: device_polls(cli) >= 1)
+        server.send(notification("notifications/cancelled", {"requestId": True}), request("ping", id=2))
+        assert server.next()["id"] == 2  # the cancellation was read
+        cli.gateway.approve()
+        finished = server.next()
+        assert finished["id"] == 1 and finished["result"]["structuredContent"]["status"] == "logged_in"
+        assert server.close() == (0, [], "")
+
+
+def test_a_reused_id_is_refused_and_the_call_with_it_goes_on(cli: Cli) -> None:
+    cli.gateway.interval = 1
+    cli.run("login", "--no-wait")
+    with McpProcess(cli) as server:
+        server.send(tool_call("login_finish", {"timeout": 20}, id=7))
+        wait_for(lambda: device_polls(cli) >= 1)
+        server.send(tool_call("balance", id=7))
+        assert server.next() == {"jsonrpc": "2.0", "id": 7, "error": {
+            "code": -32600, "message": "Invalid Request: that id is in use"}}
+        cli.gateway.approve()
+        assert server.next()["result"]["structuredContent"]["status"] == "logged_in"
+        assert server.close() == (0, [], "")
+
+
 def test_a_queued_call_that_is_cancelled_never_runs(ready: Cli) -> None:
     ready.run("login", "--no-wait", "--force")
     with McpProcess(ready) as server:
@@ -751,17 +1009,30 @@ def test_a_queued_call_that_is_cancelled_never_runs(ready: Cli) -> None:
 
 def test_a_keys_create_cancelled_in_flight_still_caches_its_key(ready: Cli) -> None:
     """The write already reached the gateway: the key exists and is cached, though never answered."""
-    ready.gateway.slow("/api/v1/me/keys", 1.0, method="POST")
-    with McpProcess(ready) as server:
+    with McpProcess(ready) as server, stall(ready, "POST", "/api/v1/me/keys") as creation:
         server.send(tool_call("keys_create", {"name": "cancelled"}, id=1))
-        wait_for(lambda: any(r.method == "POST" for r in list(ready.gateway.requests)))
+        assert creation.arrived.wait(60)
         server.send(notification("notifications/cancelled", {"requestId": 1}), request("ping", id=2),
                     tool_call("balance", id=3))
         assert server.next()["id"] == 2  # answered while the creation is still in flight
+        creation.released.set()
         assert server.next()["id"] == 3
         assert server.close() == (0, [], "")
     [created] = [k for k in ready.gateway.keys.values() if k["name"] == "cancelled"]
     assert ready.cached_key() == created["raw"]
+
+
+def test_a_call_cancelled_during_its_token_refresh_saves_the_login_and_starts_no_other_exchange(ready: Cli) -> None:
+    before = ready.login(expires_in=0)  # keys_create refreshes first
+    with McpProcess(ready) as server, stall(ready, "POST", "/oidc/token", form={"grant_type": "refresh_token"}) as refresh:
+        server.send(tool_call("keys_create", {"name": "never"}, id=1))
+        assert refresh.arrived.wait(60)
+        server.send(notification("notifications/cancelled", {"requestId": 1}), request("ping", id=2))
+        assert server.next()["id"] == 2
+        refresh.released.set()
+        assert server.close() == (0, [], "")
+    assert [k for k in ready.gateway.keys.values() if k["name"] == "never"] == []
+    assert ready.stored_login()["refresh_token"] != before["refresh_token"]  # the refresh in flight ended and was saved
 
 
 def test_every_call_read_before_the_end_of_input_is_answered(ready: Cli) -> None:
@@ -784,3 +1055,59 @@ def test_lines_never_interleave_while_a_call_reports_progress(cli: Cli) -> None:
     assert (code, err) == (0, "")
     assert sorted(a["id"] for a in rest if "id" in a) == list(range(1, 302))
     assert all(a["method"] == "notifications/progress" for a in rest if "id" not in a)
+
+
+# ---------------------------------------------------------------- signals and a host that leaves
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_sigterm_during_a_tool_calls_token_refresh_waits_until_the_rotated_token_is_saved(ready: Cli) -> None:
+    """Tool calls run on the main thread, where a refresh holds SIGINT and SIGTERM (issue 15):
+    the provider rotated the refresh token, and losing its answer would lose the login."""
+    before = ready.login(expires_in=0)  # the call refreshes first
+    with McpProcess(ready) as server, stall(ready, "POST", "/oidc/token", form={"grant_type": "refresh_token"}) as refresh:
+        server.send(tool_call("balance"))
+        assert refresh.arrived.wait(60)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.errors.get(timeout=60) is not None  # held: it says it finishes the refresh first
+        refresh.released.set()
+        assert server.process.wait(60) == -signal.SIGTERM
+    assert ready.stored_login()["refresh_token"] != before["refresh_token"]
+    ready.gateway.expire_access_tokens()
+    assert ready.run("balance").code == 0  # it refreshes with the token saved
+    assert ready.gateway.revoked_logins == 0
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_ctrl_c_while_idle_ends_the_server_with_exit_130(cli: Cli) -> None:
+    """The reader thread waits in os.read, not in a buffered reader's lock: Python would abort at exit."""
+    with McpProcess(cli) as server:
+        server.send(request("ping"))
+        assert server.next()["id"] == 1  # idle now: the reader waits for the next line
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(60) == 130
+        assert b"".join(iter(server.errors.get, None)) == b"error: interrupted\n"
+
+
+def test_a_host_that_stops_reading_ends_the_server_at_once_with_exit_0(ready: Cli) -> None:
+    """Nothing can reach the host any more: the running call stops waiting, a queued one never
+    runs, and the server ends while its stdin is still open."""
+    ready.run("login", "--no-wait", "--force")
+    process = subprocess.Popen([console_script(), "mcp"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=ready.process_env())
+    assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+    try:
+        process.stdout.close()  # the host stops reading
+        process.stdin.write(tool_call("login_finish", {"timeout": 20}, id=1) + b"\n")
+        process.stdin.flush()
+        wait_for(lambda: device_polls(ready) >= 1)
+        process.stdin.write(tool_call("keys_create", {"name": "never"}, id=2) + b"\n" + request("ping", id=3) + b"\n")
+        process.stdin.flush()  # the ping's answer finds stdout closed
+        assert process.wait(60) == 0
+        assert process.stderr.read() == b""
+    finally:
+        process.kill()
+        process.wait()
+        process.stdin.close()
+    assert device_polls(ready) == 1  # login_finish stopped waiting
+    assert [k for k in ready.gateway.keys.values() if k["name"] == "never"] == []
