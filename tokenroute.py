@@ -139,7 +139,7 @@ class Context:
         self.open_browser = open_browser or open_in_system_browser
         self.tls: TrustStore | None = None  # made by the first https request, shared by the rest
         self.deadline: float | None = None  # an MCP tool call's end (ctx.now() time): no exchange or wait outlasts it
-        self.exchange_cap: float | None = None  # an MCP tool call's: one exchange's limit, whatever TOKENROUTE_TIMEOUT says
+        self.exchange_cap: float | None = None  # an MCP tool call's: at most this per exchange, whatever the setting
 
     @classmethod
     def from_process(cls) -> Context:

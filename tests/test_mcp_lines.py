@@ -311,7 +311,8 @@ def test_a_fifo_where_the_pending_logins_belong_never_blocks_a_login(cli: Cli) -
 
 def pending_codes(cli: Cli) -> list[str]:
     """The user codes of the logins pending_login.json keeps, oldest first."""
-    return [pending["user_code"] for pending in json.loads((cli.config_dir / "pending_login.json").read_text())["pending"]]
+    kept = json.loads((cli.config_dir / "pending_login.json").read_text())["pending"]
+    return [pending["user_code"] for pending in kept]
 
 
 def test_ten_logins_at_most_are_kept_waiting_and_a_new_one_pushes_out_the_oldest(cli: Cli) -> None:
@@ -613,8 +614,9 @@ def test_tools_may_be_spaced_and_given_more_than_once(ready: Cli) -> None:
 @pytest.mark.parametrize("args", [(), ("--read-only",), ("--tools", "balance"), ("--tools", "login_start,topup,env")])
 def test_the_instructions_name_only_the_tools_offered(cli: Cli, args: tuple[str, ...]) -> None:
     """A model told to call login_start on a server that does not offer it cannot do what it is told."""
-    code, answers, err = serve(cli, [request("initialize", {"protocolVersion": "2025-06-18", "capabilities": {}}),
-                                     request("tools/list", id=2), request("server/discover", modern(), id=3)], args=args)
+    lines = [request("initialize", {"protocolVersion": "2025-06-18", "capabilities": {}}), request("tools/list", id=2),
+             request("server/discover", modern(), id=3)]
+    code, answers, err = serve(cli, lines, args=args)
     assert (code, err) == (0, "")
     instructions = answers[0]["result"]["instructions"]
     assert answers[2]["result"]["instructions"] == instructions
@@ -1024,7 +1026,8 @@ def test_a_keys_create_cancelled_in_flight_still_caches_its_key(ready: Cli) -> N
 
 def test_a_call_cancelled_during_its_token_refresh_saves_the_login_and_starts_no_other_exchange(ready: Cli) -> None:
     before = ready.login(expires_in=0)  # keys_create refreshes first
-    with McpProcess(ready) as server, stall(ready, "POST", "/oidc/token", form={"grant_type": "refresh_token"}) as refresh:
+    refreshes = stall(ready, "POST", "/oidc/token", form={"grant_type": "refresh_token"})
+    with McpProcess(ready) as server, refreshes as refresh:
         server.send(tool_call("keys_create", {"name": "never"}, id=1))
         assert refresh.arrived.wait(60)
         server.send(notification("notifications/cancelled", {"requestId": 1}), request("ping", id=2))
@@ -1065,7 +1068,8 @@ def test_sigterm_during_a_tool_calls_token_refresh_waits_until_the_rotated_token
     """Tool calls run on the main thread, where a refresh holds SIGINT and SIGTERM (issue 15):
     the provider rotated the refresh token, and losing its answer would lose the login."""
     before = ready.login(expires_in=0)  # the call refreshes first
-    with McpProcess(ready) as server, stall(ready, "POST", "/oidc/token", form={"grant_type": "refresh_token"}) as refresh:
+    refreshes = stall(ready, "POST", "/oidc/token", form={"grant_type": "refresh_token"})
+    with McpProcess(ready) as server, refreshes as refresh:
         server.send(tool_call("balance"))
         assert refresh.arrived.wait(60)
         server.process.send_signal(signal.SIGTERM)
