@@ -5382,7 +5382,8 @@ COMMANDS = (
     Command(
         "mcp", cmd_mcp, "serve your account as MCP tools on stdin/stdout", "tokenroute mcp --read-only",
         option("--read-only", action="store_true", help="offer only the tools that change nothing and return no secret"),
-        option("--tools", action="append", metavar="NAME,...", help="offer only these tools (comma-separated)"),
+        option("--tools", action="append", metavar="NAME,...",
+               help="offer only these tools (comma-separated; repeat to add more)"),
     ),
     Command("version", cmd_version, "print the version", "tokenroute version"),
     Command(
