@@ -122,6 +122,7 @@ class Context:
         stderr_tty: bool = False,
         sleep: Callable[[float], None] = time.sleep,
         now: Callable[[], float] = time.time,
+        wait: Callable[[Any, float], None] | None = None,
         open_browser: Callable[[str], bool] | None = None,
         stdin: BinaryIO | None = None,
     ) -> None:
@@ -134,10 +135,12 @@ class Context:
         self.stderr_tty = stderr_tty
         self.sleep = sleep
         self.now = now
+        self.wait = wait or wait_for_release  # a sleep that a lock's release ends early (an MCP cancellation)
         self.open_browser = open_browser or open_in_system_browser
         self.tls: TrustStore | None = None  # made by the first https request, shared by the rest
         self.deadline: float | None = None  # an MCP tool call's end (ctx.now() time): no exchange or wait outlasts it
         self.earlier_checked: set[str] = set()  # gateways whose earlier releases' logins this command looked at
+        self.exchange_cap: float | None = None  # an MCP tool call's: at most this per exchange, whatever the setting
 
     @classmethod
     def from_process(cls) -> Context:
@@ -157,6 +160,12 @@ class Context:
     def person_present(self) -> bool:
         """A person at a terminal: prompts, browsers and codes make sense."""
         return self.stdin_tty and self.stderr_tty
+
+
+def wait_for_release(lock: Any, seconds: float) -> None:
+    """Sleep up to `seconds`, less when `lock` (held by another thread) is released meanwhile."""
+    if lock.acquire(timeout=seconds):
+        lock.release()  # released it stays: every later wait ends at once too
 
 
 class ClosedStream:
@@ -390,15 +399,21 @@ def timeout_setting(ctx: Context) -> float:
     return value
 
 
-def call_timeout(ctx: Context, *, clip: bool = True) -> float:
-    """TOKENROUTE_TIMEOUT, or what is left of an MCP tool call's time when that is
-    less (`clip`); once the call's time is up, no exchange starts."""
+def exchange_timeout(ctx: Context) -> float:
+    """The seconds one exchange may take: TOKENROUTE_TIMEOUT, at most an MCP tool call's cap."""
     timeout = timeout_setting(ctx)
+    return timeout if ctx.exchange_cap is None else min(timeout, ctx.exchange_cap)
+
+
+def call_timeout(ctx: Context, *, clip: bool = True) -> float:
+    """exchange_timeout, or what is left of an MCP tool call's time when that is
+    less (`clip`); once the call's time is up, no exchange starts."""
+    timeout = exchange_timeout(ctx)
     if ctx.deadline is None:
         return timeout
     left = ctx.deadline - ctx.now()
     if left <= 0:
-        raise network_error("timed out: the tool call took longer than TOKENROUTE_TIMEOUT")
+        raise network_error(f"timed out: the tool call took longer than {timeout:g}s")
     return min(timeout, left) if clip else timeout
 
 
@@ -1519,16 +1534,18 @@ def send(
     # A write cut short would leave its outcome unknown (a key made, a refresh token rotated away): it gets its time.
     limit = call_timeout(ctx, clip=method == "GET")
     deadline = ctx.now() + (limit if timeout is None else min(limit, timeout))
-    opener = build_opener(ctx, scheme, host)
 
     def attempt() -> Response:
+        opener = build_opener(ctx, scheme, host)
+        # The deadline ends the exchange; the socket's timeout, never shorter, only backs it up.
         return within_deadline(
+            ctx,
             lambda: open_answer(
-                opener, method, url, data, headers,
-                timeout=max(0.01, deadline - ctx.now()), host=host, proxied=bool(proxy_settings(ctx.env)),
+                opener, method, url, data, headers, timeout=limit, host=host, proxied=bool(proxy_settings(ctx.env)),
             ).whole(),
             seconds=deadline - ctx.now(),
             host=host,
+            abandon=opener.abandon,
         )
 
     # Only GET is retried: a POST that may have reached the server is never sent twice.
@@ -1576,6 +1593,15 @@ class Opener:
 
     def __init__(self, trust: TrustStore | None, proxy: str | None, no_proxy: str) -> None:
         self.trust, self.proxy, self.no_proxy = trust, proxy, no_proxy
+        self.socket: Any = None  # the exchange's, once connected
+        self.abandoned = False
+
+    def abandon(self) -> None:
+        """End the exchange from another thread: its socket is shut, so a read waiting on it
+        returns at once (a thread reading a trickling answer would outlive the caller's wait)."""
+        self.abandoned = True
+        if self.socket is not None:
+            shut(self.socket)
 
     def open(self, method: str, url: str, data: bytes | None, headers: dict[str, str], timeout: float) -> Any:
         """The answer, whatever its status (a 3xx is never followed): its headers read, its body not."""
@@ -1586,6 +1612,9 @@ class Opener:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         try:
             connection = self.connect(host, port, timeout)
+            self.socket = connection.sock
+            if self.abandoned:  # while it connected
+                shut(self.socket)
             try:
                 connection.request(method, target, body=data, headers={**headers, "Connection": "close"})
             except BaseException:
@@ -1634,6 +1663,15 @@ class Opener:
                 raise proxy_error(tunnel.host, tunnel.port, exc) from None  # the way through the proxy failed
             raise
         return connection
+
+
+def shut(sock: Any) -> None:
+    import socket
+
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # closed already
+        pass
 
 
 def proxy_error(host: str, port: int, exc: OSError) -> CliError:
@@ -1774,8 +1812,11 @@ def proxy_settings(env: Mapping[str, str]) -> dict[str, str]:
     return proxies
 
 
-def within_deadline(work: Callable[[], Any], *, seconds: float, host: str) -> Any:
-    """Run one exchange on a helper thread and stop waiting after `seconds`.
+def within_deadline(
+    ctx: Context, work: Callable[[], Any], *, seconds: float, host: str, abandon: Callable[[], None]
+) -> Any:
+    """Run one exchange on a helper thread and stop waiting after `seconds`, then `abandon` it
+    (so that the thread ends too).
 
     Socket timeouts bound each read, not a whole answer: a server that
     trickles bytes, or a DNS lookup that hangs, would outlast them. The
@@ -1799,11 +1840,19 @@ def within_deadline(work: Callable[[], Any], *, seconds: float, host: str) -> An
 
     _thread.start_new_thread(run, ())
     if not finished.acquire(timeout=max(0.0, seconds)):
-        raise network_error(f"timed out waiting for {host} (TOKENROUTE_TIMEOUT to wait longer)")
+        abandon()
+        raise timed_out(ctx, host)
     done, result = outcome[0]
     if not done:
         raise result
     return result
+
+
+def timed_out(ctx: Context, host: str) -> CliError:
+    """An exchange that took longer than exchange_timeout allows: say what sets that limit."""
+    if ctx.exchange_cap is not None and ctx.exchange_cap < timeout_setting(ctx):
+        return network_error(f"timed out waiting for {host} (an MCP tool call waits at most {ctx.exchange_cap:g}s)")
+    return network_error(f"timed out waiting for {host} (TOKENROUTE_TIMEOUT to wait longer)")
 
 
 def open_answer(
@@ -1860,9 +1909,11 @@ def send_streamed(
     proxied = bool(proxy_settings(ctx.env))
     # The deadline bounds the wait for the headers; the socket timeout, each wait for more of the body.
     return within_deadline(
+        ctx,
         lambda: open_answer(opener, method, url, data, headers, timeout=timeout, host=host, proxied=proxied),
         seconds=timeout,
         host=host,
+        abandon=opener.abandon,
     )
 
 
@@ -2209,7 +2260,7 @@ class SignalsHeld:
 
     def catch(self, number: int, frame: object) -> None:
         if not self.caught:
-            limit = timeout_setting(self.ctx)
+            limit = exchange_timeout(self.ctx)
             warn(self.ctx, f"finishing the login refresh first, so that it is saved (at most {limit:g}s)")
         self.caught.append(number)
 
@@ -3271,10 +3322,10 @@ def topup(ctx: Context, api_url: str, *, amount: str) -> dict[str, Any]:
 
 
 def same_amount(value: object, amount: str) -> bool:
-    """Whether the gateway's amount (a decimal string) is the one asked for."""
+    """Whether the gateway's amount (a decimal string, or a JSON number) is the one asked for."""
     from decimal import Decimal
 
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         return False
     try:
         return Decimal(str(value)) == Decimal(amount)
@@ -4579,17 +4630,13 @@ MCP_MODERN_VERSIONS = ("2026-07-28",)
 MCP_HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2024-11-05")
 MCP_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
 MCP_CAPABILITIES_KEY = "io.modelcontextprotocol/clientCapabilities"
-# A whole tool call ends within 2 x MCP_TIMEOUT (hosts give up after 60 s): no exchange
-# starts after MCP_TIMEOUT (login_finish: its wait, at most MCP_WAIT, plus MCP_TIMEOUT), and
-# each exchange gets TOKENROUTE_TIMEOUT, at most MCP_TIMEOUT.
+# A tool call's time runs from its arrival, as the host's does: no exchange starts after
+# MCP_TIMEOUT (TOKENROUTE_TIMEOUT when less; login_finish: its wait, at most MCP_WAIT, when
+# longer), and each exchange gets as long at most, so a whole call ends within 2 x MCP_TIMEOUT
+# of its arrival (hosts give up after 60 s).
 MCP_TIMEOUT = 20.0
 MCP_WAIT = 20.0
-MCP_INSTRUCTIONS = (
-    "Your tokenroute LLM gateway account: balance, spend, API keys, models and top-up links. "
-    "When a tool answers auth_required or session_expired, call login_start, show the user its URL and "
-    "code, then call login_finish with that user_code. topup never pays: hand its checkout URL to the user. "
-    "env and keys_create return a secret API key."
-)
+MCP_LINE_LIMIT = 16 * 1024 * 1024  # a longer message is refused, not held in memory
 
 
 def cmd_mcp(args: argparse.Namespace, ctx: Context) -> int:
@@ -4603,12 +4650,12 @@ def cmd_mcp(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
-def offered_tools(*, read_only: bool, names: str | None) -> dict[str, McpTool]:
+def offered_tools(*, read_only: bool, names: Sequence[str] | None) -> dict[str, McpTool]:
     """Every tool; only those that change nothing and return no secret (`--read-only`); or
-    only those named (`--tools`)."""
+    only those named (`--tools`, each a comma-separated list)."""
     tools = mcp_tools()
     if names is not None:
-        wanted = [name.strip() for name in names.split(",")]
+        wanted = [name.strip() for given in names for name in given.split(",")]
         unknown = next((name for name in wanted if name not in tools), None)
         if unknown is not None:
             raise CliError(f"--tools: there is no tool {sanitize(unknown)!r}; the tools are {', '.join(tools)}",
@@ -4621,6 +4668,23 @@ def offered_tools(*, read_only: bool, names: str | None) -> dict[str, McpTool]:
                            code="usage")
         tools = {name: tool for name, tool in tools.items() if tool.safe}
     return tools
+
+
+def mcp_instructions(tools: Mapping[str, McpTool]) -> str:
+    """What a host tells the model of this server; it names only the tools offered."""
+    sentences = [f"Tools for your tokenroute LLM gateway account: {', '.join(tools)}."]
+    if "login_start" in tools and "login_finish" in tools:
+        sentences.append("When a tool answers auth_required or session_expired, call login_start, show the user "
+                         "its URL and code, then call login_finish with that user_code.")
+    else:
+        sentences.append("When a tool answers auth_required or session_expired, ask the user to run "
+                         "`tokenroute login` in a terminal, then try again.")
+    if "topup" in tools:
+        sentences.append("topup never pays: hand its checkout URL to the user.")
+    secret = [name for name, tool in tools.items() if tool.secret]
+    if secret:
+        sentences.append(f"{' and '.join(secret)} return{'s' if len(secret) == 1 else ''} a secret API key.")
+    return " ".join(sentences)
 
 
 class McpError(Exception):
@@ -4669,6 +4733,7 @@ class McpTool:
         self.description = description
         self.output = output
         self.schemas = schemas or {}
+        self.secret = secret
         self.safe = read_only and not secret  # offered by `mcp --read-only`
         self.annotations = {"title": title, "readOnlyHint": read_only, "openWorldHint": not local}
         if not read_only:
@@ -4947,7 +5012,7 @@ class McpCall:
     """A tools/call request: queued for the main thread, then running there."""
 
     def __init__(self, request_id: str | int, tool: McpTool, arguments: dict[str, Any], version: str,
-                 progress_token: str | int | None) -> None:
+                 progress_token: str | int | None, arrived: float) -> None:
         import _thread
 
         self.id = request_id
@@ -4955,12 +5020,12 @@ class McpCall:
         self.arguments = arguments
         self.version = version
         self.progress_token = progress_token  # the client's, to send progress of a long wait with
+        self.arrived = arrived  # when it was read (ctx.now() time): its time runs from here
         self.cancelled = False
         self.woken = _thread.allocate_lock()  # released by cancel(): ends a wait at once
         self.woken.acquire()
         self.ctx: Context | None = None  # the call's own, once it runs
-        self.started = 0.0
-        self.waiting = 0.0  # the wait's length, for progress
+        self.waiting = 0.0  # the wait's length from the arrival, for progress
         self.progress = -1.0  # the last progress sent; each must be greater
 
     def cancel(self) -> None:
@@ -4973,11 +5038,6 @@ class McpCall:
             self.ctx.deadline = float("-inf")  # no exchange starts, no lock is waited for
         self.woken.release()
 
-    def wait(self, seconds: float) -> None:
-        """Sleep on the real clock, unless cancelled first."""
-        if self.woken.acquire(timeout=seconds):
-            self.woken.release()
-
 
 class McpServer:
     """Answers MCP messages, one line in, at most one line out each; a failing tool never ends it."""
@@ -4988,14 +5048,15 @@ class McpServer:
         self.ctx = ctx
         self.api_url = api_url  # the --api-url flag, resolved per call like any command's
         self.tools = tools
+        self.instructions = mcp_instructions(tools)
         self.handshake_version: str | None = None
         self.login_code: str | None = None  # the user_code of the login this server started last
-        self.lock = _thread.allocate_lock()  # held to write a line, and to touch the two below
+        self.lock = _thread.allocate_lock()  # held to write a line, and to touch the three below
         self.queue: list[McpCall | None] = []  # the calls read and not taken yet; None: the input ended
         self.unanswered: dict[str | int, McpCall] = {}
+        self.output_error: Exception | None = None  # stdout failed: its reader left
         self.arrived = _thread.allocate_lock()  # released by the reader when it queues something
         self.arrived.acquire()
-        self.output_error: Exception | None = None  # stdout failed: its reader left
 
     def serve(self, stdin: BinaryIO) -> None:
         """Read on a helper thread and run the calls here, until the input ends and every call
@@ -5008,7 +5069,7 @@ class McpServer:
             with self.lock:
                 calls, self.queue = self.queue, []
             for call in calls:
-                if call is None or self.output_error is not None:
+                if call is None:
                     break
                 self.run(call)
             if None in calls:
@@ -5027,18 +5088,20 @@ class McpServer:
         finally:
             self.enqueue(None)
 
-    def receive(self, line: bytes) -> None:
+    def receive(self, line: bytes | None) -> None:
         reply = self.handle(line)
-        if isinstance(reply, McpCall):
-            with self.lock:
-                if reply.id in self.unanswered:
-                    self.write(rpc_answer(reply.id, error=McpError(-32600, "Invalid Request: that id is in use")))
-                    return
-                self.unanswered[reply.id] = reply
-            self.enqueue(reply)
-        elif reply is not None:
-            with self.lock:
-                self.write(reply)
+        with self.lock:
+            if not isinstance(reply, McpCall):
+                if reply is not None:
+                    self.write(reply)
+                return
+            if self.output_error is not None:  # nothing could reach the client any more
+                return
+            if reply.id in self.unanswered:
+                self.write(rpc_answer(reply.id, error=McpError(-32600, "Invalid Request: that id is in use")))
+                return
+            self.unanswered[reply.id] = reply
+        self.enqueue(reply)
 
     def enqueue(self, call: McpCall | None) -> None:
         with self.lock:
@@ -5047,19 +5110,26 @@ class McpServer:
                 self.arrived.release()
 
     def write(self, line: str) -> None:
-        """One message, one line; the caller holds the lock."""
+        """One message, one line; the caller holds the lock. Once stdout fails, nothing can reach
+        the client: every call not answered yet is cancelled."""
         if self.output_error is not None:
             return
         try:
             self.ctx.stdout.write(line + "\n")
             self.ctx.stdout.flush()
-        except (OSError, ValueError) as error:  # the client left: nothing more can reach it
+        except (OSError, ValueError) as error:  # the client left
             self.output_error = error
+            for call in self.unanswered.values():
+                call.cancel()
 
-    def handle(self, line: bytes) -> str | McpCall | None:
-        """The answer to one line, a tool call to run, or None (nothing to send)."""
+    def handle(self, line: bytes | None) -> str | McpCall | None:
+        """The answer to one line (None: one longer than MCP_LINE_LIMIT), a tool call to run, or
+        None (nothing to send)."""
         import json
 
+        if line is None:
+            return rpc_answer(None, error=McpError(-32600, f"Invalid Request: a message longer than "
+                                                           f"{MCP_LINE_LIMIT // 1024 // 1024} MiB"))
         if not line.strip():
             return None
         try:
@@ -5067,7 +5137,7 @@ class McpServer:
         except (UnicodeDecodeError, ValueError, RecursionError):
             return rpc_answer(None, error=McpError(-32700, "Parse error: not a JSON message in UTF-8"))
         request_id = message.get("id") if isinstance(message, dict) else None
-        valid_id = isinstance(request_id, (str, int)) and not isinstance(request_id, bool)
+        valid_id = is_request_id(request_id)
         if isinstance(message, dict) and "method" not in message and ("result" in message or "error" in message):
             return None  # a response: this server sends no requests
         if isinstance(message, list):
@@ -5099,7 +5169,7 @@ class McpServer:
     def cancel(self, request_id: object) -> None:
         """notifications/cancelled: nothing is sent for that request any more."""
         with self.lock:
-            call = self.unanswered.get(request_id) if isinstance(request_id, (str, int)) else None
+            call = self.unanswered.get(request_id) if is_request_id(request_id) else None
         if call is not None:
             call.cancel()
 
@@ -5117,7 +5187,7 @@ class McpServer:
                 "protocolVersion": self.handshake_version,
                 "capabilities": {"tools": {"listChanged": False}},
                 "serverInfo": mcp_server_info(),
-                "instructions": MCP_INSTRUCTIONS,
+                "instructions": self.instructions,
             }
         modern = version in MCP_MODERN_VERSIONS
         if version is not None and not modern and version not in MCP_HANDSHAKE_VERSIONS:
@@ -5139,7 +5209,7 @@ class McpServer:
             return {
                 "supportedVersions": [*MCP_MODERN_VERSIONS, *MCP_HANDSHAKE_VERSIONS],
                 "capabilities": {"tools": {}},
-                "instructions": MCP_INSTRUCTIONS,
+                "instructions": self.instructions,
                 "ttlMs": 3_600_000,
                 "cacheScope": "public",
             }
@@ -5151,29 +5221,27 @@ class McpServer:
         name, arguments = params.get("name"), params.get("arguments")
         if not isinstance(name, str) or name not in self.tools:
             known = isinstance(name, str) and name in mcp_tools()
-            offered = " (not offered: see `tokenroute mcp --read-only` and `--tools`)" if known else ""
-            raise McpError(-32602, f"Unknown tool: {name}{offered}")
+            raise McpError(-32602, f"Unknown tool: {name}{' (this server does not offer it)' if known else ''}")
         if not isinstance(arguments, (dict, type(None))):
             raise McpError(-32602, f"Invalid arguments for tool {name}: an object is required")
         meta = params.get("_meta")
         token = meta.get("progressToken") if isinstance(meta, dict) else None
-        token = token if isinstance(token, (str, int)) and not isinstance(token, bool) else None
-        return McpCall(request_id, self.tools[name], arguments or {}, version, token)
+        return McpCall(request_id, self.tools[name], arguments or {}, version, token if is_request_id(token) else None,
+                       arrived=self.ctx.now())
 
     def run(self, call: McpCall) -> None:
         """Run a tool call on this (the main) thread and answer it, unless it was cancelled."""
         reply = None
-        if not call.cancelled:
-            try:
-                result = self.call(call)
-                reply = rpc_answer(call.id, result=completed(result) if call.version in MCP_MODERN_VERSIONS else result)
-            except McpCancelled:
-                pass
-            except Exception:  # a bug answering one request must not end the server
-                import traceback
+        try:
+            result = self.call(call)
+            reply = rpc_answer(call.id, result=completed(result) if call.version in MCP_MODERN_VERSIONS else result)
+        except McpCancelled:
+            pass
+        except Exception:  # a bug answering one request must not end the server
+            import traceback
 
-                traceback.print_exc(file=self.ctx.stderr)
-                reply = rpc_answer(call.id, error=McpError(-32603, "Internal error"))
+            traceback.print_exc(file=self.ctx.stderr)
+            reply = rpc_answer(call.id, error=McpError(-32603, "Internal error"))
         with self.lock:
             del self.unanswered[call.id]
             if reply is not None and not call.cancelled:
@@ -5182,8 +5250,9 @@ class McpServer:
     def call(self, call: McpCall) -> dict[str, Any]:
         """A tool's result: the operation's data as an object, or its error object with isError.
 
-        No exchange of the call starts after its deadline, and a read ends by it; no
-        wait outlasts it (see MCP_TIMEOUT), and a cancellation ends it.
+        The call's time runs from its arrival (see MCP_TIMEOUT): once it is up no exchange
+        starts (a call that spent it in the queue answers the timeout error, nothing sent), a
+        read ends by it, and no wait outlasts it; a cancellation ends it, queued or running.
         """
         import io
         import json
@@ -5193,20 +5262,21 @@ class McpServer:
         ctx = Context(env=self.ctx.env, stdout=io.StringIO(), stderr=self.ctx.stderr,
                       sleep=lambda seconds: self.pause(call, seconds), now=self.ctx.now)
         ctx.tls = self.ctx.tls  # one TLS context per process
+        ctx.exchange_cap = MCP_TIMEOUT
         try:
             values = tool.values(call.arguments)
-            seconds = min(timeout_setting(ctx), MCP_TIMEOUT)
-            ctx.env = {**ctx.env, "TOKENROUTE_TIMEOUT": str(seconds)}
-            if tool.wait is not None:
-                call.waiting = values.setdefault(tool.wait, MCP_WAIT)
-                seconds += call.waiting
+            seconds = exchange_timeout(ctx)
+            if tool.wait is not None:  # a wait counts from the arrival too
+                call.waiting = values.get(tool.wait, MCP_WAIT)
+                values[tool.wait] = max(0.0, call.arrived + call.waiting - ctx.now())
+                seconds = max(seconds, call.waiting)
             if tool.name == "login_finish" and values.get("user_code") is None:
                 values["user_code"] = self.login_code  # the caller's own login, not another host's
-            call.started = ctx.now()
-            ctx.deadline = call.started + seconds
+            ctx.deadline = call.arrived + seconds
             call.ctx = ctx
-            if call.cancelled:  # before cancel() could see ctx
+            if call.cancelled:  # the one check before it runs; from here cancel() ends it through ctx
                 raise McpCancelled
+            call_timeout(ctx)  # its time ran out in the queue
             data = tool.run(ctx, self.api_url, values)
             structured = data if isinstance(data, dict) else {"items": data}
             try:
@@ -5227,18 +5297,16 @@ class McpServer:
         return {"content": content, "structuredContent": structured, "isError": False}
 
     def pause(self, call: McpCall, seconds: float) -> None:
-        """A tool call's sleep: progress during a long wait, and a cancellation ends it."""
+        """A tool call's sleep: progress during a long wait; a cancellation ends it at once."""
         if seconds > 0 and call.tool.wait is not None and call.progress_token is not None and not call.cancelled:
             self.report_progress(call)
-        if self.ctx.sleep is time.sleep:  # the real clock: a cancellation wakes it
-            call.wait(seconds)
-        else:  # a test's clock
-            self.ctx.sleep(seconds)
+        self.ctx.wait(call.woken, seconds)
         if call.cancelled:
             raise McpCancelled
 
     def report_progress(self, call: McpCall) -> None:
-        elapsed = round(self.ctx.now() - call.started, 1)
+        """How much of the wait has passed, of all of it (no wait goes on past its end)."""
+        elapsed = round(min(self.ctx.now() - call.arrived, call.waiting), 1)
         if elapsed <= call.progress:
             return
         call.progress = elapsed
@@ -5250,25 +5318,42 @@ class McpServer:
             self.write(json.dumps({"jsonrpc": "2.0", "method": "notifications/progress", "params": params}))
 
 
-def input_lines(stdin: BinaryIO) -> Iterator[bytes]:
-    """The lines of stdin, read from its file descriptor where it has one: a thread waiting in
-    the buffered reader's readline() holds its lock, and Python aborts at exit when another
-    thread ends the process meanwhile (stdout failed, Ctrl-C)."""
+def is_request_id(value: object) -> bool:
+    """A JSON-RPC id, or a progress token: a string or an integer, never a boolean."""
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
+
+
+def input_lines(stdin: BinaryIO) -> Iterator[bytes | None]:
+    """The lines of stdin; None for one longer than MCP_LINE_LIMIT, which is dropped as it comes.
+
+    Read from its file descriptor where it has one: a thread waiting in the buffered reader's
+    read holds its lock, and Python aborts at exit when another thread ends the process
+    meanwhile (stdout failed, Ctrl-C). Each byte is looked at once, however long its line.
+    """
     try:
-        fd = stdin.fileno()
+        fd: int | None = stdin.fileno()
     except (AttributeError, OSError, ValueError):  # not a file: a test's bytes
-        yield from iter(stdin.readline, b"")
-        return
-    rest = b""
+        fd = None
+    line = bytearray()
+    too_long = False
     while True:
-        chunk = os.read(fd, 65536)
+        chunk = os.read(fd, 65536) if fd is not None else stdin.read(65536)
         if not chunk:
             break
-        *lines, rest = (rest + chunk).split(b"\n")
-        for line in lines:
-            yield line + b"\n"
-    if rest:
-        yield rest
+        start = 0
+        while start < len(chunk):
+            newline = chunk.find(b"\n", start)
+            end = len(chunk) if newline == -1 else newline + 1
+            if not too_long:
+                line += chunk[start:end]
+                if len(line) > MCP_LINE_LIMIT:
+                    line, too_long = bytearray(), True
+            if newline != -1:
+                yield None if too_long else bytes(line)
+                line, too_long = bytearray(), False
+            start = end
+    if line or too_long:
+        yield None if too_long else bytes(line)
 
 
 def handshake_version(requested: str) -> str:
@@ -5489,7 +5574,8 @@ COMMANDS = (
     Command(
         "mcp", cmd_mcp, "serve your account as MCP tools on stdin/stdout", "tokenroute mcp --read-only",
         option("--read-only", action="store_true", help="offer only the tools that change nothing and return no secret"),
-        option("--tools", metavar="NAME,...", help="offer only these tools (comma-separated)"),
+        option("--tools", action="append", metavar="NAME,...",
+               help="offer only these tools (comma-separated; repeat to add more)"),
     ),
     Command("version", cmd_version, "print the version", "tokenroute version"),
     Command(
@@ -5642,9 +5728,11 @@ def parse_fast(argv: Sequence[str]) -> Args | None:
         if text.startswith("-") or text not in settings.get("choices", (text,)):
             return None
         try:
-            values[dest_of(flag)] = settings.get("type", str)(text)
+            value = settings.get("type", str)(text)
         except ValueError:
             return None
+        append = settings.get("action") == "append"
+        values[dest_of(flag)] = [*(values[dest_of(flag)] or []), value] if append else value
     if any(settings.get("required") and values[dest_of(flag)] is None for flag, settings in options.items()):
         return None
     return Args(func=command.func, **values)

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import pytest
 
@@ -55,7 +55,8 @@ class Result:
 
 
 class Clock:
-    """A fake clock: `sleep` advances time at once and runs the test's hooks."""
+    """A fake clock: `sleep` advances time at once and runs the test's hooks; `wait` is a
+    sleep that a lock's release ends early (an MCP cancellation): its hooks run first."""
 
     def __init__(self) -> None:
         import time
@@ -63,6 +64,7 @@ class Clock:
         self.time = time.time()
         self.sleeps: list[float] = []
         self.on_sleep: list[Callable[[], None]] = []
+        self.on_wait: list[Callable[[Any, float], None]] = []  # each gets the lock and the seconds
 
     def now(self) -> float:
         return self.time
@@ -72,6 +74,14 @@ class Clock:
         self.time += seconds
         for hook in self.on_sleep:
             hook()
+
+    def wait(self, lock: Any, seconds: float) -> None:
+        for hook in self.on_wait:
+            hook(lock, seconds)
+        if lock.acquire(blocking=False):  # released: the wait ends at once
+            lock.release()
+        else:
+            self.sleep(seconds)
 
 
 class Cli:
@@ -95,9 +105,10 @@ class Cli:
         return self.config_dir / "last_key.txt"
 
     def run(
-        self, *argv: str, env: dict[str, str] | None = None, tty: bool = False, stdin: bytes | None = None
+        self, *argv: str, env: dict[str, str] | None = None, tty: bool = False, stdin: bytes | BinaryIO | None = None
     ) -> Result:
-        """Run `tokenroute ARGV` in process; `tty=True` plays a person at a terminal; `stdin`: its input, if any."""
+        """Run `tokenroute ARGV` in process; `tty=True` plays a person at a terminal; `stdin`: its input
+        (bytes, or a binary file such as a pipe's end), if any."""
         out, err = io.StringIO(), io.StringIO()
         ctx = tokenroute.Context(
             env={**self.env, **(env or {})},
@@ -108,8 +119,9 @@ class Cli:
             stderr_tty=tty,
             sleep=self.clock.sleep,
             now=self.clock.now,
+            wait=self.clock.wait,
             open_browser=self.record_browser,
-            stdin=io.BytesIO(stdin) if stdin is not None else None,
+            stdin=io.BytesIO(stdin) if isinstance(stdin, bytes) else stdin,
         )
         execs = {name: getattr(os, name) for name in ("execv", "execve", "execvp", "execvpe") if hasattr(os, name)}
         for name in execs:  # an exec here would replace pytest, and the suite would end with status 0

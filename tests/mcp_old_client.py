@@ -29,7 +29,7 @@ async def main(command: str) -> dict[str, Any]:
                 "balance": await session.call_tool("balance", {}),
                 "keys_list": await session.call_tool("keys_list", {}),
                 "topup": await session.call_tool("topup", {"amount": "lots"}),
-                "login_finish": await session.call_tool("login_finish", {"timeout": 1}, progress_callback=on_progress),
+                "login_finish": await session.call_tool("login_finish", {"timeout": 20}, progress_callback=on_progress),
             }
     return {
         "protocolVersion": initialized.protocolVersion,

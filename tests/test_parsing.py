@@ -36,6 +36,8 @@ AGREEING = [
     ["login", "--force", "--no-browser"],
     ["doctor", "--key", "sk-tr-abc123"],
     ["status"],
+    ["mcp", "--read-only"],
+    ["mcp", "--tools", "balance", "--tools=usage,doctor"],  # repeated: each adds its tools
 ]
 
 # Lines the fast path must leave to argparse: it defines their errors and output.
