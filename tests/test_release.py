@@ -289,27 +289,30 @@ case "$*" in
   *"print("*) echo {version} ;;
   *"import venv, ensurepip"*) exit {probe} ;;
   "-m venv "*) mkdir -p "$3/bin" && cp "$0" "$3/bin/python" ;;
-  "-m pytest"*) echo "suite under {version}" >> "$LOG" ;;
+  "-m pytest"*) echo "suite under {version}" >> "$LOG"; echo "{version}: $SUITE_SAYS"; [ "$FAILING" != {version} ] ;;
 esac
 """
 
 
-def other_pythons(tmp_path: Path, main: str, others: dict[str, bool]) -> tuple[str, list[str]]:
+def other_pythons(tmp_path: Path, main: str, others: dict[str, bool], *, failing: str = "",
+                  status: int = 0) -> tuple[str, list[str]]:
     """Run .ci/other-pythons where `python` is Python `main` and python3.X on PATH are `others` (whether
-    each can make a venv); returns its output and the Pythons the suite ran under."""
+    each can make a venv), the suite failing under `failing`; returns its output (after checking its
+    exit `status`) and the Pythons the suite ran under."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, version, usable in [("python", main, True)] + [(f"python{v}", v, ok) for v, ok in others.items()]:
         (bin_dir / name).write_text(STUB_PYTHON.format(version=version, probe=0 if usable else 1))
         (bin_dir / name).chmod(0o755)
-    for tool in ("seq", "ls", "mkdir", "cp"):  # and no other Python
+    for tool in ("seq", "ls", "mkdir", "cp", "cat"):  # and no other Python
         (bin_dir / tool).symlink_to(shutil.which(tool) or tool)
     log = tmp_path / "suites.log"
     env = {key: value for key, value in clean_env().items() if key != "GITHUB_ACTIONS"}
-    env.update(PATH=str(bin_dir), PYENV_ROOT=str(tmp_path / "no-pyenv"), LOG=str(log))
+    env.update(PATH=str(bin_dir), PYENV_ROOT=str(tmp_path / "no-pyenv"), LOG=str(log), FAILING=failing,
+               SUITE_SAYS="its own words")
     done = run([shutil.which("bash"), OTHER_PYTHONS], cwd=tmp_path, env=env)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout + done.stderr, log.read_text().splitlines() if log.exists() else []
+    assert done.returncode == status, done.stdout + done.stderr
+    return done.stdout + done.stderr, sorted(log.read_text().splitlines()) if log.exists() else []  # side by side: any order
 
 
 @pytest.mark.skipif(os.name == "nt" or shutil.which("bash") is None, reason="POSIX sh stubs for Python")
@@ -334,3 +337,12 @@ def test_ci_with_no_other_python_says_the_suite_ran_under_one(tmp_path: Path) ->
 
     assert suites == []
     assert "note: no older or newer Python 3.9+ here than 3.12 (PATH or pyenv); the suite ran under 3.12 only" in said
+
+
+@pytest.mark.skipif(os.name == "nt" or shutil.which("bash") is None, reason="POSIX sh stubs for Python")
+def test_ci_runs_the_two_suites_and_fails_when_one_fails_showing_each_whole(tmp_path: Path) -> None:
+    said, suites = other_pythons(tmp_path, "3.11", {"3.9": True, "3.13": True}, failing="3.9", status=1)
+
+    assert suites == ["suite under 3.13", "suite under 3.9"]
+    assert said.index("== the suite under Python 3.9") < said.index("3.9: its own words") \
+        < said.index("== the suite under Python 3.13") < said.index("3.13: its own words")
