@@ -141,6 +141,7 @@ class Context:
         self.deadline: float | None = None  # an MCP tool call's end (ctx.now() time): no exchange or wait outlasts it
         self.earlier_checked: set[str] = set()  # gateways whose earlier releases' logins this command looked at
         self.exchange_cap: float | None = None  # an MCP tool call's: at most this per exchange, whatever the setting
+        self.api_url_flag: str | None = None  # the gateway, when --api-url chose it: hints must name it too
 
     @classmethod
     def from_process(cls) -> Context:
@@ -299,7 +300,18 @@ def api_url_setting(ctx: Context, flag: str | None) -> tuple[str, str]:
             f"refusing to talk to {host} over plain http (credentials would travel unencrypted); use https",
             code="insecure_url",
         )
+    if source == "--api-url":
+        ctx.api_url_flag = canonical
     return canonical, source
+
+
+def runnable(ctx: Context, hint: str) -> str:
+    """A `tokenroute ...` hint that runs as written: with the --api-url that chose the gateway."""
+    if ctx.api_url_flag is None or not hint.startswith("tokenroute ") or "--api-url" in hint:
+        return hint
+    import shlex
+
+    return f"tokenroute --api-url {shlex.quote(ctx.api_url_flag)}{hint[len('tokenroute'):]}"
 
 
 def with_scheme(url: str) -> str | None:
@@ -507,7 +519,7 @@ def replace_file(
         if before_rename is not None:
             before_rename()
         os.replace(tmp, path)
-    except (OSError, CliError):
+    except BaseException:  # Ctrl-C too: no copy of the secrets is left beside the file
         try:
             os.remove(tmp)
         except OSError:
@@ -663,7 +675,9 @@ STORE_VERSION = 2
 
 def earlier_login(data: dict[str, Any], api_url: str) -> dict[str, Any]:
     """A login of 0.1.0 or 0.2.0 in this release's shape; its nulls mean unknown."""
-    expires_at, issuer = data.get("expires_at"), data.get("issuer")
+    expires_at, issuer, resource = data.get("expires_at"), data.get("issuer"), data.get("resource")
+    if isinstance(resource, str) and api_url and canonical_url(resource) == canonical_url(api_url):
+        resource = canonical_url(api_url)  # 0.2.0 wrote an IDN gateway's URL in its Unicode form
     login = {
         "api_url": canonical_url(api_url) or "" if api_url else "",
         "access_token": data.get("access_token"),
@@ -671,7 +685,7 @@ def earlier_login(data: dict[str, Any], api_url: str) -> dict[str, Any]:
         "expires_at": expires_at if isinstance(expires_at, (int, float)) else 0,
         "token_endpoint": data.get("token_endpoint") or "",
         "client_id": data.get("client_id") or "",
-        "resource": data.get("resource") or api_url,
+        "resource": resource or api_url,
     }
     return dict(login, issuer=issuer) if isinstance(issuer, str) and issuer else login
 
@@ -748,12 +762,13 @@ class KeyCache:
     names no gateway: it is the default gateway's (0.1.0's default, and where a key from
     the dashboard comes from), and no other gateway is ever sent it."""
 
-    def __init__(self, ctx: Context, listed: dict[str, tuple[str, str]], last: str, *, of_1_0: bool,
+    def __init__(self, ctx: Context, listed: dict[str, tuple[str, str]], last: str, *, of_1_0: set[str] | None,
                  unrecorded: tuple[str, str, bool] | None, earlier_file: str) -> None:
         self.files = (keys_path(ctx), last_key_path(ctx))
         self.listed = listed  # by gateway: (key, key id), newest last
         self.last = last  # last_key.txt's text without spaces around it; "" when absent, unreadable or 1.0.0's
-        self.of_1_0 = of_1_0
+        self.of_1_0 = of_1_0 is not None
+        self.listed_in_last = of_1_0 or set()  # the keys of 1.0.0's lines in last_key.txt
         self.unrecorded = unrecorded  # the newest unlisted key: (key, its file, whether it is newer than keys.txt)
         self.earlier_file = earlier_file  # 0.2.0's key file, "" when it holds no key to take
 
@@ -774,7 +789,7 @@ class KeyCache:
         """The file a cached key is read from."""
         if self.unrecorded is not None and key == self.unrecorded[0]:
             return self.unrecorded[1]
-        return self.files[1] if key == self.last else self.files[0]
+        return self.files[1] if key == self.last or key in self.listed_in_last else self.files[0]
 
 
 def read_key_cache(ctx: Context, *, to_write: bool = False) -> KeyCache:
@@ -782,10 +797,10 @@ def read_key_cache(ctx: Context, *, to_write: bool = False) -> KeyCache:
     key counts only where its file can then be removed, so that it never comes back."""
     listed = dict(key_lines(peek_text_file(keys_path(ctx)), KEYS_HEADER))
     text = peek_text_file(last_key_path(ctx)) or ""
-    of_1_0 = text.splitlines()[:1] == [KEYS_HEADER_1_0]
-    if of_1_0:
-        listed.update(key_lines(text, KEYS_HEADER_1_0))
-    last = "" if of_1_0 else text.strip(" \t\r\n\ufeff")
+    of_1_0 = dict(key_lines(text, KEYS_HEADER_1_0)) if text.splitlines()[:1] == [KEYS_HEADER_1_0] else None
+    if of_1_0 is not None:
+        listed.update(of_1_0)
+    last = "" if of_1_0 is not None else text.strip(" \t\r\n\ufeff")
     recorded = {key for key, _ in listed.values()}
     found = []  # (when, key, its file, whether it is newer than the key keys.txt lists for the default gateway)
     if is_plausible_key(last) and last not in recorded:
@@ -796,7 +811,8 @@ def read_key_cache(ctx: Context, *, to_write: bool = False) -> KeyCache:
     if earlier_key and earlier_key not in recorded:  # a tie goes to 0.2.0's, the newer copy of 0.1.0's
         found.append((file_time(earlier_file) + 0.001, earlier_key, earlier_file, False))
     best = max(found) if found else None
-    return KeyCache(ctx, listed, last, of_1_0=of_1_0, unrecorded=best[1:] if best else None, earlier_file=earlier_file)
+    in_last = None if of_1_0 is None else {key for key, _ in of_1_0.values()}
+    return KeyCache(ctx, listed, last, of_1_0=in_last, unrecorded=best[1:] if best else None, earlier_file=earlier_file)
 
 
 def key_lines(text: str | None, header: str) -> list[tuple[str, tuple[str, str]]]:
@@ -885,19 +901,34 @@ def cache_key(ctx: Context, api_url: str, key: str, key_id: str) -> None:
 
 def forget_cached_key(ctx: Context, api_url: str, *, key_id: str | None = None, prefix: str | None = None) -> bool:
     """Drop this gateway's cached key (only if it is `key_id` or starts with `prefix`, when given)."""
-    with CredentialsLock(ctx):
-        cache = read_key_cache(ctx, to_write=True)
-        keys = cache.keys()
-        key, cached_id = keys.get(api_url, ("", ""))
-        matches = key and (
+
+    def chosen(url: str, key: str, cached_id: str) -> bool:
+        return url == api_url and (
             (key_id is None and prefix is None)
             or (key_id is not None and key_id == cached_id)
             or (cached_id == "-" and prefix is not None and len(prefix) > len(KEY_PREFIX) and key.startswith(prefix))
         )
+
+    with CredentialsLock(ctx):
+        cache = read_key_cache(ctx, to_write=True)
+        keys = cache.keys()
+        matches = api_url in keys and chosen(api_url, *keys[api_url])
         if matches:
             del keys[api_url]
             write_key_cache(ctx, cache, keys)
-        return bool(matches)
+        check_forgotten(ctx, chosen)
+        return matches
+
+
+def check_forgotten(ctx: Context, chosen: Callable[[str, str, str], bool]) -> None:
+    """Fail when a key meant to be forgotten is still read: tokenroute 0.2.0's, in a folder
+    this user cannot write (taking it from there would only bring it back)."""
+    cache = read_key_cache(ctx)
+    left = [key for url, (key, key_id) in cache.keys().items() if chosen(url, key, key_id)]
+    if left:
+        where = cache.source(left[0])
+        raise CliError(f"the API key in {where} cannot be removed ({os.path.dirname(where)} cannot be written), so "
+                       "env, run, test and models still use it: delete that file", code="config")
 
 
 def resolve_api_key(ctx: Context, flag: str | None, api_url: str) -> tuple[str, str]:
@@ -918,7 +949,9 @@ def api_key_in_use(ctx: Context, flag: str | None, api_url: str) -> tuple[str, s
         cache = read_key_cache(ctx)
         keys = cache.keys()
         if api_url not in keys:
-            raise no_key_error(api_url, keys, cache.unrecorded[1] if cache.unrecorded else None)
+            unreadable = next((path for path in cache.files if os.path.lexists(path) and peek_text_file(path) is None),
+                              None)
+            raise no_key_error(api_url, keys, cache.unrecorded[1] if cache.unrecorded else None, unreadable)
         key = keys[api_url][0]
         source = cache.source(key)
     if not is_plausible_key(key):
@@ -926,9 +959,12 @@ def api_key_in_use(ctx: Context, flag: str | None, api_url: str) -> tuple[str, s
     return key, source
 
 
-def no_key_error(api_url: str, keys: dict[str, tuple[str, str]], unlisted: str | None) -> CliError:
+def no_key_error(api_url: str, keys: dict[str, tuple[str, str]], unlisted: str | None,
+                 unreadable: str | None) -> CliError:
     others = ", ".join(keys)
     elsewhere = f" (the cached keys are for {others})" if others else ""
+    if unreadable is not None:
+        elsewhere += f"; {unreadable} cannot be read (not a file, or this user may not open it)"
     if unlisted is not None:
         return CliError(
             f"no API key for {api_url}{elsewhere}: the key in {unlisted} names no gateway, so it is taken for "
@@ -947,8 +983,26 @@ def redact(text: str) -> str:
     """Hide secrets in text meant for people: keys keep their sk-tr-abcd prefix."""
     import re
 
-    text = re.sub(r"(sk[-_]tr[-_][A-Za-z0-9_-]{4})[A-Za-z0-9_-]*", r"\1...", text)
-    return re.sub(r"(eyJ[A-Za-z0-9_-]{4})[A-Za-z0-9_.-]*", r"\1...", text)
+    return re.sub(r"(eyJ[A-Za-z0-9_-]{4})[A-Za-z0-9_-][A-Za-z0-9_.-]*", r"\1...", without_keys(text))
+
+
+def without_keys(text: str) -> str:
+    import re
+
+    # `+`: a prefix alone (a key_prefix, or text cut already) stays as it is.
+    return re.sub(r"(sk[-_]tr[-_][A-Za-z0-9_-]{4})[A-Za-z0-9_-]+", r"\1...", text)
+
+
+def without_secrets(data: Any) -> Any:
+    """A gateway's answer with every API key in it cut (not tokens: a checkout URL's
+    fragment may hold what looks like one)."""
+    if isinstance(data, str):
+        return without_keys(data)
+    if isinstance(data, dict):
+        return {name: without_secrets(value) for name, value in data.items()}
+    if isinstance(data, list):
+        return [without_secrets(value) for value in data]
+    return data
 
 
 # ------------------------------------------------ earlier releases' files ---
@@ -1115,10 +1169,11 @@ class Judge:
     products' entries have the same shape, and the server at an entry's URL may be another
     product built like tokenroute, whose discovery names its own client: so an entry is
     tokenroute's only when a source other than that server vouches for it. It copies a
-    refresh token tokenroute holds; or it names the client (and issuer) of the login
-    tokenroute holds for that gateway; or, with none, the client id and issuer that the
-    default gateway's discovery names (`default`: tokenroute's by definition). Never by
-    its URL alone."""
+    refresh token tokenroute holds; or it names tokenroute's client (and issuer): as the
+    login tokenroute holds for the default gateway names it, or, with none, as that
+    gateway's discovery does (`default`). The default gateway is tokenroute's by
+    definition; a login held for the entry's own gateway vouches for nothing, since its
+    client came from that same server. Never by its URL alone."""
 
     def __init__(self, logins: dict[str, dict[str, Any]], default: tuple[str, str] | None) -> None:
         self.logins = logins
@@ -1135,7 +1190,7 @@ class Judge:
         value = entry.value
         if self.holder(entry) is not None:
             return True
-        stored = self.logins.get(entry.url)
+        stored = self.logins.get(DEFAULT_API_URL)
         if stored is not None and stored["client_id"]:
             return is_same_client(value, stored)
         if self.default is None:
@@ -2114,14 +2169,14 @@ def not_a_gateway(api_url: str, answer: str, *, status: int) -> CliError:
 def key_without_credit(ctx: Context, api_url: str, key: str, *, source: str, error: CliError) -> CliError:
     """A 402 that names the key used and where it came from: credit is per key. Its name and
     balance (and a funded key's) come from the account's key list when a login is at hand."""
-    prefix = key[: len(KEY_PREFIX) + 4]  # shown as `sk-tr-abcd...`, as every key in a message
+    prefix = key[: len(KEY_PREFIX) + 4]
     keys = keys_at_a_glance(ctx, api_url)
     used = find_key(keys, key)
     funded = [k for k in keys if k is not used and k.get("status") == "active" and has_credit(k.get("balance_usd"))]
     if used is None:
-        label, balance, api_key = prefix, "", {"key_prefix": prefix}
+        label, balance, api_key = f"{prefix}...", "", {"key_prefix": prefix}  # as every key in a message
     else:
-        label, balance = f"{show(used.get('name'))!r} ({prefix})", f" has {usd(used.get('balance_usd'))}"
+        label, balance = f"{show(used.get('name'))!r} ({prefix}...)", f" has {usd(used.get('balance_usd'))}"
         api_key = {name: used.get(name) for name in ("id", "name", "key_prefix", "balance_usd")}
     others = f" (your key {show(funded[0].get('name'))!r} has {usd(funded[0].get('balance_usd'))})" if funded else ""
     return CliError(
@@ -2394,10 +2449,12 @@ def poll_device_flow(
 
     The first poll comes `first_wait` seconds from now (so `--timeout 0`
     still polls once), then one every interval. Transient failures (network,
-    5xx) are retried until the code expires; a denial or an expired code is
-    a device-flow failure (exit 3). Without a timeout it never returns None.
+    5xx) are retried until the code expires, and the last poll's is raised at
+    the timeout rather than None; a denial or an expired code is a device-flow
+    failure (exit 3). Without a timeout it never returns None.
     """
     start = ctx.now()
+    failure: CliError | None = None
     expires_at = pending["expires_at"]
     end = expires_at if timeout is None else min(expires_at, start + timeout)
     if ctx.deadline is not None:  # an MCP tool call's time is up: pending, like --timeout
@@ -2409,6 +2466,10 @@ def poll_device_flow(
             ctx.sleep(max(0.0, end - ctx.now()))
             if end >= expires_at:
                 raise login_failed("the login code expired before it was approved", "login_expired")
+            if failure is not None:  # not "still waiting": nothing could tell
+                failure.message += "; the login may still be approved: try again later"
+                failure.next = "tokenroute login --resume"
+                raise failure
             return None
         ctx.sleep(max(0.0, next_poll - ctx.now()))
         next_poll = ctx.now() + interval
@@ -2427,17 +2488,22 @@ def poll_device_flow(
         except CliError as exc:
             if exc.exit_code != EXIT_NETWORK:
                 raise
-            response = None
+            if ctx.deadline is not None and ctx.now() >= ctx.deadline:  # the MCP call's time is up, no failure
+                continue  # next_poll is past the end
+            response, failure = None, exc
         answer = response.json() if response is not None else None
         answer = answer if isinstance(answer, dict) else {}
         if response is not None and response.status == 200 and is_token(answer.get("access_token")):
             return answer
         if response is None or response.status == 429 or response.status >= 500:
             # Unreachable, rate limited or failing: back off, and keep polling until the code expires.
+            if response is not None:
+                failure = error_from_response(response, account=True, secret=pending["device_code"])
             interval = min(interval * 2, MAX_POLL_INTERVAL)
             wait = retry_after_seconds(response.headers.get("Retry-After") if response is not None else None)
             next_poll = ctx.now() + max(interval, min(wait or 0.0, MAX_POLL_INTERVAL))
             continue
+        failure = None
         error = answer.get("error")
         if error == "authorization_pending":
             continue
@@ -2694,6 +2760,9 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
         raise CliError("--no-wait starts a login and --resume finishes one: give one of them", code="usage")
     if args.user_code is not None and not args.resume:
         raise CliError("--user-code names the login that --resume finishes: add --resume", code="usage")
+    if args.timeout is not None and not args.resume:  # a login waits for as long as its code lasts
+        raise CliError("--timeout bounds the wait of --resume: use `tokenroute login --no-wait`, then "
+                       "`tokenroute login --resume --timeout SECONDS`", code="usage")
     if args.resume:
         return resume_login(args, ctx, api_url)
     started = login_start(ctx, api_url, force=args.force) if args.no_wait else current_login(ctx, api_url, args.force)
@@ -2710,7 +2779,7 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
     if ctx.person_present and not args.no_browser:
         open_url_for_person(ctx, pending["verification_uri_complete"], api_url)
     answer = poll_device_flow(ctx, pending, first_wait=pending["interval"])
-    return finish_login(args, ctx, pending, answer)
+    return show_login(args, ctx, store_login(ctx, pending, answer))
 
 
 def usable_login(ctx: Context, api_url: str) -> dict[str, Any] | None:
@@ -2761,12 +2830,12 @@ def save_pending_login(ctx: Context, pending: dict[str, Any]) -> None:
         write_pending_logins(ctx, [*waiting_logins(ctx), pending][-PENDING_LIMIT:])
 
 
-def drop_pending_login(ctx: Context, pending: dict[str, Any]) -> None:
-    """Forget a login that ended (approved, denied or expired); the caller holds the CredentialsLock."""
+def drop_pending_logins(ctx: Context, ended: Callable[[dict[str, Any]], bool]) -> None:
+    """Forget the logins that ended (approved, denied, expired, or made stale by another
+    approval); the caller holds the CredentialsLock."""
     found = read_pending_logins(ctx)
-    if any(other["device_code"] == pending["device_code"] for other in found):
-        left = [other for other in still_waiting(ctx, found) if other["device_code"] != pending["device_code"]]
-        write_pending_logins(ctx, left)
+    if any(ended(pending) for pending in found):
+        write_pending_logins(ctx, [pending for pending in still_waiting(ctx, found) if not ended(pending)])
 
 
 def waiting_logins(ctx: Context) -> list[dict[str, Any]]:
@@ -2796,7 +2865,7 @@ def login_start(ctx: Context, api_url: str, *, force: bool = False) -> dict[str,
         return current
     pending = new_device_login(ctx, api_url)
     save_pending_login(ctx, pending)
-    return pending_view(pending)
+    return pending_view(ctx, pending)
 
 
 def current_login(ctx: Context, api_url: str, force: bool) -> dict[str, Any] | None:
@@ -2825,8 +2894,16 @@ def check_login_storage(ctx: Context) -> None:
 def login_finish(
     ctx: Context, api_url: str, *, timeout: float | None = None, user_code: str | None = None
 ) -> dict[str, Any]:
-    """`login --resume`: wait up to `timeout` seconds for the approval, then save the login."""
-    return store_login(ctx, *await_login(ctx, api_url, timeout=timeout, user_code=user_code))
+    """`login --resume`: wait up to `timeout` seconds for the approval, then save the login.
+    When another approval already logged this gateway in (which ended every login waiting
+    for it), that login is the answer."""
+    try:
+        pending, answer = await_login(ctx, api_url, timeout=timeout, user_code=user_code)
+    except CliError as error:
+        if error.code == "no_pending_login" and usable_login(ctx, api_url) is not None:
+            return {"status": "logged_in", "api_url": api_url}
+        raise
+    return store_login(ctx, pending, answer)
 
 
 def load_pending_login(ctx: Context, api_url: str, user_code: str | None = None) -> dict[str, Any]:
@@ -2871,7 +2948,7 @@ def login_still_valid(ctx: Context, api_url: str) -> bool:
 
 
 def resume_login(args: argparse.Namespace, ctx: Context, api_url: str) -> int:
-    return finish_login(args, ctx, *await_login(ctx, api_url, timeout=args.timeout, user_code=args.user_code))
+    return show_login(args, ctx, login_finish(ctx, api_url, timeout=args.timeout, user_code=args.user_code))
 
 
 def await_login(
@@ -2882,34 +2959,34 @@ def await_login(
     try:
         answer = poll_device_flow(ctx, pending, first_wait=0, timeout=timeout)
     except CliError as exc:
-        if exc.exit_code == EXIT_SERVER:  # denied or expired: it is over
+        if exc.code in ("login_denied", "login_expired", "login_failed"):  # it is over
             with CredentialsLock(ctx):
-                drop_pending_login(ctx, pending)
+                drop_pending_logins(ctx, lambda other: other["device_code"] == pending["device_code"])
         raise
     if answer is None:
         raise CliError(
             "the login is still waiting for approval",
             code="login_pending",
             next="tokenroute login --resume",
-            payload={"pending": pending_view(pending)},
+            payload={"pending": pending_view(ctx, pending)},
         )
     return pending, answer
 
 
 def store_login(ctx: Context, pending: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
-    """Save the approved login; only then is its pending code forgotten."""
+    """Save the approved login; only then are the codes waiting for this gateway forgotten
+    (approving one of them later would replace this login)."""
     with CredentialsLock(ctx):
         save_login(ctx, credentials_from_grant(ctx, pending, answer))
-        drop_pending_login(ctx, pending)
+        drop_pending_logins(ctx, lambda other: other["api_url"] == pending["api_url"])
     return {"status": "logged_in", "api_url": pending["api_url"]}
 
 
-def finish_login(args: argparse.Namespace, ctx: Context, pending: dict[str, Any], answer: dict[str, Any]) -> int:
-    login = store_login(ctx, pending, answer)
+def show_login(args: argparse.Namespace, ctx: Context, login: dict[str, Any]) -> int:
     if args.json:
         render_json(ctx, login)
     else:
-        say_ok(ctx, logged_in_as(ctx, pending["api_url"]))
+        say_ok(ctx, logged_in_as(ctx, login["api_url"]))
     return EXIT_OK
 
 
@@ -2925,14 +3002,14 @@ def logged_in_as(ctx: Context, api_url: str) -> str:
     return f"logged in as {sanitize(email.strip())} ({host})"
 
 
-def pending_view(pending: dict[str, Any]) -> dict[str, Any]:
+def pending_view(ctx: Context, pending: dict[str, Any]) -> dict[str, Any]:
     return {
         "status": "pending",
         "verification_uri": pending["verification_uri"],
         "verification_uri_complete": pending["verification_uri_complete"],
         "user_code": pending["user_code"],
         "expires_at": int(pending["expires_at"]),
-        "next": "tokenroute login --resume",
+        "next": runnable(ctx, "tokenroute login --resume"),
     }
 
 
@@ -2943,7 +3020,7 @@ def render_pending(ctx: Context, args: argparse.Namespace, pending: dict[str, An
     if pending["verification_uri_complete"] != pending["verification_uri"]:
         out.write(f"(or open {sanitize(pending['verification_uri_complete'])})\n")
     if args.no_wait:
-        out.write("Then run: tokenroute login --resume\n")
+        out.write(f"Then run: {runnable(ctx, 'tokenroute login --resume')}\n")
     else:
         out.write("Waiting for authorization...\n")
     out.flush()
@@ -2965,7 +3042,7 @@ def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
             ctx.stdout.write(f"Not logged in to {'any gateway' if args.all else api_url}; nothing to do\n")
         if kept:
             note(ctx, f"An API key for {', '.join(kept)} stays cached in {keys_path(ctx)} (env, run, test and models "
-                 f"use it); forget it with `tokenroute{gateway_option(args, api_url)} logout{' --all' if args.all else ''} --forget-key`")
+                 f"use it); forget it with `{runnable(ctx, 'tokenroute logout' + (' --all' if args.all else '') + ' --forget-key')}`")
     if left:  # another product's, or 0.2.0's that nothing vouches for: never taken over now
         ctx.stdout.flush()
         note(ctx, f"{os.path.join(paradigx_dir(ctx) or '', 'auth.json')} still holds a login for {', '.join(left)} "
@@ -2994,7 +3071,7 @@ def logout(ctx: Context, api_url: str, *, every: bool, forget_key: bool) -> dict
         ours = [entry for entry in entries if Judge(store.logins, default).verdict(entry)]  # before the logins go
         logged_out = store.logged_out - urls
         write_logins(ctx, logins, logged_out=logged_out | {entry.url for entry in entries})
-        remove_file(pending_login_path(ctx))
+        drop_pending_logins(ctx, lambda pending: every or pending["api_url"] == api_url)
         cache = read_key_cache(ctx, to_write=forget_key)
         keys = cache.keys()
         forgotten = [url for url in keys if every or url == api_url] if forget_key else []
@@ -3011,6 +3088,8 @@ def logout(ctx: Context, api_url: str, *, every: bool, forget_key: bool) -> dict
                 left = [entry for entry in entries if entry not in ours]
                 gone += sorted({entry.url for entry in ours} - set(gone))
                 write_logins(ctx, logins, logged_out=logged_out | {entry.url for entry in left})
+        if forget_key:  # the logout is done: only a key file stays
+            check_forgotten(ctx, lambda url, key, key_id: every or url == api_url)
     return {
         "gone": gone,
         "forgotten": forgotten,
@@ -3086,7 +3165,11 @@ def create_key(ctx: Context, api_url: str, *, name: str, no_cache: bool = False)
     try:
         cache_key(ctx, api_url, raw, sanitize(str(key.get("id", ""))))
     except CliError as exc:
-        raise KeyNotCached(key, exc) from None
+        if read_key_cache(ctx).listed.get(api_url, ("", ""))[0] != raw:
+            raise KeyNotCached(key, exc) from None
+        warn(ctx, f"{exc.message}: the key is cached in {keys_path(ctx)} only")  # last_key.txt, the mirror, failed
+    except KeyboardInterrupt:  # Ctrl-C while another tokenroute holds the lock: the key is still shown
+        raise KeyNotCached(key, CliError("interrupted", code="interrupted", exit_code=EXIT_INTERRUPTED)) from None
     return key
 
 
@@ -3122,18 +3205,19 @@ def cmd_keys_create(args: argparse.Namespace, ctx: Context) -> int:
     except (OSError, ValueError) as exc:  # stdout closed, or its reader left
         key_id = sanitize(str(key.get("id", "")))
         cached = not args.no_cache and not_cached is None
-        raise undelivered_key(ctx, exc, key_id, cached=cached, gateway=gateway_option(args, api_url)) from None
+        raise undelivered_key(ctx, exc, key_id, cached=cached) from None
     if args.no_cache:
         note(ctx, "Save this key now: it is shown only once (not cached: --no-cache).")
         return EXIT_OK
     if not_cached is not None:  # shown above all the same: it is the only copy
         raise CliError(f"the key above was created but not cached: {not_cached.message}", code=not_cached.code,
                        exit_code=not_cached.exit_code)
-    note(ctx, f"Save this key now: it is shown only once. Cached in {last_key_path(ctx)} for env, run, test and models.")
+    where = last_key_path(ctx) if peek_text_file(last_key_path(ctx)) == raw else keys_path(ctx)
+    note(ctx, f"Save this key now: it is shown only once. Cached in {where} for env, run, test and models.")
     return EXIT_OK
 
 
-def undelivered_key(ctx: Context, exc: Exception, key_id: str, *, cached: bool, gateway: str) -> CliError:
+def undelivered_key(ctx: Context, exc: Exception, key_id: str, *, cached: bool) -> CliError:
     import shlex
 
     reason = describe(exc)
@@ -3146,15 +3230,8 @@ def undelivered_key(ctx: Context, exc: Exception, key_id: str, *, cached: bool, 
         f"the new key {key_id} could not be printed ({reason}) and was not cached: it was delivered nowhere; "
         f"revoke it",
         code="output_failed",
-        next=f"tokenroute{gateway} keys revoke {shlex.quote(key_id)}",
+        next=f"tokenroute keys revoke {shlex.quote(key_id)}",
     )
-
-
-def gateway_option(args: argparse.Namespace, api_url: str) -> str:
-    """` --api-url URL` for a command to suggest, when the gateway came from that flag."""
-    import shlex
-
-    return f" --api-url {shlex.quote(api_url)}" if args.api_url else ""
 
 
 KEY_COLUMNS = ("id", "name", "key_prefix", "status", "balance_usd", "created_at")
@@ -3433,9 +3510,17 @@ def write_env_file(args: argparse.Namespace, ctx: Context, variables: dict[str, 
             raise CliError(owner_not_kept(args.write, status)) from None
         except OSError as exc:
             import errno
+            import shlex
 
-            mounted = " (it is a mount point: edit it where it is mounted from)" if exc.errno == errno.EBUSY else ""
-            raise CliError(f"cannot write {args.write}: {exc.strerror}{mounted}") from None
+            folder = os.path.dirname(path)
+            if exc.errno == errno.EBUSY:
+                why = " (it is a mount point: edit it where it is mounted from)"
+            elif exc.errno in (errno.EACCES, errno.EPERM) and status is not None and not is_writable(folder):
+                why = (f" in {folder}, which must take the new file that replaces it whole (so that a crash never "
+                       f"leaves it half-written); `tokenroute env >> {shlex.quote(args.write)}` appends instead")
+            else:
+                why = ""
+            raise CliError(f"cannot write {args.write}: {exc.strerror}{why}") from None
     if args.json:
         render_json(ctx, {"path": os.path.abspath(args.write), "created": old is None, "changed": new != old})
     elif old is None:
@@ -4090,15 +4175,10 @@ def run_checks(ctx: Context, args: argparse.Namespace | Args) -> list[Check]:
         checks.append(gateway)
         if gateway.code != "not_a_gateway":  # no login or key to check where no gateway answers
             account = [check_login(ctx, api_url), check_api_key(ctx, args, api_url)]
-            checks += [with_gateway_option(check, gateway_option(args, api_url)) for check in account]
+            for check in account:  # a fix runs as written: `tokenroute login` gets the --api-url it needs
+                check.fix = check.fix and runnable(ctx, check.fix)
+            checks += account
     return checks + check_files(ctx)
-
-
-def with_gateway_option(check: Check, option: str) -> Check:
-    """A check whose fix runs as written: `tokenroute login` gets the --api-url it needs."""
-    if check.fix and check.fix.startswith("tokenroute "):
-        check.fix = "tokenroute" + option + check.fix[len("tokenroute"):]
-    return check
 
 
 def doctor(ctx: Context, api_url: str | None, *, key: str | None = None) -> dict[str, Any]:
@@ -4344,6 +4424,8 @@ def gateway_path(api_url: str, target: str) -> str:
     host, and a path that may reach another place than it reads, are refused."""
     from urllib.parse import unquote
 
+    if not target.strip():
+        raise CliError("PATH is empty: give the path on the gateway, like /v1/models", code="usage")
     scheme, sep, rest = target.partition("://")
     if sep and scheme.isascii() and scheme.isalpha():  # not "/path?next=https://..."
         authority, _, path = rest.partition("/")
@@ -4395,8 +4477,10 @@ def api_fields(raw: Sequence[str], typed: Sequence[str]) -> list[tuple[str, str,
         if flag == "-F":
             try:
                 value = json.loads(text, parse_constant=reject_constant)
-            except (ValueError, RecursionError):
-                pass
+            except json.JSONDecodeError:
+                pass  # not JSON: the text
+            except (ValueError, RecursionError):  # more than 4300 digits, or nested past the stack
+                raise CliError(f"-F {sanitize(name)}: JSON too large or too deep to send", code="usage") from None
         fields.append((name, text, text if isinstance(value, str) else value))
     return fields
 
@@ -4507,12 +4591,12 @@ def cmd_api(args: argparse.Namespace, ctx: Context) -> int:
         body = print_answer(ctx, answer, write)
     if answer.status < 300 or answer.status == 304:  # 304: the copy the request named is current, no redirect
         return EXIT_OK
-    error = error_from_response(
-        Response(answer.status, answer.headers, body), account=request.credential == "login", secret=secret
-    )
-    if answer.status == 401 and secret is None:
-        error.message += "; tokenroute api sends a credential only to /api/... (the login) and /v1/... (the API key)"
-    raise error
+    response = Response(answer.status, answer.headers, body)
+    if answer.status == 401 and request.credential is None:  # nothing was sent: no login or key to blame
+        message = server_message(response.json()) or "HTTP 401"
+        raise CliError(f"{message}; the path wants a credential, and tokenroute api sends one only to "
+                       "/api/... (your login) and /v1/... (the API key)", code="unauthorized", status=401)
+    raise error_from_response(response, account=request.credential == "login", secret=secret)
 
 
 def print_answer(ctx: Context, answer: StreamedAnswer, write: Callable[[bytes], None]) -> bytes:
@@ -4637,6 +4721,14 @@ MCP_CAPABILITIES_KEY = "io.modelcontextprotocol/clientCapabilities"
 MCP_TIMEOUT = 20.0
 MCP_WAIT = 20.0
 MCP_LINE_LIMIT = 16 * 1024 * 1024  # a longer message is refused, not held in memory
+MCP_NEXT_TOOLS = {
+    "tokenroute login": "login_start",
+    "tokenroute login --no-wait": "login_start",
+    "tokenroute login --resume": "login_finish",
+    "tokenroute keys list": "keys_list",
+    "tokenroute keys create --name NAME": "keys_create",
+    "tokenroute topup --amount 5": "topup",
+}
 
 
 def cmd_mcp(args: argparse.Namespace, ctx: Context) -> int:
@@ -4670,15 +4762,19 @@ def offered_tools(*, read_only: bool, names: Sequence[str] | None) -> dict[str, 
     return tools
 
 
-def mcp_instructions(tools: Mapping[str, McpTool]) -> str:
-    """What a host tells the model of this server; it names only the tools offered."""
+def mcp_instructions(tools: Mapping[str, McpTool], api_url: str | None) -> str:
+    """What a host tells the model of this server; it names only the tools offered, and the
+    --api-url given (`api_url`) in the command it hands to a person."""
     sentences = [f"Tools for your tokenroute LLM gateway account: {', '.join(tools)}."]
     if "login_start" in tools and "login_finish" in tools:
         sentences.append("When a tool answers auth_required or session_expired, call login_start, show the user "
                          "its URL and code, then call login_finish with that user_code.")
     else:
+        import shlex
+
+        login = f"tokenroute --api-url {shlex.quote(api_url)} login" if api_url else "tokenroute login"
         sentences.append("When a tool answers auth_required or session_expired, ask the user to run "
-                         "`tokenroute login` in a terminal, then try again.")
+                         f"`{login}` in a terminal, then try again.")
     if "topup" in tools:
         sentences.append("topup never pays: hand its checkout URL to the user.")
     secret = [name for name, tool in tools.items() if tool.secret]
@@ -4966,7 +5062,7 @@ MCP_ERROR_SCHEMA = result_schema({
         "code": {"type": "string", "description": "a stable machine code, like auth_required"},
         "message": {"type": "string"},
         "status": {"description": "the HTTP status behind the error, or null"},
-        "next": {"type": "string", "description": "the tokenroute command that fixes it"},
+        "next": {"type": "string", "description": "the tool to call next, or the tokenroute command a person runs"},
     }, "code", "message"),
 }, "error")
 
@@ -5048,7 +5144,7 @@ class McpServer:
         self.ctx = ctx
         self.api_url = api_url  # the --api-url flag, resolved per call like any command's
         self.tools = tools
-        self.instructions = mcp_instructions(tools)
+        self.instructions = mcp_instructions(tools, api_url)
         self.handshake_version: str | None = None
         self.login_code: str | None = None  # the user_code of the login this server started last
         self.lock = _thread.allocate_lock()  # held to write a line, and to touch the three below
@@ -5097,9 +5193,6 @@ class McpServer:
                 return
             if self.output_error is not None:  # nothing could reach the client any more
                 return
-            if reply.id in self.unanswered:
-                self.write(rpc_answer(reply.id, error=McpError(-32600, "Invalid Request: that id is in use")))
-                return
             self.unanswered[reply.id] = reply
         self.enqueue(reply)
 
@@ -5134,8 +5227,10 @@ class McpServer:
             return None
         try:
             message = json.loads(line.decode("utf-8"), parse_constant=reject_constant)
-        except (UnicodeDecodeError, ValueError, RecursionError):
+        except (UnicodeDecodeError, ValueError):
             return rpc_answer(None, error=McpError(-32700, "Parse error: not a JSON message in UTF-8"))
+        except RecursionError:
+            return rpc_answer(None, error=McpError(-32700, "Parse error: the message nests too deep"))
         request_id = message.get("id") if isinstance(message, dict) else None
         valid_id = is_request_id(request_id)
         if isinstance(message, dict) and "method" not in message and ("result" in message or "error" in message):
@@ -5155,6 +5250,10 @@ class McpServer:
             if message["method"] == "notifications/cancelled" and isinstance(params, dict):
                 self.cancel(params.get("requestId"))
             return None  # other notifications (initialized, ...) need nothing from this server
+        with self.lock:  # only this (the reading) thread adds ids, so none is added before the call is queued
+            in_use = request_id in self.unanswered
+        if in_use:
+            return rpc_answer(request_id, error=McpError(-32600, "Invalid Request: that id is in use"))
         try:
             answer = self.answer(request_id, message["method"], params)
         except McpError as error:
@@ -5278,13 +5377,15 @@ class McpServer:
                 raise McpCancelled
             call_timeout(ctx)  # its time ran out in the queue
             data = tool.run(ctx, self.api_url, values)
-            structured = data if isinstance(data, dict) else {"items": data}
+            if not tool.secret:  # a key or token in the gateway's answer is not passed on
+                data = without_secrets(data)
+            structured = self.name_tools(data) if isinstance(data, dict) else {"items": data}
             try:
                 text = json_text(structured)
             except (ValueError, RecursionError):  # NaN or absurd nesting from the server
                 raise server_error("the gateway's answer cannot be shown as JSON") from None
         except CliError as error:
-            body = {"error": error_body(error)}
+            body = {"error": self.name_tools(error_body(ctx, error))}
             return {"content": [{"type": "text", "text": json.dumps(body)}], "structuredContent": body, "isError": True}
         finally:
             self.ctx.tls = ctx.tls
@@ -5295,6 +5396,21 @@ class McpServer:
         if guide:
             content.append({"type": "text", "text": guide})
         return {"content": content, "structuredContent": structured, "isError": False}
+
+    def name_tools(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`next` (a waiting login's too) names the tool that does what the CLI's hint does, when
+        offered: an agent running `tokenroute login --resume` would finish the newest login
+        waiting, not its own."""
+        import re
+
+        body = dict(body)
+        hint = body.get("next")
+        tool = MCP_NEXT_TOOLS.get(re.sub(r"^tokenroute --api-url \S+", "tokenroute", hint)) if isinstance(hint, str) else None
+        if tool in self.tools:
+            body["next"] = tool
+        if isinstance(body.get("pending"), dict):
+            body["pending"] = self.name_tools(body["pending"])
+        return body
 
     def pause(self, call: McpCall, seconds: float) -> None:
         """A tool call's sleep: progress during a long wait; a cancellation ends it at once."""
@@ -5392,7 +5508,9 @@ def mcp_server_info() -> dict[str, str]:
 
 
 def reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
+    import json
+
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
 
 
 def rpc_answer(request_id: object, *, result: object = None, error: McpError | None = None) -> str:
@@ -5848,7 +5966,8 @@ def cmd_help(args: Args, ctx: Context) -> int:
 
 
 def parse_args(argv: Sequence[str], ctx: Context) -> argparse.Namespace | Args:
-    fast = parse_fast(argv)
+    as_json = env_flag(ctx.env.get("TOKENROUTE_JSON"))  # as --json: no help text in place of a command
+    fast = parse_fast(argv) if argv or not as_json else None
     if fast is not None:
         return fast
     error = unknown_command(argv)
@@ -5865,7 +5984,7 @@ def parse_args(argv: Sequence[str], ctx: Context) -> argparse.Namespace | Args:
         plural = "s" if len(extras) > 1 else ""
         version = "; for the version, use --version" if {"-v", "-V"} & set(extras) else ""
         raise CliError(f"unrecognized argument{plural}: {' '.join(extras)}{version}", code="usage", usage=usage)
-    if not hasattr(args, "func") and name in GROUPS and not getattr(args, "json", False):
+    if not hasattr(args, "func") and name in GROUPS and not (getattr(args, "json", False) or as_json):
         return Args(func=cmd_help_topic, topic=[name], json=False, api_url=None)  # `tokenroute keys`, as bare `tokenroute`
     if not hasattr(args, "func"):
         where = f"tokenroute {name}".strip()
@@ -5883,11 +6002,11 @@ def parse_args(argv: Sequence[str], ctx: Context) -> argparse.Namespace | Args:
 # ------------------------------------------------------------------ main ---
 
 
-def error_body(error: CliError) -> dict[str, Any]:
+def error_body(ctx: Context, error: CliError) -> dict[str, Any]:
     """The object of a `--json` error, and of an MCP tool's error result."""
     body: dict[str, Any] = {"code": error.code, "message": sanitize(redact(error.message)), "status": error.status}
     if error.next:
-        body["next"] = error.next
+        body["next"] = runnable(ctx, error.next)
     body.update(error.payload or {})
     return body
 
@@ -5897,9 +6016,9 @@ def report(ctx: Context, error: CliError, *, as_json: bool) -> None:
     if as_json:
         import json
 
-        text = json.dumps({"error": error_body(error)})
+        text = json.dumps({"error": error_body(ctx, error)})
     else:
-        hint = f"; run `{error.next}`" if error.next else ""
+        hint = f"; run `{runnable(ctx, error.next)}`" if error.next else ""
         text = f"{paint(ctx, 'error', 'error', tty=ctx.stderr_tty)}: {message}{hint}"
         text += f"\n{error.usage}" if error.usage else ""
     note(ctx, text)

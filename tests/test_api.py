@@ -187,13 +187,22 @@ def test_other_paths_carry_no_credential(cli, gateway, api_key):
     assert last(gateway).header("Authorization") is None
 
 
-def test_a_401_on_another_path_says_that_no_credential_went(cli, gateway):
-    gateway.fail("/health", status=401, body={"detail": "Not authenticated"})
+def test_a_401_on_another_path_says_that_no_credential_went(cli, gateway, api_key):
+    cli.login()
+    cli.cache_key(api_key)  # neither goes to /health, so neither is to blame
+    gateway.fail("/health", status=401, body={"detail": "Not authenticated"}, count=2)
 
     result = cli.script("api", "/health")
+    as_json = cli.script("api", "--json", "/health")
 
     assert result.code == 1
-    assert "sends a credential only to /api/... (the login) and /v1/... (the API key)" in result.err
+    assert "sends one only to /api/... (your login) and /v1/... (the API key)" in result.err
+    assert "API key" not in result.err.partition(";")[0] and "keys create" not in result.err
+    assert as_json.code == 1
+    assert json.loads(as_json.err)["error"] == {
+        "code": "unauthorized", "status": 401, "message": json.loads(as_json.err)["error"]["message"]
+    }
+    assert [r.header("Authorization") for r in gateway.requests] == [None, None]
 
 
 @pytest.mark.parametrize("path", ["/api/v1/me", "/device"])
@@ -465,6 +474,8 @@ def test_headers_tokenroute_sets_or_that_are_malformed_are_refused(cli, gateway,
         (["-f", "a=1", "-F", "a=2"], "given twice"),
         (["-F", "key=@/etc/passwd"], "-F reads no file"),
         (["-F", "big=1e999"], "too large for JSON"),
+        (["-F", "long=" + "9" * 5000], "-F long: JSON too large or too deep to send"),  # past Python's 4300 digits
+        (["-F", "deep=" + "[" * 50_000 + "]" * 50_000], "-F deep: JSON too large or too deep to send"),
         (["--input", "/nonexistent/body.json"], "cannot read /nonexistent/body.json"),
         (["-X", "TRACE"], "invalid choice: 'TRACE' (choose from 'GET', 'POST'"),
     ],
@@ -475,6 +486,15 @@ def test_bad_fields_bodies_and_methods_are_refused_before_anything_is_sent(cli, 
     result = cli.script("api", "/api/v1/me", *argv)
 
     assert result.code == 1 and message in result.err, result
+    assert gateway.requests == []
+
+
+@pytest.mark.parametrize("path", ["", " "])
+def test_an_empty_path_is_refused(cli, gateway, path):
+    result = cli.script("api", "--json", path)
+
+    assert result.code == 1 and result.error()["code"] == "usage"
+    assert "PATH is empty" in result.error()["message"]
     assert gateway.requests == []
 
 

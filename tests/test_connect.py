@@ -622,6 +622,24 @@ def test_env_write_keeps_the_mode_of_an_existing_file_and_replaces_it_atomically
     assert sorted(p.name for p in folder.iterdir()) == [".env"]  # no temporary file left
 
 
+def test_ctrl_c_mid_write_leaves_no_copy_of_the_key_beside_the_file(cli: Cli, api_key: str, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy under a name no `.env` ignore rule covers would be committed with `git add -A`."""
+    folder = tmp_path / "app"
+    folder.mkdir()
+    path = folder / ".env"
+    path.write_text("A=1\n")
+
+    def interrupted(fd: int) -> None:  # Ctrl-C arrives while the new bytes go to disk
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    result = cli.run("env", "--write", str(path), env={"TOKENROUTE_API_KEY": api_key})
+
+    assert result.code == 130
+    assert sorted(p.name for p in folder.iterdir()) == [".env"] and path.read_text() == "A=1\n"
+
+
 @posix_only
 def test_env_write_updates_a_symlinked_file_at_its_target(cli: Cli, gateway: FakeGateway, api_key: str,
                                                           tmp_path: Path) -> None:

@@ -1456,6 +1456,17 @@ def test_a_login_failure_echoing_the_device_code_does_not_print_it(cli, gateway)
     assert code not in result.err and code[:10] + "..." in result.err
 
 
+@pytest.mark.parametrize("argv", [["models"], ["api", "/v1/models"]])
+def test_a_key_the_gateway_echoes_is_cut_once(cli, gateway, api_key, argv):
+    gateway.fail("/v1/models", status=403, body={"detail": f"bad key {api_key}"}, count=2)
+
+    result = cli.run(*argv, "--key", api_key)
+    as_json = cli.run(*argv, "--key", api_key, "--json")
+
+    assert result.code == 1 and result.err == f"error: bad key {api_key[:10]}...\n"
+    assert as_json.error()["message"] == f"bad key {api_key[:10]}..."
+
+
 def hold_lock(fd: int) -> None:
     """Lock a file the way tokenroute does on this platform, as another process would."""
     if os.name == "nt":
@@ -1466,6 +1477,26 @@ def hold_lock(fd: int) -> None:
         import fcntl
 
         fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def test_ctrl_c_while_keys_create_waits_for_the_lock_still_shows_the_new_key(cli, gateway):
+    cli.login()
+    cli.config_dir.mkdir(exist_ok=True)
+
+    def ctrl_c_once_created() -> None:
+        if any(r.method == "POST" and r.path == "/api/v1/me/keys" for r in gateway.requests):
+            raise KeyboardInterrupt
+
+    with open(cli.config_dir / "credentials.lock", "w") as held:
+        hold_lock(held.fileno())  # another tokenroute
+        cli.clock.on_sleep.append(ctrl_c_once_created)
+        result = cli.run("keys", "create", "--name", "held", "--json")
+
+    [key] = [key for key in gateway.keys.values() if key["name"] == "held"]
+    assert result.code == 130
+    assert json.loads(result.out)["raw"] == key["raw"]  # its only copy, shown
+    assert json.loads(result.err)["error"]["message"] == "the key above was created but not cached: interrupted"
+    assert cli.cached_key() is None
 
 
 def test_waiting_for_another_process_refresh_ends_within_the_timeout(cli, gateway):

@@ -132,7 +132,7 @@ def test_keys_create_with_no_cache_leaves_the_cache_alone(ready: Cli, api_key: s
 
 def test_a_key_that_cannot_be_cached_still_reaches_the_agent(cli: Cli) -> None:
     cli.login()
-    cli.last_key.mkdir()  # the cache cannot be written
+    cli.keys_file.mkdir()  # the cache (keys.txt, written first) cannot be written
     result = call(cli, "keys_create", {"name": "agent"})
     error = result.structured_content["error"]
     assert result.is_error is True and error["code"] == "config"
@@ -191,7 +191,7 @@ def test_login_start_then_finish_logs_in(cli: Cli) -> None:
     started, finished = session(cli, calls)
     pending = started.structured_content
     code = pending["user_code"]
-    assert pending["status"] == "pending" and pending["next"] == "tokenroute login --resume"
+    assert pending["status"] == "pending" and pending["next"] == "login_finish"  # the tool, not the command
     assert started.content[1].text == (
         f"Ask the user to open the verification_uri_complete of this result and approve the code {code} "
         f"(or enter it at the verification_uri), then call login_finish with user_code {code}."
@@ -208,7 +208,9 @@ def test_login_finish_before_approval_is_the_login_pending_error(cli: Cli) -> No
     started, finished = session(cli, calls)
     assert finished.is_error is True
     error = finished.structured_content["error"]
-    assert error == cli.run("login", "--resume", "--timeout", "0", "--json").error()
+    command = cli.run("login", "--resume", "--timeout", "0", "--json").error()
+    assert command["next"] == command["pending"]["next"] == "tokenroute login --resume"
+    assert error == dict(command, next="login_finish", pending=dict(command["pending"], next="login_finish"))
     assert error["code"] == "login_pending" and error["pending"] == started.structured_content
     assert json.loads(finished.content[0].text) == {"error": error}
 
@@ -230,9 +232,9 @@ def test_login_finish_finishes_the_login_its_server_started_not_a_newer_one(cli:
 
     finished = session(cli, calls)
     assert finished.structured_content == {"status": "logged_in", "api_url": cli.gateway.url}
-    [other] = cli.gateway.device_codes.values()  # the later login still waits, and can be finished
-    cli.gateway.approve(other.user_code)
+    [other] = cli.gateway.device_codes.values()  # the later login ended with this one: it would replace it
     assert cli.run("login", "--resume", "--user-code", other.user_code, "--json").json()["status"] == "logged_in"
+    assert not (cli.config_dir / "pending_login.json").exists()
 
 
 # ---------------------------------------------------------------- errors
@@ -247,6 +249,7 @@ def test_logged_out_account_tools_fail_like_the_commands(cli: Cli) -> None:
     for (name, argv), result in zip(names, session(cli, calls)):
         expected = cli.run(*argv, "--json").error()
         assert expected["code"] == "auth_required" and expected["next"] == "tokenroute login"
+        expected["next"] = "login_start"  # the tool that does it
         assert result.is_error is True
         assert result.structured_content == {"error": expected}, name
         assert json.loads(result.content[0].text) == {"error": expected}
@@ -261,8 +264,8 @@ def test_a_gateway_failure_is_a_tool_error_and_the_server_keeps_serving(ready: C
     failed, retried = session(ready, calls)
     ready.gateway.fail("/api/v1/balance", status=402, body={"detail": "no credit"})
     expected = ready.run("balance", "--json").error()
-    assert failed.structured_content == {"error": expected}
     assert expected["code"] == "insufficient_balance" and expected["next"] == "tokenroute topup --amount 5"
+    assert failed.structured_content == {"error": dict(expected, next="topup")}
     assert retried.is_error is False and retried.structured_content["balance_usd"] == "5.00"
 
 
@@ -279,8 +282,9 @@ def test_a_hanging_gateway_is_bounded_by_tokenroute_timeout(ready: Cli) -> None:
 
 def test_env_without_a_key_is_the_no_key_error(cli: Cli) -> None:
     result = call(cli, "env")
-    assert result.structured_content == {"error": cli.run("env", "--json").error()}
-    assert result.structured_content["error"]["next"] == "tokenroute keys create --name NAME"
+    expected = cli.run("env", "--json").error()
+    assert expected["next"] == "tokenroute keys create --name NAME"
+    assert result.structured_content == {"error": dict(expected, next="keys_create")}
 
 
 def test_a_bad_value_is_a_usage_error_result(ready: Cli) -> None:

@@ -268,15 +268,30 @@ def jsonschema() -> Any:
 # ---------------------------------------------------------------- login in two steps
 
 
-def test_login_finish_with_a_user_code_finishes_that_login(cli: Cli) -> None:
+def test_login_finish_with_a_user_code_finishes_that_login_and_ends_the_others(cli: Cli) -> None:
     first = cli.run("login", "--no-wait", "--json").json()["user_code"]
-    second = cli.run("login", "--no-wait", "--json").json()["user_code"]
+    cli.run("login", "--no-wait", "--json")
     cli.gateway.approve(first)
     code, answers, err = serve(cli, [tool_call("login_finish", {"timeout": 0, "user_code": first})])
     assert (code, err) == (0, "")
     assert answers[0]["result"]["structuredContent"] == {"status": "logged_in", "api_url": cli.gateway.url}
-    pending = cli.run("login", "--resume", "--timeout", "0", "--json")  # the newest left: the second
-    assert pending.error()["pending"]["user_code"] == second
+    resumed = cli.run("login", "--resume", "--timeout", "0", "--json")  # the second would replace this login
+    assert resumed.json() == {"status": "logged_in", "api_url": cli.gateway.url}
+    assert not (cli.config_dir / "pending_login.json").exists()
+
+
+def test_a_server_whose_login_another_host_finished_answers_logged_in(cli: Cli) -> None:
+    """Two hosts each started a login; the person approved the other's: this one's agent must
+    not ask them to approve a second code."""
+    mine = serve(cli, [tool_call("login_start")])[1][0]["result"]["structuredContent"]
+    theirs = cli.run("login", "--no-wait", "--json").json()["user_code"]
+    cli.gateway.approve(theirs)
+    assert cli.run("login", "--resume", "--user-code", theirs, "--json").json()["status"] == "logged_in"
+
+    code, answers, err = serve(cli, [tool_call("login_finish", {"timeout": 1, "user_code": mine["user_code"]})])
+
+    assert mine["status"] == "pending" and (code, err) == (0, "")
+    assert answers[0]["result"]["structuredContent"] == {"status": "logged_in", "api_url": cli.gateway.url}
 
 
 def test_login_resume_without_a_code_finishes_the_newest_and_keeps_the_others(cli: Cli) -> None:
@@ -780,7 +795,7 @@ def test_tool_calls_share_one_tls_context(tls_cli: Cli, tls_contexts: list) -> N
 def test_stdout_carries_only_protocol_messages_even_for_a_failing_tool(cli: Cli) -> None:
     code, answers, err = raw_exchange(cli, [tool_call("whoami", id=1)])
     assert code == 0 and err == ""
-    error = {"error": cli.run("whoami", "--json").error()}
+    error = {"error": dict(cli.run("whoami", "--json").error(), next="login_start")}  # the tool, not the command
     assert answers == [{"jsonrpc": "2.0", "id": 1, "result": {
         "content": [{"type": "text", "text": json.dumps(error)}], "structuredContent": error, "isError": True,
     }}]
@@ -992,6 +1007,47 @@ def test_a_reused_id_is_refused_and_the_call_with_it_goes_on(cli: Cli) -> None:
         cli.gateway.approve()
         assert server.next()["result"]["structuredContent"]["status"] == "logged_in"
         assert server.close() == (0, [], "")
+
+
+@pytest.mark.parametrize("method", ["tools/list", "ping", "initialize"])
+def test_any_request_reusing_the_id_of_a_running_call_is_refused(cli: Cli, method: str) -> None:
+    """One id, one answer: the answer to the request would leave the running call's unmatchable."""
+    cli.gateway.interval = 1
+    cli.run("login", "--no-wait")
+    with McpProcess(cli) as server:
+        server.send(tool_call("login_finish", {"timeout": 20}, id="x"))
+        wait_for(lambda: device_polls(cli) >= 1)
+        server.send(json.dumps({"jsonrpc": "2.0", "id": "x", "method": method,
+                                "params": {"protocolVersion": "2025-06-18"}}).encode())
+        assert server.next() == {"jsonrpc": "2.0", "id": "x", "error": {
+            "code": -32600, "message": "Invalid Request: that id is in use"}}
+        cli.gateway.approve()
+        assert server.next()["result"]["structuredContent"]["status"] == "logged_in"
+        assert server.close() == (0, [], "")
+
+
+def test_a_message_nested_too_deep_is_named_so(cli: Cli) -> None:
+    deep = b'{"jsonrpc": "2.0", "id": 2, "method": "ping", "params": {"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}"
+    code, answers, err = serve(cli, [deep, request("ping", id=3)])
+    assert (code, err) == (0, "")
+    assert answers == [
+        {"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "Parse error: the message nests too deep"}},
+        {"jsonrpc": "2.0", "id": 3, "result": {}},
+    ]
+
+
+def test_a_tool_that_returns_no_secret_never_passes_on_a_key_the_gateway_sent(ready: Cli) -> None:
+    """A buggy or hostile gateway listing a key's raw value: a --read-only server promised none."""
+    leaked = ready.gateway.add_key(name="leaky")["raw"]
+    listed = [{"id": "key_1", "name": "leaky", "key_prefix": leaked[:10], "raw": leaked, "status": "active",
+               "balance_usd": "1.00", "created_at": "2026-12-01T10:00:00Z", "note": f"use {leaked}"}]
+    ready.gateway.fail("/api/v1/me/keys", status=200, body=listed)
+    code, answers, err = serve(ready, [tool_call("keys_list")], args=("--read-only",))
+    assert (code, err) == (0, "")
+    result = answers[0]["result"]
+    assert leaked not in json.dumps(result)
+    [key] = result["structuredContent"]["items"]
+    assert (key["key_prefix"], key["raw"], key["note"]) == (leaked[:10], leaked[:10] + "...", f"use {leaked[:10]}...")
 
 
 def test_a_queued_call_that_is_cancelled_never_runs(ready: Cli) -> None:

@@ -451,6 +451,64 @@ def test_doctors_fixes_carry_the_api_url_flag(cli: Cli, staging: FakeGateway) ->
     assert cli.script("doctor", "--json").json()["checks"][3]["fix"] == "tokenroute login"
 
 
+def test_every_next_hint_carries_the_api_url_flag_that_chose_the_gateway(cli: Cli, staging: FakeGateway) -> None:
+    """Following a hint without it would act on the default (or TOKENROUTE_API_URL's) gateway."""
+    flag = ["--api-url", staging.url]
+    logged_out = cli.script(*flag, "whoami", "--json")
+    started = cli.script(*flag, "login", "--no-wait", "--json")
+    started_text = cli.script(*flag, "login", "--no-wait", "--force")
+    waiting = cli.script(*flag, "login", "--resume", "--timeout", "0", "--json")
+    at_a_terminal = cli.script(*flag, "login", "--resume", "--timeout", "0")
+    no_key = cli.script("env", "--api-url", staging.url, "--json")
+
+    assert logged_out.error()["next"] == f"tokenroute --api-url {staging.url} login"
+    assert started.json()["next"] == f"tokenroute --api-url {staging.url} login --resume"
+    assert f"Then run: tokenroute --api-url {staging.url} login --resume\n" in started_text.out
+    assert waiting.error()["next"] == waiting.error()["pending"]["next"] == started.json()["next"]
+    assert at_a_terminal.err.endswith(f"; run `tokenroute --api-url {staging.url} login --resume`\n")
+    assert no_key.error()["next"] == f"tokenroute --api-url {staging.url} keys create --name NAME"
+    assert cli.script("whoami", "--json").error()["next"] == "tokenroute login"  # TOKENROUTE_API_URL stays set
+
+
+@pytest.mark.parametrize("argv", [["login", "--timeout", "1"], ["login", "--no-wait", "--timeout", "1"]])
+def test_login_timeout_without_resume_is_refused_not_ignored(cli: Cli, gateway: FakeGateway, argv: list[str]) -> None:
+    gateway.auto_approve = False  # ignored, `login` would wait until the code expired
+
+    result = cli.script(*argv, "--json")
+
+    assert result.code == 1 and result.error()["code"] == "usage"
+    assert "--timeout bounds the wait of --resume" in result.error()["message"]
+    assert gateway.requests == []
+
+
+@pytest.mark.parametrize("failure, code, exit_code", [(500, "server", 3), ("down", "network", 2)])
+def test_login_resume_says_the_gateway_fails_not_that_the_login_waits(cli: Cli, gateway: FakeGateway, failure: Any,
+                                                                      code: str, exit_code: int) -> None:
+    gateway.auto_approve = False
+    cli.run("login", "--no-wait")
+    if failure == "down":
+        gateway.fail("/oidc/token", close=True, count=99)
+    else:
+        gateway.fail("/oidc/token", status=failure, count=99)
+
+    result = cli.run("login", "--resume", "--timeout", "3", "--json")
+
+    assert result.code == exit_code, result
+    assert result.error()["code"] == code and result.error()["next"] == "tokenroute login --resume"
+    assert "the login may still be approved: try again later" in result.error()["message"]
+    gateway.clear_faults()
+    gateway.approve()  # the login was never lost
+    assert cli.run("login", "--resume", "--json").json()["status"] == "logged_in"
+
+
+def test_mcp_with_api_url_hands_a_person_the_login_command_for_that_gateway(cli: Cli, staging: FakeGateway) -> None:
+    initialize = b'{"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18"}}\n'
+    result = cli.run("mcp", "--read-only", "--api-url", staging.url, stdin=initialize)
+
+    instructions = json.loads(result.out)["result"]["instructions"]
+    assert f"ask the user to run `tokenroute --api-url {staging.url} login` in a terminal" in instructions
+
+
 def test_a_web_page_answering_everything_is_no_gateway_either(cli: Cli, gateway: FakeGateway) -> None:
     gateway.fail("/api/v1/auth/discovery", status=200, body="<!doctype html><h1>Welcome</h1>", content_type="text/html")
 
@@ -555,6 +613,15 @@ def test_keys_alone_shows_its_help_and_exits_0(cli: Cli, gateway: FakeGateway) -
     assert all(f"    {name} " in result.out for name in ("create", "list", "revoke"))
     assert cli.script("keys", "--json").error()["code"] == "usage"  # JSON wanted: an error, not help text
     assert gateway.requests == []
+
+
+@pytest.mark.parametrize("argv", [[], ["keys"]], ids=["tokenroute", "tokenroute keys"])
+def test_tokenroute_json_1_is_the_json_flag_where_help_would_show(cli: Cli, argv: list[str]) -> None:
+    flag = cli.script(*argv, "--json")
+    variable = cli.script(*argv, env={"TOKENROUTE_JSON": "1"})
+
+    assert (variable.code, variable.out) == (flag.code, flag.out) == (1, "")
+    assert variable.error() == flag.error() and flag.error()["code"] == "usage"
 
 
 @pytest.mark.parametrize("argv", [["test", "{key}"], ["test", "--model", "{key}"], ["test", "--json", "{key}"]])

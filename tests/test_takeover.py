@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from conftest import Cli, Result, console_script
+import fake_gateway
 from fake_gateway import FakeGateway
 from test_startup import heavy_among, run_profiled
 from test_state import (  # noqa: F401
@@ -67,6 +68,20 @@ def test_keys_create_caches_the_raw_key_alone_and_its_gateway_in_keys_txt(cli, g
     assert exported.stdout == created["raw"]  # export OPENAI_API_KEY=$(cat ~/.tokenroute/last_key.txt)
     assert cli.keys_file.read_text().splitlines()[1:] == [f"{gateway.url} {created['raw']} {created['id']}"]
     assert (mode(cli.last_key), mode(cli.keys_file)) == (0o600, 0o600)
+
+
+def test_a_key_recorded_in_keys_txt_is_said_to_be_cached_when_only_last_key_txt_fails(cli, gateway):
+    cli.login()
+    cli.config_dir.mkdir(exist_ok=True)
+    cli.last_key.mkdir()  # something that is not the file, where the mirror goes
+
+    created = cli.run("keys", "create", "--name", "a", "--json")
+
+    raw = created.json()["raw"]
+    assert created.code == 0, created
+    assert f"cannot write {cli.last_key}" in created.err and f"the key is cached in {cli.keys_file} only" in created.err
+    assert f"Cached in {cli.keys_file} for env, run, test and models." in created.err
+    assert cli.run("env", "--json").json()["OPENAI_API_KEY"] == raw
 
 
 def test_each_gateway_keeps_its_key_and_last_key_txt_holds_the_newest(cli, gateway, staging):
@@ -253,6 +268,47 @@ def test_last_key_txt_of_1_0_0_is_converted_once_and_no_key_is_lost(cli, gateway
     assert "Removed it from the key cache" in revoked.err  # the id came along
 
 
+def test_keys_list_names_1_0_0_s_file_as_where_the_key_in_use_is_until_it_is_converted(cli, gateway):
+    cli.login()
+    prod = gateway.add_key(name="prod")
+    cli.last_key.write_text(  # exactly as 1.0.0 wrote it; nothing has converted it yet
+        f"# tokenroute: the newest API key created on each gateway (gateway, key, key id)\n"
+        f"{gateway.url} {prod['raw']} {prod['id']}\n")
+
+    listed = cli.run("keys", "list")
+
+    assert listed.err == f"In use: the key env, run, test and models use (from {cli.last_key}).\n"
+    assert not cli.keys_file.exists()
+
+
+@POSIX
+def test_env_write_in_a_folder_that_takes_no_new_file_says_so_and_how_to_append(cli, gateway, api_key, tmp_path):
+    folder = tmp_path / "etc-app"
+    folder.mkdir()
+    dotenv = folder / ".env"
+    dotenv.write_text("A=1\n")
+    folder.chmod(0o500)  # the file itself stays writable
+    try:
+        result = as_a_user(cli, "env", "--write", str(dotenv), env={"TOKENROUTE_API_KEY": api_key})
+    finally:
+        folder.chmod(0o700)
+
+    assert result.code == 1 and dotenv.read_text() == "A=1\n"
+    assert result.err == (
+        f"error: cannot write {dotenv}: Permission denied in {folder}, which must take the new file that replaces it "
+        f"whole (so that a crash never leaves it half-written); `tokenroute env >> {dotenv}` appends instead\n")
+
+
+def test_a_key_file_that_cannot_be_read_is_named_not_taken_for_no_key(cli, gateway):
+    cli.config_dir.mkdir(mode=0o700)
+    cli.keys_file.mkdir()  # not a file; another user's file reads the same
+
+    result = cli.run("env", "--json")
+
+    assert result.code == 1 and result.error()["code"] == "no_key"
+    assert f"{cli.keys_file} cannot be read (not a file, or this user may not open it)" in result.error()["message"]
+
+
 @pytest.mark.parametrize("content", [b"sk-tr-pastedKEY123\r\n", b"sk-tr-fromZeroOneZero", None],
                          ids=["pasted", "0.1.0", "tokenroute's"])
 def test_keys_create_no_cache_leaves_last_key_txt_byte_for_byte(cli, gateway, content):
@@ -369,6 +425,23 @@ def test_another_products_login_at_the_url_in_use_is_never_taken(cli, gateway, s
     assert json.loads(cli.credentials.read_text()) == {"version": 2, "logins": {}, "logged_out": [staging.url]}
 
 
+@pytest.mark.parametrize("then", [["whoami", "--json"], ["logout"]])
+def test_logging_in_at_another_products_url_by_mistake_never_takes_its_login(cli, gateway, staging, earlier, then):
+    """Another product built like tokenroute: its server's discovery names the client its own
+    login holds, so a login tokenroute makes there by mistake names it too, and vouches for nothing."""
+    entry = dict(other_products_entry(staging.url), client_id=fake_gateway.CLIENT_ID, issuer=staging.url + "/oidc",
+                 token_endpoint=staging.url + "/oidc/token")
+    earlier.paradigx.mkdir()
+    earlier.auth.write_text(json.dumps({"version": 1, "tokens": {staging.url: entry}}, indent=2))
+    before = earlier.auth.read_bytes()
+    assert login_to(cli, staging).code == 0  # the mistyped TOKENROUTE_API_URL
+
+    result = cli.run(*then, env={"TOKENROUTE_API_URL": staging.url})
+
+    assert result.code == 0, result
+    assert earlier.auth.read_bytes() == before
+
+
 def test_logout_all_never_removes_another_products_login_at_a_gateway_it_knows(cli, gateway, staging, earlier):
     entry = earlier.login_02()
     data = json.loads(earlier.auth.read_text())
@@ -457,6 +530,39 @@ def test_a_symlinked_auth_json_in_a_folder_that_cannot_be_written_is_never_copie
     assert entry["refresh_token"].encode() not in b"".join(files_under(cli.config_dir).values())
 
 
+@POSIX
+def test_a_0_2_key_that_cannot_be_removed_is_never_said_to_be_forgotten(cli, gateway, earlier):
+    """0.2.0's key file in a folder this user cannot write: reads still use the key, so logout
+    --forget-key and keys revoke must not say it is gone."""
+    key = gateway.add_key(name="from-0.2")
+    earlier.key_02_file(key["raw"])
+    cli.login()
+
+    with read_only(earlier.paradigx):
+        revoke = cli.run("keys", "revoke", key["id"], "--json")
+        logout = cli.run("logout", "--forget-key", "--json")
+        env = cli.run("env", "--json")
+
+    for result in (logout, revoke):
+        assert result.code == 1 and result.error()["code"] == "config", result
+        assert result.error()["message"] == (
+            f"the API key in {earlier.key_02} cannot be removed ({earlier.paradigx} cannot be written), so env, run, "
+            "test and models still use it: delete that file")
+    assert env.json()["OPENAI_API_KEY"] == key["raw"]  # as said
+    assert gateway.keys[key["id"]]["status"] == "revoked"
+
+
+def test_logout_leaves_the_logins_waiting_for_other_gateways(cli, gateway, staging):
+    cli.run("login", "--no-wait", env={"TOKENROUTE_API_URL": staging.url})
+    cli.run("login", "--no-wait")
+
+    assert cli.run("logout").code == 0
+    staging.approve()
+
+    assert cli.run("login", "--resume", "--json", env={"TOKENROUTE_API_URL": staging.url}).json()["status"] == "logged_in"
+    assert cli.run("login", "--resume", "--json").error()["code"] == "no_pending_login"
+
+
 def test_a_0_2_login_of_an_internationalised_gateway_is_found_like_an_ascii_one(cli, gateway, earlier):
     login = cli.login()
     punycode = "https://xn--bcher-kva.example"
@@ -472,6 +578,23 @@ def test_a_0_2_login_of_an_internationalised_gateway_is_found_like_an_ascii_one(
     assert result.out == f"OK logged out of {punycode}\n"
     assert list(json.loads(earlier.auth.read_text())["tokens"]) == ["https://api.other-product.example"]
     assert entry["refresh_token"].encode() not in b"".join(files_under(cli.home).values())
+
+
+def test_a_0_2_login_of_an_internationalised_gateway_is_taken_over(cli, gateway, earlier, monkeypatch):
+    monkeypatch.setattr(tokenroute, "DEFAULT_API_URL", gateway.url)  # whose discovery names tokenroute's client
+    entry = earlier.login_02()
+    data = json.loads(earlier.auth.read_text())
+    unicode = "https://bücher.example"  # 0.2.0 wrote the host as typed in api_url and resource, JSON-escaped
+    data["tokens"][unicode] = dict(data["tokens"].pop(gateway.url), api_url=unicode, resource=unicode)
+    earlier.auth.write_text(json.dumps(data, indent=2))
+    proxy = {"HTTPS_PROXY": gateway.recorder.url, "NO_PROXY": ""}  # no such host: the tunnel is only recorded
+
+    result = cli.run("whoami", env={"TOKENROUTE_API_URL": unicode, **proxy})
+
+    assert "took over the login of tokenroute 0.2.0" in result.err, result
+    stored = json.loads(cli.credentials.read_text())["logins"]["https://xn--bcher-kva.example"]
+    assert (stored["refresh_token"], stored["resource"]) == (entry["refresh_token"], "https://xn--bcher-kva.example")
+    assert list(json.loads(earlier.auth.read_text())["tokens"]) == ["https://api.other-product.example"]
 
 
 @pytest.mark.parametrize("logged_in", [False, True], ids=["taken over", "superseded"])
