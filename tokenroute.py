@@ -795,7 +795,8 @@ class KeyCache:
 def read_key_cache(ctx: Context, *, to_write: bool = False) -> KeyCache:
     """The key files; unreadable ones hold no usable key. `to_write` (under the lock): 0.2.0's
     key counts only where its file can then be removed, so that it never comes back."""
-    listed = dict(key_lines(peek_text_file(keys_path(ctx)), KEYS_HEADER))
+    record = peek_text_file(keys_path(ctx))
+    listed = dict(key_lines(record, KEYS_HEADER))
     text = peek_text_file(last_key_path(ctx)) or ""
     of_1_0 = dict(key_lines(text, KEYS_HEADER_1_0)) if text.splitlines()[:1] == [KEYS_HEADER_1_0] else None
     if of_1_0 is not None:
@@ -803,8 +804,10 @@ def read_key_cache(ctx: Context, *, to_write: bool = False) -> KeyCache:
     last = "" if of_1_0 is not None else text.strip(" \t\r\n\ufeff")
     recorded = {key for key, _ in listed.values()}
     found = []  # (when, key, its file, whether it is newer than the key keys.txt lists for the default gateway)
-    if is_plausible_key(last) and last not in recorded:
-        found.append((file_time(last_key_path(ctx)), last, last_key_path(ctx), True))  # pasted after keys.txt's
+    # A key keys.txt does not list was pasted after it was written, unless keys.txt cannot be read:
+    # then it may be any gateway's, and it is sent to none.
+    if is_plausible_key(last) and last not in recorded and (record is not None or not os.path.lexists(keys_path(ctx))):
+        found.append((file_time(last_key_path(ctx)), last, last_key_path(ctx), True))
     earlier_file, earlier_key = paradigx_key(ctx)
     if earlier_key and to_write and not is_writable(os.path.dirname(earlier_file)):
         earlier_file, earlier_key = "", ""
@@ -899,8 +902,11 @@ def cache_key(ctx: Context, api_url: str, key: str, key_id: str) -> None:
         write_key_cache(ctx, cache, keys, newest=key)
 
 
-def forget_cached_key(ctx: Context, api_url: str, *, key_id: str | None = None, prefix: str | None = None) -> bool:
-    """Drop this gateway's cached key (only if it is `key_id` or starts with `prefix`, when given)."""
+def forget_cached_key(
+    ctx: Context, api_url: str, *, key_id: str | None = None, prefix: str | None = None
+) -> tuple[bool, str | None]:
+    """Drop this gateway's cached key (only if it is `key_id` or starts with `prefix`, when given):
+    whether it did, and the file of one that stays (0.2.0's, in a folder this user cannot write)."""
 
     def chosen(url: str, key: str, cached_id: str) -> bool:
         return url == api_url and (
@@ -916,19 +922,14 @@ def forget_cached_key(ctx: Context, api_url: str, *, key_id: str | None = None, 
         if matches:
             del keys[api_url]
             write_key_cache(ctx, cache, keys)
-        check_forgotten(ctx, chosen)
-        return matches
+        after = read_key_cache(ctx)  # as reads find them: 0.2.0's key stays where its folder cannot be written
+        left = after.keys().get(api_url)
+        return matches, after.source(left[0]) if left and chosen(api_url, *left) else None
 
 
-def check_forgotten(ctx: Context, chosen: Callable[[str, str, str], bool]) -> None:
-    """Fail when a key meant to be forgotten is still read: tokenroute 0.2.0's, in a folder
-    this user cannot write (taking it from there would only bring it back)."""
-    cache = read_key_cache(ctx)
-    left = [key for url, (key, key_id) in cache.keys().items() if chosen(url, key, key_id)]
-    if left:
-        where = cache.source(left[0])
-        raise CliError(f"the API key in {where} cannot be removed ({os.path.dirname(where)} cannot be written), so "
-                       "env, run, test and models still use it: delete that file", code="config")
+def stuck_key_message(path: str) -> str:
+    return (f"the API key in {path} cannot be removed ({os.path.dirname(path)} cannot be written), so env, run, "
+            "test and models still use it: delete that file")
 
 
 def resolve_api_key(ctx: Context, flag: str | None, api_url: str) -> tuple[str, str]:
@@ -983,21 +984,18 @@ def redact(text: str) -> str:
     """Hide secrets in text meant for people: keys keep their sk-tr-abcd prefix."""
     import re
 
-    return re.sub(r"(eyJ[A-Za-z0-9_-]{4})[A-Za-z0-9_-][A-Za-z0-9_.-]*", r"\1...", without_keys(text))
-
-
-def without_keys(text: str) -> str:
-    import re
-
     # `+`: a prefix alone (a key_prefix, or text cut already) stays as it is.
-    return re.sub(r"(sk[-_]tr[-_][A-Za-z0-9_-]{4})[A-Za-z0-9_-]+", r"\1...", text)
+    text = re.sub(r"(sk[-_]tr[-_][A-Za-z0-9_-]{4})[A-Za-z0-9_-]+", r"\1...", text)
+    return re.sub(r"(eyJ[A-Za-z0-9_-]{4})[A-Za-z0-9_.-]*", r"\1...", text)
 
 
 def without_secrets(data: Any) -> Any:
-    """A gateway's answer with every API key in it cut (not tokens: a checkout URL's
-    fragment may hold what looks like one)."""
+    """A gateway's answer with every whole API key in it cut to its prefix; prefixes and
+    names stay (and tokens: a checkout URL's fragment may hold what looks like one)."""
     if isinstance(data, str):
-        return without_keys(data)
+        import re
+
+        return re.sub(r"(sk[-_]tr[-_][A-Za-z0-9_-]{4})[A-Za-z0-9_-]{16,}", r"\1...", data)
     if isinstance(data, dict):
         return {name: without_secrets(value) for name, value in data.items()}
     if isinstance(data, list):
@@ -1131,11 +1129,12 @@ def adopt_login(ctx: Context, api_url: str, default: tuple[str, str] | None, unk
             taken = max(latest, key=lambda login: login["expires_at"])
         elif latest:
             said.append(f"the login of tokenroute 0.2.0 in {shared.path} is not taken over: it is no usable "
-                        "login (its tokens or expiry are not what a login holds); `tokenroute login` logs in")
+                        f"login (its tokens or expiry are not what a login holds); `{runnable(ctx, 'tokenroute login')}` "
+                        "logs in")
         elif entries:
             why = unknown or f"it is no login of tokenroute's client as {DEFAULT_API_URL} names it"
             said.append(f"the login in {shared.path} is not taken over: tokenroute cannot tell it is its own "
-                        f"({why}); `tokenroute login` logs in")
+                        f"({why}); `{runnable(ctx, 'tokenroute login')}` logs in")
     cut = ours if api_url in logins or taken is not None else copies
     left = [entry for entry in entries if entry not in cut]
     took = []
@@ -2274,12 +2273,13 @@ def fresh_access_token(ctx: Context, creds: dict[str, Any], *, rejected: str | N
         if current["access_token"] != rejected and not expiring(ctx, current):
             return current["access_token"]
         current = with_token_endpoint(ctx, current)  # discovery sends no secret: it needs no hold
-        with SignalsHeld(ctx):  # the provider rotates the refresh token: the new one must be saved
+        holding = f"the login refresh first, so that it is saved (at most {exchange_timeout(ctx):g}s)"
+        with SignalsHeld(ctx, holding):  # the provider rotates the refresh token: the new one must be saved
             refreshed = refresh_credentials(ctx, current)
             try:
                 save_login(ctx, refreshed)
             except CliError as error:  # a full disk: the token works now, its rotated refresh token is lost
-                warn(ctx, f"{error.message}; the next command will need `tokenroute login`")
+                warn(ctx, f"{error.message}; the next command will need `{runnable(ctx, 'tokenroute login')}`")
         return refreshed["access_token"]
 
 
@@ -2288,15 +2288,18 @@ class SignalsHeld:
     then act as they would have (the first of them).
 
     From sending a refresh token until its answer is saved: the provider
-    rotates the token, and an answer lost on the way leaves a dead login. The
-    wait is bounded by the one exchange's timeout. A signal ignored when the
-    hold starts (`nohup`, a background job) stays ignored. Only the main thread
-    can set signal handlers, and a refresh runs there (MCP tool calls too);
-    elsewhere nothing is held.
+    rotates the token, and an answer lost on the way leaves a dead login (the
+    wait is bounded by the one exchange's timeout). While `env --write`
+    replaces a file: a copy of it, the key in it, would be left beside it. A
+    signal ignored when the hold starts (`nohup`, a background job) stays
+    ignored. Only the main thread can set signal handlers, and a refresh runs
+    there (MCP tool calls too); elsewhere nothing is held. `doing`: what the
+    warning says is finished, and why.
     """
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, doing: str) -> None:
         self.ctx = ctx
+        self.doing = doing
         self.previous: dict[int, Any] = {}
         self.caught: list[int] = []
 
@@ -2315,8 +2318,7 @@ class SignalsHeld:
 
     def catch(self, number: int, frame: object) -> None:
         if not self.caught:
-            limit = exchange_timeout(self.ctx)
-            warn(self.ctx, f"finishing the login refresh first, so that it is saved (at most {limit:g}s)")
+            warn(self.ctx, f"finishing {self.doing}")
         self.caught.append(number)
 
     def __exit__(self, *exc_info: object) -> None:
@@ -2449,12 +2451,14 @@ def poll_device_flow(
 
     The first poll comes `first_wait` seconds from now (so `--timeout 0`
     still polls once), then one every interval. Transient failures (network,
-    5xx) are retried until the code expires, and the last poll's is raised at
-    the timeout rather than None; a denial or an expired code is a device-flow
-    failure (exit 3). Without a timeout it never returns None.
+    5xx, 429) are retried until the code expires; at the timeout, when every
+    poll failed, the last failure is raised rather than None. A denial or an
+    expired code is a device-flow failure (exit 3). Without a timeout it never
+    returns None.
     """
     start = ctx.now()
-    failure: CliError | None = None
+    failure: CliError | None = None  # the last poll's, when it failed
+    answered = False  # whether any poll got the identity provider's answer
     expires_at = pending["expires_at"]
     end = expires_at if timeout is None else min(expires_at, start + timeout)
     if ctx.deadline is not None:  # an MCP tool call's time is up: pending, like --timeout
@@ -2466,7 +2470,7 @@ def poll_device_flow(
             ctx.sleep(max(0.0, end - ctx.now()))
             if end >= expires_at:
                 raise login_failed("the login code expired before it was approved", "login_expired")
-            if failure is not None:  # not "still waiting": nothing could tell
+            if failure is not None and not answered:  # not "still waiting": nothing told
                 failure.message += "; the login may still be approved: try again later"
                 failure.next = "tokenroute login --resume"
                 raise failure
@@ -2503,7 +2507,7 @@ def poll_device_flow(
             wait = retry_after_seconds(response.headers.get("Retry-After") if response is not None else None)
             next_poll = ctx.now() + max(interval, min(wait or 0.0, MAX_POLL_INTERVAL))
             continue
-        failure = None
+        answered = True
         error = answer.get("error")
         if error == "authorization_pending":
             continue
@@ -2761,8 +2765,8 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
     if args.user_code is not None and not args.resume:
         raise CliError("--user-code names the login that --resume finishes: add --resume", code="usage")
     if args.timeout is not None and not args.resume:  # a login waits for as long as its code lasts
-        raise CliError("--timeout bounds the wait of --resume: use `tokenroute login --no-wait`, then "
-                       "`tokenroute login --resume --timeout SECONDS`", code="usage")
+        raise CliError(f"--timeout bounds the wait of --resume: use `{runnable(ctx, 'tokenroute login --no-wait')}`, "
+                       f"then `{runnable(ctx, 'tokenroute login --resume --timeout SECONDS')}`", code="usage")
     if args.resume:
         return resume_login(args, ctx, api_url)
     started = login_start(ctx, api_url, force=args.force) if args.no_wait else current_login(ctx, api_url, args.force)
@@ -2770,7 +2774,7 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
         if args.json:
             render_json(ctx, started)
         elif started["status"] == "logged_in":
-            say_ok(ctx, f"already logged in to {api_url} (tokenroute login --force to log in again)")
+            say_ok(ctx, f"already logged in to {api_url} ({runnable(ctx, 'tokenroute login --force')} to log in again)")
         else:
             render_pending(ctx, args, started, out=ctx.stdout)
         return EXIT_OK
@@ -2896,11 +2900,11 @@ def login_finish(
 ) -> dict[str, Any]:
     """`login --resume`: wait up to `timeout` seconds for the approval, then save the login.
     When another approval already logged this gateway in (which ended every login waiting
-    for it), that login is the answer."""
+    for it), that login is the answer, if it still works."""
     try:
         pending, answer = await_login(ctx, api_url, timeout=timeout, user_code=user_code)
     except CliError as error:
-        if error.code == "no_pending_login" and usable_login(ctx, api_url) is not None:
+        if error.code == "no_pending_login" and logged_in(ctx, api_url):
             return {"status": "logged_in", "api_url": api_url}
         raise
     return store_login(ctx, pending, answer)
@@ -3031,7 +3035,7 @@ def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
     done = logout(ctx, api_url, every=args.all, forget_key=args.forget_key)
     gone, forgotten, kept, left = done["gone"], done["forgotten"], done["kept"], done["left"]
     if args.json:
-        render_json(ctx, {"logged_out": bool(gone), "api_url": api_url, "cached_keys": kept})
+        render_json(ctx, {"logged_out": bool(gone), "api_url": api_url, "cached_keys": list(kept)})
     else:
         forgot = f"forgot the cached API key{'s' if len(forgotten) > 1 else ''}" if forgotten else ""
         if gone:
@@ -3040,9 +3044,12 @@ def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
             say_ok(ctx, f"{forgot} of {'every gateway' if args.all else api_url} (not logged in)")
         else:
             ctx.stdout.write(f"Not logged in to {'any gateway' if args.all else api_url}; nothing to do\n")
-        if kept:
-            note(ctx, f"An API key for {', '.join(kept)} stays cached in {keys_path(ctx)} (env, run, test and models "
-                 f"use it); forget it with `{runnable(ctx, 'tokenroute logout' + (' --all' if args.all else '') + ' --forget-key')}`")
+        if kept and not args.forget_key:
+            forget = runnable(ctx, "tokenroute logout" + (" --all" if args.all else "") + " --forget-key")
+            note(ctx, f"An API key for {', '.join(kept)} stays cached in {', '.join(sorted(set(kept.values())))} "
+                 f"(env, run, test and models use it); forget it with `{forget}`")
+    for path in sorted(set(kept.values())) if args.forget_key else []:
+        warn(ctx, stuck_key_message(path))
     if left:  # another product's, or 0.2.0's that nothing vouches for: never taken over now
         ctx.stdout.flush()
         note(ctx, f"{os.path.join(paradigx_dir(ctx) or '', 'auth.json')} still holds a login for {', '.join(left)} "
@@ -3088,12 +3095,12 @@ def logout(ctx: Context, api_url: str, *, every: bool, forget_key: bool) -> dict
                 left = [entry for entry in entries if entry not in ours]
                 gone += sorted({entry.url for entry in ours} - set(gone))
                 write_logins(ctx, logins, logged_out=logged_out | {entry.url for entry in left})
-        if forget_key:  # the logout is done: only a key file stays
-            check_forgotten(ctx, lambda url, key, key_id: every or url == api_url)
+        after = read_key_cache(ctx)  # as reads find them: 0.2.0's key stays where its folder cannot be written
+        kept = {url: after.source(key) for url, (key, _) in after.keys().items() if every or url == api_url}
     return {
         "gone": gone,
-        "forgotten": forgotten,
-        "kept": sorted(keys) if every else [url for url in keys if url == api_url],
+        "forgotten": [url for url in forgotten if url not in kept],
+        "kept": dict(sorted(kept.items())),  # by gateway, the file its key is read from
         "left": sorted({sanitize(entry.url) for entry in left}),
         "why": unknown or "other Paradigx products keep their logins there",
     }
@@ -3164,12 +3171,12 @@ def create_key(ctx: Context, api_url: str, *, name: str, no_cache: bool = False)
         raise KeyNotCached(key, server_error("the gateway sent a key that is not an sk-tr- token; not cached"))
     try:
         cache_key(ctx, api_url, raw, sanitize(str(key.get("id", ""))))
-    except CliError as exc:
+    except (CliError, KeyboardInterrupt) as exc:  # Ctrl-C too (waiting for the lock): the key is still shown
+        error = exc if isinstance(exc, CliError) else CliError("interrupted", code="interrupted",
+                                                               exit_code=EXIT_INTERRUPTED)
         if read_key_cache(ctx).listed.get(api_url, ("", ""))[0] != raw:
-            raise KeyNotCached(key, exc) from None
-        warn(ctx, f"{exc.message}: the key is cached in {keys_path(ctx)} only")  # last_key.txt, the mirror, failed
-    except KeyboardInterrupt:  # Ctrl-C while another tokenroute holds the lock: the key is still shown
-        raise KeyNotCached(key, CliError("interrupted", code="interrupted", exit_code=EXIT_INTERRUPTED)) from None
+            raise KeyNotCached(key, error) from None
+        warn(ctx, f"{error.message}: the key is cached in {keys_path(ctx)} only")  # last_key.txt, the mirror, failed
     return key
 
 
@@ -3204,7 +3211,7 @@ def cmd_keys_create(args: argparse.Namespace, ctx: Context) -> int:
         ctx.stdout.flush()
     except (OSError, ValueError) as exc:  # stdout closed, or its reader left
         key_id = sanitize(str(key.get("id", "")))
-        cached = not args.no_cache and not_cached is None
+        cached = key_file(ctx, raw) if not args.no_cache and not_cached is None else None
         raise undelivered_key(ctx, exc, key_id, cached=cached) from None
     if args.no_cache:
         note(ctx, "Save this key now: it is shown only once (not cached: --no-cache).")
@@ -3212,18 +3219,23 @@ def cmd_keys_create(args: argparse.Namespace, ctx: Context) -> int:
     if not_cached is not None:  # shown above all the same: it is the only copy
         raise CliError(f"the key above was created but not cached: {not_cached.message}", code=not_cached.code,
                        exit_code=not_cached.exit_code)
-    where = last_key_path(ctx) if peek_text_file(last_key_path(ctx)) == raw else keys_path(ctx)
-    note(ctx, f"Save this key now: it is shown only once. Cached in {where} for env, run, test and models.")
+    note(ctx, f"Save this key now: it is shown only once. Cached in {key_file(ctx, raw)} for env, run, test and models.")
     return EXIT_OK
 
 
-def undelivered_key(ctx: Context, exc: Exception, key_id: str, *, cached: bool) -> CliError:
+def key_file(ctx: Context, key: str) -> str:
+    """Where a key just cached is: last_key.txt, or keys.txt alone when that mirror failed."""
+    return last_key_path(ctx) if peek_text_file(last_key_path(ctx)) == key else keys_path(ctx)
+
+
+def undelivered_key(ctx: Context, exc: Exception, key_id: str, *, cached: str | None) -> CliError:
+    """`cached`: the file the new key is cached in, if any."""
     import shlex
 
     reason = describe(exc)
-    if cached:
+    if cached is not None:
         return CliError(
-            f"the new key could not be printed ({reason}); it is cached in {last_key_path(ctx)}",
+            f"the new key could not be printed ({reason}); it is cached in {cached}",
             code="output_failed",
         )
     return CliError(
@@ -3285,7 +3297,7 @@ def cmd_keys_list(args: argparse.Namespace, ctx: Context) -> int:
         render_json(ctx, keys)
         return EXIT_OK
     if not keys:
-        note(ctx, "No keys yet. Create one: tokenroute keys create --name NAME")
+        note(ctx, f"No keys yet. Create one: {runnable(ctx, 'tokenroute keys create --name NAME')}")
         return EXIT_OK
     marked = any(key["in_use"] for key in keys)
     columns = (*KEY_COLUMNS, "in_use") if marked else KEY_COLUMNS
@@ -3319,11 +3331,13 @@ def revoke_key(
             error.next = "tokenroute keys list"
         raise
     prefix = key.get("key_prefix")
-    uncached = forget_cached_key(ctx, api_url, key_id=id, prefix=prefix if isinstance(prefix, str) else None)
+    uncached, stuck = forget_cached_key(ctx, api_url, key_id=id, prefix=prefix if isinstance(prefix, str) else None)
     if render is not None:
         render(key)
     if uncached:
         note(ctx, f"Removed it from the key cache ({last_key_path(ctx)}).")
+    if stuck is not None:
+        warn(ctx, stuck_key_message(stuck))
     return key
 
 
@@ -3421,7 +3435,7 @@ def cmd_topup(args: argparse.Namespace, ctx: Context) -> int:
     expires = session.get("expires_at")
     until = f" The link expires {readable_time(expires)}." if expires is not None else ""
     note(ctx, f"Open it to pay {usd(session.get('amount_usd', args.amount))}; credit arrives once paid.{until}")
-    note(ctx, "Credit is per key: once paid, `tokenroute keys list` shows which key holds it.")
+    note(ctx, f"Credit is per key: once paid, `{runnable(ctx, 'tokenroute keys list')}` shows which key holds it.")
     if ctx.person_present and ctx.stdout_tty and not args.no_browser:
         open_url_for_person(ctx, url, api_url)
     return EXIT_OK
@@ -3505,7 +3519,8 @@ def write_env_file(args: argparse.Namespace, ctx: Context, variables: dict[str, 
             check_replaceable(args.write, path, status)
         keep = None if status is None or not hasattr(os, "fchown") else (status.st_uid, status.st_gid)
         try:  # a new file is private; an existing one keeps its mode, owner and group
-            replace_file(path, new, mode=0o600 if status is None else status.st_mode & 0o7777, owner=keep)
+            with SignalsHeld(ctx, f"writing {args.write} first, so that no copy of it is left beside it"):
+                replace_file(path, new, mode=0o600 if status is None else status.st_mode & 0o7777, owner=keep)
         except OwnerNotKept:
             raise CliError(owner_not_kept(args.write, status)) from None
         except OSError as exc:
@@ -3516,8 +3531,10 @@ def write_env_file(args: argparse.Namespace, ctx: Context, variables: dict[str, 
             if exc.errno == errno.EBUSY:
                 why = " (it is a mount point: edit it where it is mounted from)"
             elif exc.errno in (errno.EACCES, errno.EPERM) and status is not None and not is_writable(folder):
+                file = shlex.quote(args.write)
                 why = (f" in {folder}, which must take the new file that replaces it whole (so that a crash never "
-                       f"leaves it half-written); `tokenroute env >> {shlex.quote(args.write)}` appends instead")
+                       f"leaves it half-written); the same command with `>> {file}` in place of `--write {file}` "
+                       "appends instead")
             else:
                 why = ""
             raise CliError(f"cannot write {args.write}: {exc.strerror}{why}") from None
@@ -3534,7 +3551,7 @@ def write_env_file(args: argparse.Namespace, ctx: Context, variables: dict[str, 
     if kept:  # load_dotenv()'s override=False, and node's rule
         warn(ctx, f"{' and '.join(kept)} {'is' if len(kept) == 1 else 'are'} also set in this environment, and "
                   "node --env-file and python-dotenv's load_dotenv() keep that over the file's; unset it, "
-                  "or use `tokenroute run`")
+                  f"or use `{runnable(ctx, 'tokenroute run')}`")
     warn_if_committable(ctx, path, shown=path if os.path.islink(args.write) else args.write)
     return EXIT_OK
 
@@ -5498,7 +5515,7 @@ def mcp_result_guide(ctx: Context, tool: str, data: Any, values: dict[str, Any])
             f"(or enter it at the verification_uri), then call login_finish with user_code {code}."
         )
     if tool == "keys_create":
-        cached = "not cached (no_cache)" if values.get("no_cache") else f"cached in {last_key_path(ctx)}"
+        cached = "not cached (no_cache)" if values.get("no_cache") else f"cached in {key_file(ctx, data['raw'])}"
         return f"The raw key is shown only this once; {cached}."
     return None
 

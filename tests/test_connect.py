@@ -641,6 +641,34 @@ def test_ctrl_c_mid_write_leaves_no_copy_of_the_key_beside_the_file(cli: Cli, ap
 
 
 @posix_only
+def test_a_signal_mid_write_acts_once_the_file_is_replaced(cli: Cli, api_key: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM (a container stopping, a CI job cancelled) cannot be caught as Ctrl-C is: it waits."""
+    import signal
+
+    folder = tmp_path / "app"
+    folder.mkdir()
+    path = folder / ".env"
+    path.write_text("A=1\n")
+    seen: list[list[str]] = []  # the folder as the signal's handler finds it
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: seen.append(sorted(os.listdir(folder))))
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the new bytes go to disk
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    try:
+        result = cli.run("env", "--write", str(path), env={"TOKENROUTE_API_KEY": api_key})
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    assert seen == [[".env"]] and api_key in path.read_text()
+    assert f"warning: finishing writing {path} first, so that no copy of it is left beside it" in result.err
+
+
+@posix_only
 def test_env_write_updates_a_symlinked_file_at_its_target(cli: Cli, gateway: FakeGateway, api_key: str,
                                                           tmp_path: Path) -> None:
     shared = tmp_path / "shared"

@@ -1467,6 +1467,15 @@ def test_a_key_the_gateway_echoes_is_cut_once(cli, gateway, api_key, argv):
     assert as_json.error()["message"] == f"bad key {api_key[:10]}..."
 
 
+@pytest.mark.parametrize("echoed", ["eyJabcd.payload-secret.signature-secret", "eyJhbGciOiJIUzI1NiJ9.e30.sig-secret"])
+def test_a_token_the_gateway_echoes_is_cut_whatever_its_header_length(cli, gateway, api_key, echoed):
+    gateway.fail("/v1/models", status=403, body={"detail": f"bad token {echoed}"})
+
+    result = cli.run("models", "--key", api_key)
+
+    assert result.code == 1 and "secret" not in result.err and f"bad token {echoed[:7]}..." in result.err
+
+
 def hold_lock(fd: int) -> None:
     """Lock a file the way tokenroute does on this platform, as another process would."""
     if os.name == "nt":

@@ -468,6 +468,17 @@ def test_every_next_hint_carries_the_api_url_flag_that_chose_the_gateway(cli: Cl
     assert at_a_terminal.err.endswith(f"; run `tokenroute --api-url {staging.url} login --resume`\n")
     assert no_key.error()["next"] == f"tokenroute --api-url {staging.url} keys create --name NAME"
     assert cli.script("whoami", "--json").error()["next"] == "tokenroute login"  # TOKENROUTE_API_URL stays set
+    timeout = cli.script(*flag, "login", "--timeout", "5", "--json").error()["message"]
+    assert f"use `tokenroute --api-url {staging.url} login --no-wait`, then `tokenroute --api-url {staging.url} login " \
+           "--resume --timeout SECONDS`" in timeout
+    staging.auto_approve = True
+    assert cli.script(*flag, "login", "--no-browser").code == 0
+    again = cli.script(*flag, "login")
+    empty = cli.script(*flag, "keys", "list")
+    topup = cli.script(*flag, "topup", "5", "--no-browser")
+    assert f"(tokenroute --api-url {staging.url} login --force to log in again)" in again.out
+    assert f"Create one: tokenroute --api-url {staging.url} keys create --name NAME" in empty.err
+    assert f"`tokenroute --api-url {staging.url} keys list` shows which key holds it" in topup.err
 
 
 @pytest.mark.parametrize("argv", [["login", "--timeout", "1"], ["login", "--no-wait", "--timeout", "1"]])
@@ -499,6 +510,34 @@ def test_login_resume_says_the_gateway_fails_not_that_the_login_waits(cli: Cli, 
     gateway.clear_faults()
     gateway.approve()  # the login was never lost
     assert cli.run("login", "--resume", "--json").json()["status"] == "logged_in"
+
+
+def test_login_resume_with_nothing_waiting_and_a_dead_session_is_no_login(cli: Cli, gateway: FakeGateway) -> None:
+    creds = cli.login(expires_in=-100)
+    cli.write_login(dict(creds, refresh_token="dead-refresh"))  # the provider rejects it
+
+    result = cli.run("login", "--resume", "--json")
+
+    assert result.code == 1 and result.error()["code"] == "no_pending_login"
+
+
+def test_login_resume_says_still_waiting_when_only_some_polls_failed(cli: Cli, gateway: FakeGateway) -> None:
+    gateway.auto_approve = False
+    gateway.interval = 1
+    cli.run("login", "--no-wait")
+    polls = lambda: sum(1 for r in gateway.requests if r.path == "/oidc/token")  # noqa: E731
+    armed: list[int] = []
+
+    def fail_after_two_answers() -> None:  # "still waiting" twice, then the gateway fails to the end
+        if polls() == 2 and not armed:
+            armed.append(1)
+            gateway.fail("/oidc/token", status=502, count=99)
+
+    cli.clock.on_sleep.append(fail_after_two_answers)
+    result = cli.run("login", "--resume", "--timeout", "12", "--json")
+
+    assert result.code == 1 and result.error()["code"] == "login_pending", result
+    assert armed and polls() > 2
 
 
 def test_mcp_with_api_url_hands_a_person_the_login_command_for_that_gateway(cli: Cli, staging: FakeGateway) -> None:

@@ -465,7 +465,7 @@ def test_logout_says_a_cached_key_remains_and_how_to_forget_it(cli, gateway, api
     result = cli.run("logout")
 
     assert result.out == f"OK logged out of {gateway.url}\n"
-    assert f"stays cached in {cli.keys_file}" in result.err
+    assert f"stays cached in {cli.last_key}" in result.err  # where env reads it
     assert "tokenroute logout --forget-key" in result.err
     forget = cli.run("logout", "--forget-key")
     assert forget.err == ""
