@@ -622,13 +622,19 @@ def test_env_write_keeps_the_mode_of_an_existing_file_and_replaces_it_atomically
     assert sorted(p.name for p in folder.iterdir()) == [".env"]  # no temporary file left
 
 
+def app_dotenv(tmp_path: Path) -> Path:
+    """An app's folder with a .env of one line."""
+    (tmp_path / "app").mkdir()
+    path = tmp_path / "app" / ".env"
+    path.write_text("A=1\n")
+    return path
+
+
 def test_ctrl_c_mid_write_leaves_no_copy_of_the_key_beside_the_file(cli: Cli, api_key: str, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A copy under a name no `.env` ignore rule covers would be committed with `git add -A`."""
-    folder = tmp_path / "app"
-    folder.mkdir()
-    path = folder / ".env"
-    path.write_text("A=1\n")
+    path = app_dotenv(tmp_path)
+    folder = path.parent
 
     def interrupted(fd: int) -> None:  # Ctrl-C arrives while the new bytes go to disk
         raise KeyboardInterrupt
@@ -644,12 +650,8 @@ def test_ctrl_c_mid_write_leaves_no_copy_of_the_key_beside_the_file(cli: Cli, ap
 def test_a_signal_mid_write_acts_once_the_file_is_replaced(cli: Cli, api_key: str, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGTERM (a container stopping, a CI job cancelled) cannot be caught as Ctrl-C is: it waits."""
-    import signal
-
-    folder = tmp_path / "app"
-    folder.mkdir()
-    path = folder / ".env"
-    path.write_text("A=1\n")
+    path = app_dotenv(tmp_path)
+    folder = path.parent
     seen: list[list[str]] = []  # the folder as the signal's handler finds it
     previous = signal.signal(signal.SIGTERM, lambda number, frame: seen.append(sorted(os.listdir(folder))))
     real_fsync = os.fsync
