@@ -557,7 +557,7 @@ def read_text_file(path: str, *, newline: str | None = None) -> str | None:
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or "not readable text"
         raise CliError(
-            f"cannot read {path}: {reason}; `tokenroute login` sets it aside",
+            f"cannot read {path}: {reason}; logging in sets it aside",
             code="credentials_unreadable",
             next="tokenroute login",
         ) from None
@@ -628,7 +628,7 @@ def read_store(ctx: Context) -> Store:
     path = credentials_path(ctx)
     if not is_own_file(path):
         raise CliError(
-            f"{path} belongs to another user; `tokenroute login` sets it aside",
+            f"{path} belongs to another user; logging in sets it aside",
             code="credentials_unreadable",
             next="tokenroute login",
         )
@@ -644,7 +644,7 @@ def read_store(ctx: Context) -> Store:
     store = store_in(data)
     if store is None:
         raise CliError(
-            f"{path} is damaged; `tokenroute login` sets it aside and logs in again",
+            f"{path} is damaged; logging in sets it aside and logs in again",
             code="credentials_corrupt",
             next="tokenroute login",
         )
@@ -763,7 +763,7 @@ class KeyCache:
     the dashboard comes from), and no other gateway is ever sent it."""
 
     def __init__(self, ctx: Context, listed: dict[str, tuple[str, str]], last: str, *, of_1_0: set[str] | None,
-                 unrecorded: tuple[str, str, bool] | None, earlier_file: str) -> None:
+                 unrecorded: tuple[str, str, bool] | None, earlier_file: str, unread: str | None) -> None:
         self.files = (keys_path(ctx), last_key_path(ctx))
         self.listed = listed  # by gateway: (key, key id), newest last
         self.last = last  # last_key.txt's text without spaces around it; "" when absent, unreadable or 1.0.0's
@@ -771,6 +771,7 @@ class KeyCache:
         self.listed_in_last = of_1_0 or set()  # the keys of 1.0.0's lines in last_key.txt
         self.unrecorded = unrecorded  # the newest unlisted key: (key, its file, whether it is newer than keys.txt)
         self.earlier_file = earlier_file  # 0.2.0's key file, "" when it holds no key to take
+        self.unread = unread  # a key file that is there but cannot be used: unreadable, or (keys.txt) unknown text
 
     def keys(self) -> dict[str, tuple[str, str]]:
         """The cached keys by gateway as (key, key id), newest last; the one rule for an unlisted key."""
@@ -797,6 +798,7 @@ def read_key_cache(ctx: Context, *, to_write: bool = False) -> KeyCache:
     key counts only where its file can then be removed, so that it never comes back."""
     record = peek_text_file(keys_path(ctx))
     listed = dict(key_lines(record, KEYS_HEADER))
+    unknown = os.path.lexists(keys_path(ctx)) and not (record or "").startswith(KEYS_HEADER)
     text = peek_text_file(last_key_path(ctx)) or ""
     of_1_0 = dict(key_lines(text, KEYS_HEADER_1_0)) if text.splitlines()[:1] == [KEYS_HEADER_1_0] else None
     if of_1_0 is not None:
@@ -804,9 +806,9 @@ def read_key_cache(ctx: Context, *, to_write: bool = False) -> KeyCache:
     last = "" if of_1_0 is not None else text.strip(" \t\r\n\ufeff")
     recorded = {key for key, _ in listed.values()}
     found = []  # (when, key, its file, whether it is newer than the key keys.txt lists for the default gateway)
-    # A key keys.txt does not list was pasted after it was written, unless keys.txt cannot be read:
-    # then it may be any gateway's, and it is sent to none.
-    if is_plausible_key(last) and last not in recorded and (record is not None or not os.path.lexists(keys_path(ctx))):
+    # A key keys.txt does not list was pasted after it was written, unless keys.txt cannot be read
+    # (or is a later release's): then it may be any gateway's, and it is sent to none.
+    if is_plausible_key(last) and last not in recorded and not unknown:
         found.append((file_time(last_key_path(ctx)), last, last_key_path(ctx), True))
     earlier_file, earlier_key = paradigx_key(ctx)
     if earlier_key and to_write and not is_writable(os.path.dirname(earlier_file)):
@@ -815,7 +817,10 @@ def read_key_cache(ctx: Context, *, to_write: bool = False) -> KeyCache:
         found.append((file_time(earlier_file) + 0.001, earlier_key, earlier_file, False))
     best = max(found) if found else None
     in_last = None if of_1_0 is None else {key for key, _ in of_1_0.values()}
-    return KeyCache(ctx, listed, last, of_1_0=in_last, unrecorded=best[1:] if best else None, earlier_file=earlier_file)
+    unreadable_last = os.path.lexists(last_key_path(ctx)) and peek_text_file(last_key_path(ctx)) is None
+    unread = keys_path(ctx) if unknown else last_key_path(ctx) if unreadable_last else None
+    return KeyCache(ctx, listed, last, of_1_0=in_last, unrecorded=best[1:] if best else None,
+                    earlier_file=earlier_file, unread=unread)
 
 
 def key_lines(text: str | None, header: str) -> list[tuple[str, tuple[str, str]]]:
@@ -849,7 +854,11 @@ def write_key_cache(ctx: Context, cache: KeyCache, keys: dict[str, tuple[str, st
     last = last_key_path(ctx)
 
     def drop_dropped_key() -> None:
-        if is_plausible_key(cache.last) and cache.last not in kept:
+        if not is_plausible_key(cache.last) or cache.last in kept:
+            return
+        if cache.unread and cache.last not in {key for key, _ in cache.listed.values()}:
+            set_aside(ctx, last, "holds a key that no readable keys.txt places")  # never deleted unplaced
+        else:
             remove_file(last)
 
     lines = [f"{url} {key} {key_id}" for url, (key, key_id) in keys.items()]
@@ -904,9 +913,9 @@ def cache_key(ctx: Context, api_url: str, key: str, key_id: str) -> None:
 
 def forget_cached_key(
     ctx: Context, api_url: str, *, key_id: str | None = None, prefix: str | None = None
-) -> tuple[bool, str | None]:
+) -> tuple[str | None, str | None]:
     """Drop this gateway's cached key (only if it is `key_id` or starts with `prefix`, when given):
-    whether it did, and the file of one that stays (0.2.0's, in a folder this user cannot write)."""
+    the file it was read from, if it did; and why a key may stay (stuck_key_message)."""
 
     def chosen(url: str, key: str, cached_id: str) -> bool:
         return url == api_url and (
@@ -918,18 +927,24 @@ def forget_cached_key(
     with CredentialsLock(ctx):
         cache = read_key_cache(ctx, to_write=True)
         keys = cache.keys()
-        matches = api_url in keys and chosen(api_url, *keys[api_url])
-        if matches:
+        removed = cache.source(keys[api_url][0]) if api_url in keys and chosen(api_url, *keys[api_url]) else None
+        if removed:
             del keys[api_url]
             write_key_cache(ctx, cache, keys)
         after = read_key_cache(ctx)  # as reads find them: 0.2.0's key stays where its folder cannot be written
         left = after.keys().get(api_url)
-        return matches, after.source(left[0]) if left and chosen(api_url, *left) else None
+        return removed, stuck_key_message(after, after.source(left[0]) if left and chosen(api_url, *left) else None)
 
 
-def stuck_key_message(path: str) -> str:
-    return (f"the API key in {path} cannot be removed ({os.path.dirname(path)} cannot be written), so env, run, "
-            "test and models still use it: delete that file")
+def stuck_key_message(cache: KeyCache, stuck: str | None) -> str | None:
+    """Why a key meant to be forgotten may stay: its file (`stuck`) is in a folder this user cannot
+    write (0.2.0's), or a key file cannot be read, so what it holds cannot be told."""
+    if stuck is not None:
+        return (f"the API key in {stuck} cannot be removed ({os.path.dirname(stuck)} cannot be written), so env, "
+                "run, test and models still use it: delete that file")
+    if cache.unread is not None:
+        return f"{cache.unread} {UNREAD}: any key in it stays there"
+    return None
 
 
 def resolve_api_key(ctx: Context, flag: str | None, api_url: str) -> tuple[str, str]:
@@ -950,9 +965,7 @@ def api_key_in_use(ctx: Context, flag: str | None, api_url: str) -> tuple[str, s
         cache = read_key_cache(ctx)
         keys = cache.keys()
         if api_url not in keys:
-            unreadable = next((path for path in cache.files if os.path.lexists(path) and peek_text_file(path) is None),
-                              None)
-            raise no_key_error(api_url, keys, cache.unrecorded[1] if cache.unrecorded else None, unreadable)
+            raise no_key_error(api_url, keys, cache.unrecorded[1] if cache.unrecorded else None, cache.unread)
         key = keys[api_url][0]
         source = cache.source(key)
     if not is_plausible_key(key):
@@ -960,12 +973,15 @@ def api_key_in_use(ctx: Context, flag: str | None, api_url: str) -> tuple[str, s
     return key, source
 
 
+UNREAD = "cannot be read (not a file, this user may not open it, or a later release's format)"
+
+
 def no_key_error(api_url: str, keys: dict[str, tuple[str, str]], unlisted: str | None,
                  unreadable: str | None) -> CliError:
     others = ", ".join(keys)
     elsewhere = f" (the cached keys are for {others})" if others else ""
     if unreadable is not None:
-        elsewhere += f"; {unreadable} cannot be read (not a file, or this user may not open it)"
+        elsewhere += f"; {unreadable} {UNREAD}"
     if unlisted is not None:
         return CliError(
             f"no API key for {api_url}{elsewhere}: the key in {unlisted} names no gateway, so it is taken for "
@@ -984,20 +1000,22 @@ def redact(text: str) -> str:
     """Hide secrets in text meant for people: keys keep their sk-tr-abcd prefix."""
     import re
 
-    # `+`: a prefix alone (a key_prefix, or text cut already) stays as it is.
-    text = re.sub(r"(sk[-_]tr[-_][A-Za-z0-9_-]{4})[A-Za-z0-9_-]+", r"\1...", text)
-    return re.sub(r"(eyJ[A-Za-z0-9_-]{4})[A-Za-z0-9_.-]*", r"\1...", text)
+    # Where a token starts, not inside a word ("heyJude"); `+`: a prefix alone (a key_prefix,
+    # or text cut already) stays as it is.
+    text = re.sub(r"(?<![A-Za-z0-9])(sk[-_]tr[-_][A-Za-z0-9_-]{4})[A-Za-z0-9_-]+", r"\1...", text)
+    return re.sub(r"(?<![A-Za-z0-9_-])(eyJ[A-Za-z0-9_-]{4})[A-Za-z0-9_.-]*", r"\1...", text)
 
 
 def without_secrets(data: Any) -> Any:
-    """A gateway's answer with every whole API key in it cut to its prefix; prefixes and
-    names stay (and tokens: a checkout URL's fragment may hold what looks like one)."""
+    """A gateway's answer with every whole API key in it (32 characters after sk-tr-, or
+    near) cut to its prefix; prefixes and names stay, and tokens: a checkout URL's fragment
+    may hold what looks like one."""
     if isinstance(data, str):
         import re
 
-        return re.sub(r"(sk[-_]tr[-_][A-Za-z0-9_-]{4})[A-Za-z0-9_-]{16,}", r"\1...", data)
+        return re.sub(r"(?<![A-Za-z0-9])(sk[-_]tr[-_][A-Za-z0-9_-]{4})[A-Za-z0-9_-]{24,}", r"\1...", data)
     if isinstance(data, dict):
-        return {name: without_secrets(value) for name, value in data.items()}
+        return {without_secrets(name): without_secrets(value) for name, value in data.items()}
     if isinstance(data, list):
         return [without_secrets(value) for value in data]
     return data
@@ -2904,10 +2922,18 @@ def login_finish(
     try:
         pending, answer = await_login(ctx, api_url, timeout=timeout, user_code=user_code)
     except CliError as error:
-        if error.code == "no_pending_login" and logged_in(ctx, api_url):
+        if error.code == "no_pending_login" and login_works(ctx, api_url):
             return {"status": "logged_in", "api_url": api_url}
         raise
     return store_login(ctx, pending, answer)
+
+
+def login_works(ctx: Context, api_url: str) -> bool:
+    """logged_in, where a gateway that cannot tell (offline, failing) means no."""
+    try:
+        return logged_in(ctx, api_url)
+    except CliError:
+        return False
 
 
 def load_pending_login(ctx: Context, api_url: str, user_code: str | None = None) -> dict[str, Any]:
@@ -3048,8 +3074,8 @@ def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
             forget = runnable(ctx, "tokenroute logout" + (" --all" if args.all else "") + " --forget-key")
             note(ctx, f"An API key for {', '.join(kept)} stays cached in {', '.join(sorted(set(kept.values())))} "
                  f"(env, run, test and models use it); forget it with `{forget}`")
-    for path in sorted(set(kept.values())) if args.forget_key else []:
-        warn(ctx, stuck_key_message(path))
+    for why in done["stays"]:
+        warn(ctx, why)
     if left:  # another product's, or 0.2.0's that nothing vouches for: never taken over now
         ctx.stdout.flush()
         note(ctx, f"{os.path.join(paradigx_dir(ctx) or '', 'auth.json')} still holds a login for {', '.join(left)} "
@@ -3097,10 +3123,12 @@ def logout(ctx: Context, api_url: str, *, every: bool, forget_key: bool) -> dict
                 write_logins(ctx, logins, logged_out=logged_out | {entry.url for entry in left})
         after = read_key_cache(ctx)  # as reads find them: 0.2.0's key stays where its folder cannot be written
         kept = {url: after.source(key) for url, (key, _) in after.keys().items() if every or url == api_url}
+        stays = [stuck_key_message(after, path) for path in sorted(set(kept.values()))] or [stuck_key_message(after, None)]
     return {
         "gone": gone,
-        "forgotten": [url for url in forgotten if url not in kept],
+        "forgotten": forgotten,
         "kept": dict(sorted(kept.items())),  # by gateway, the file its key is read from
+        "stays": [why for why in stays if why] if forget_key else [],  # why keys meant to be forgotten stay
         "left": sorted({sanitize(entry.url) for entry in left}),
         "why": unknown or "other Paradigx products keep their logins there",
     }
@@ -3331,13 +3359,13 @@ def revoke_key(
             error.next = "tokenroute keys list"
         raise
     prefix = key.get("key_prefix")
-    uncached, stuck = forget_cached_key(ctx, api_url, key_id=id, prefix=prefix if isinstance(prefix, str) else None)
+    removed, stays = forget_cached_key(ctx, api_url, key_id=id, prefix=prefix if isinstance(prefix, str) else None)
     if render is not None:
         render(key)
-    if uncached:
-        note(ctx, f"Removed it from the key cache ({last_key_path(ctx)}).")
-    if stuck is not None:
-        warn(ctx, stuck_key_message(stuck))
+    if removed:
+        note(ctx, f"Removed it from the key cache ({removed}).")
+    if stays:
+        warn(ctx, stays)
     return key
 
 
@@ -3514,46 +3542,53 @@ def write_env_file(args: argparse.Namespace, ctx: Context, variables: dict[str, 
     path = os.path.realpath(args.write)  # a symlinked .env is updated at its target
     old, status = read_env_file(args.write, path)
     new, changes = updated_env_file(args.write, old or b"", variables)
-    if new != old:
-        if status is not None:
-            check_replaceable(args.write, path, status)
-        keep = None if status is None or not hasattr(os, "fchown") else (status.st_uid, status.st_gid)
-        try:  # a new file is private; an existing one keeps its mode, owner and group
-            with SignalsHeld(ctx, f"writing {args.write} first, so that no copy of it is left beside it"):
-                replace_file(path, new, mode=0o600 if status is None else status.st_mode & 0o7777, owner=keep)
-        except OwnerNotKept:
-            raise CliError(owner_not_kept(args.write, status)) from None
-        except OSError as exc:
-            import errno
-            import shlex
-
-            folder = os.path.dirname(path)
-            if exc.errno == errno.EBUSY:
-                why = " (it is a mount point: edit it where it is mounted from)"
-            elif exc.errno in (errno.EACCES, errno.EPERM) and status is not None and not is_writable(folder):
-                file = shlex.quote(args.write)
-                why = (f" in {folder}, which must take the new file that replaces it whole (so that a crash never "
-                       f"leaves it half-written); the same command with `>> {file}` in place of `--write {file}` "
-                       "appends instead")
-            else:
-                why = ""
-            raise CliError(f"cannot write {args.write}: {exc.strerror}{why}") from None
-    if args.json:
-        render_json(ctx, {"path": os.path.abspath(args.write), "created": old is None, "changed": new != old})
-    elif old is None:
-        private = " (readable only by you)" if os.name == "posix" else ""  # Windows: the folder's ACL decides
-        note(ctx, f"Created {args.write}{private} with {' and '.join(variables)}")
-    elif new != old:
-        note(ctx, f"Updated {args.write}: {', '.join(changes) or 'final newline added'}")
-    else:
-        note(ctx, f"{args.write} already has {' and '.join(variables)}; unchanged")
-    kept = [name for name, value in variables.items() if ctx.env.get(name, value) != value]
-    if kept:  # load_dotenv()'s override=False, and node's rule
-        warn(ctx, f"{' and '.join(kept)} {'is' if len(kept) == 1 else 'are'} also set in this environment, and "
-                  "node --env-file and python-dotenv's load_dotenv() keep that over the file's; unset it, "
-                  f"or use `{runnable(ctx, 'tokenroute run')}`")
-    warn_if_committable(ctx, path, shown=path if os.path.islink(args.write) else args.write)
+    # A signal waits until the file is replaced and that is said: a copy beside it, or a key
+    # file git would commit without the warning, is worse than a second's delay.
+    with SignalsHeld(ctx, f"writing {args.write} first, so that no copy of it is left beside it"):
+        if new != old:
+            replace_env_file(args, path, new, status)
+        if args.json:
+            render_json(ctx, {"path": os.path.abspath(args.write), "created": old is None, "changed": new != old})
+        elif old is None:
+            private = " (readable only by you)" if os.name == "posix" else ""  # Windows: the folder's ACL decides
+            note(ctx, f"Created {args.write}{private} with {' and '.join(variables)}")
+        elif new != old:
+            note(ctx, f"Updated {args.write}: {', '.join(changes) or 'final newline added'}")
+        else:
+            note(ctx, f"{args.write} already has {' and '.join(variables)}; unchanged")
+        kept = [name for name, value in variables.items() if ctx.env.get(name, value) != value]
+        if kept:  # load_dotenv()'s override=False, and node's rule
+            warn(ctx, f"{' and '.join(kept)} {'is' if len(kept) == 1 else 'are'} also set in this environment, and "
+                      "node --env-file and python-dotenv's load_dotenv() keep that over the file's; unset it, "
+                      f"or use `{runnable(ctx, 'tokenroute run')}`")
+        warn_if_committable(ctx, path, shown=path if os.path.islink(args.write) else args.write)
     return EXIT_OK
+
+
+def replace_env_file(args: argparse.Namespace, path: str, new: bytes, status: os.stat_result | None) -> None:
+    """Replace the file whole: a new one is private; an existing one keeps its mode, owner and group."""
+    if status is not None:
+        check_replaceable(args.write, path, status)
+    keep = None if status is None or not hasattr(os, "fchown") else (status.st_uid, status.st_gid)
+    try:
+        replace_file(path, new, mode=0o600 if status is None else status.st_mode & 0o7777, owner=keep)
+    except OwnerNotKept:
+        raise CliError(owner_not_kept(args.write, status)) from None
+    except OSError as exc:
+        import errno
+        import shlex
+
+        folder = os.path.dirname(path)
+        if exc.errno == errno.EBUSY:
+            why = " (it is a mount point: edit it where it is mounted from)"
+        elif exc.errno in (errno.EACCES, errno.EPERM) and status is not None and not is_writable(folder):
+            file = shlex.quote(args.write)
+            why = (f" in {folder}, which must take the new file that replaces it whole (so that a crash never "
+                   f"leaves it half-written); the same command with `>> {file}` in place of `--write {file}` "
+                   "appends instead")
+        else:
+            why = ""
+        raise CliError(f"cannot write {args.write}: {exc.strerror}{why}") from None
 
 
 def open_file_alias(shown: str) -> str | None:

@@ -1039,8 +1039,9 @@ def test_a_message_nested_too_deep_is_named_so(cli: Cli) -> None:
 def test_a_tool_that_returns_no_secret_never_passes_on_a_key_the_gateway_sent(ready: Cli) -> None:
     """A buggy or hostile gateway listing a key's raw value: a --read-only server promised none."""
     leaked = ready.gateway.add_key(name="leaky")["raw"]
-    listed = [{"id": "key_1", "name": "my sk-tr-abcdefghijk", "key_prefix": leaked[:14], "raw": leaked,
-               "status": "active", "balance_usd": "1.00", "created_at": "2026-12-01T10:00:00Z", "note": f"use {leaked}"}]
+    listed = [{"id": "key_1", "name": "sk-tr-production-backend-key", "key_prefix": leaked[:14], "raw": leaked,
+               "status": "active", "balance_usd": "1.00", "created_at": "2026-12-01T10:00:00Z", "note": f"use {leaked}",
+               leaked: "as a member's name"}]
     ready.gateway.fail("/api/v1/me/keys", status=200, body=listed)
     code, answers, err = serve(ready, [tool_call("keys_list")], args=("--read-only",))
     assert (code, err) == (0, "")
@@ -1048,7 +1049,8 @@ def test_a_tool_that_returns_no_secret_never_passes_on_a_key_the_gateway_sent(re
     assert leaked not in json.dumps(result)
     [key] = result["structuredContent"]["items"]
     assert (key["raw"], key["note"]) == (leaked[:10] + "...", f"use {leaked[:10]}...")
-    assert (key["key_prefix"], key["name"]) == (leaked[:14], "my sk-tr-abcdefghijk")  # no whole key: as sent
+    assert (key["key_prefix"], key["name"]) == (leaked[:14], "sk-tr-production-backend-key")  # no whole key: as sent
+    assert key[leaked[:10] + "..."] == "as a member's name"
 
 
 def test_a_queued_call_that_is_cancelled_never_runs(ready: Cli) -> None:

@@ -521,6 +521,32 @@ def test_login_resume_with_nothing_waiting_and_a_dead_session_is_no_login(cli: C
     assert result.code == 1 and result.error()["code"] == "no_pending_login"
 
 
+def test_login_resume_with_nothing_waiting_offline_is_no_pending_login(cli: Cli, gateway: FakeGateway) -> None:
+    cli.login()
+    gateway.fail("/api/v1/me", close=True, count=99)  # the gateway cannot be reached
+
+    result = cli.run("login", "--resume", "--json")
+
+    assert result.code == 1 and result.error()["code"] == "no_pending_login"
+
+
+def test_a_damaged_credentials_file_names_the_login_for_the_gateway_chosen(cli: Cli, staging: FakeGateway) -> None:
+    cli.config_dir.mkdir(mode=0o700)
+    cli.credentials.write_text("{bad")
+
+    result = cli.run("--api-url", staging.url, "whoami")
+
+    assert result.code == 1
+    assert result.err.endswith(f"is damaged; logging in sets it aside and logs in again; run "
+                               f"`tokenroute --api-url {staging.url} login`\n")
+
+
+def test_a_path_with_eyj_inside_a_word_is_shown_as_typed(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    result = cli.run("env", "--write", str(tmp_path / "heyJudeLyrics" / ".env"), env={"TOKENROUTE_API_KEY": api_key})
+
+    assert result.code == 1 and f"{tmp_path}/heyJudeLyrics/.env" in result.err
+
+
 def test_login_resume_says_still_waiting_when_only_some_polls_failed(cli: Cli, gateway: FakeGateway) -> None:
     gateway.auto_approve = False
     gateway.interval = 1

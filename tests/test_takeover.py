@@ -129,6 +129,68 @@ def test_a_key_of_another_gateway_is_never_sent_while_keys_txt_cannot_be_read(cl
     assert not [r for r in gateway.requests if r.header("Authorization") == f"Bearer {stage['raw']}"]
 
 
+@pytest.mark.parametrize("record", ["a folder", "a later release's"])
+def test_a_key_no_readable_keys_txt_places_is_set_aside_by_a_write_never_deleted(cli, gateway, record):
+    cli.login()
+    cli.config_dir.mkdir(exist_ok=True)
+    if record == "a folder":
+        cli.keys_file.mkdir()
+    else:
+        cli.keys_file.write_text("# tokenroute keys, version 2: gateway key id label\n")
+    pasted = "sk-tr-PASTEDpastedPASTEDpasted0123456789"
+    cli.last_key.write_text(pasted + "\n")
+
+    env = cli.run("env", "--json")  # whose key it is cannot be told: sent to no gateway
+    created = cli.run("keys", "create", "--name", "b", "--json")
+
+    assert env.code == 1 and env.error()["code"] == "no_key"
+    assert "holds a key that no readable keys.txt places; moved it to" in created.err
+    assert pasted.encode() in b"".join(files_under(cli.config_dir).values())  # set aside, not lost
+    if record == "a folder":  # nothing can be cached: the new key is shown, and said to be cached nowhere
+        assert created.code == 1 and "created but not cached" in created.err
+    else:  # the later release's keys.txt is set aside too
+        assert created.code == 0 and cli.last_key.read_text() == created.json()["raw"], created
+
+
+def test_forgetting_keys_while_keys_txt_cannot_be_read_says_they_may_stay(cli, gateway):
+    cli.login()
+    raw = cli.run("keys", "create", "--name", "a", "--json").json()["raw"]
+    record = cli.keys_file.read_text()
+    cli.keys_file.unlink()
+    cli.keys_file.mkdir()
+
+    result = cli.run("logout", "--forget-key")
+
+    assert result.code == 0 and result.out == f"OK logged out of {gateway.url}\n"
+    assert f"warning: {cli.keys_file} cannot be read" in result.err and "any key in it stays there" in result.err
+    assert raw in record
+
+
+@POSIX
+def test_logout_forget_key_says_what_it_forgot_when_0_2_s_key_stays(cli, gateway, earlier):
+    mine, older = gateway.add_key(name="mine"), gateway.add_key(name="from-0.2")
+    cli.cache_key(mine["raw"], mine["id"])
+    earlier.key_02_file(older["raw"])
+
+    with read_only(earlier.paradigx):
+        result = cli.run("logout", "--forget-key")
+
+    assert result.code == 0
+    assert result.out == f"OK forgot the cached API key of {gateway.url} (not logged in)\n"
+    assert f"warning: the API key in {earlier.key_02} cannot be removed" in result.err
+
+
+def test_revoke_names_the_file_its_key_was_removed_from(cli, gateway, staging):
+    login_to(cli, gateway)
+    login_to(cli, staging)
+    here = cli.run("keys", "create", "--name", "a", "--json").json()
+    cli.run("keys", "create", "--name", "b", env={"TOKENROUTE_API_URL": staging.url})  # last_key.txt: b
+
+    revoked = cli.run("keys", "revoke", here["id"])
+
+    assert f"Removed it from the key cache ({cli.keys_file})." in revoked.err
+
+
 def test_each_gateway_keeps_its_key_and_last_key_txt_holds_the_newest(cli, gateway, staging):
     login_to(cli, gateway)
     login_to(cli, staging)
@@ -352,7 +414,8 @@ def test_a_key_file_that_cannot_be_read_is_named_not_taken_for_no_key(cli, gatew
     result = cli.run("env", "--json")
 
     assert result.code == 1 and result.error()["code"] == "no_key"
-    assert f"{cli.keys_file} cannot be read (not a file, or this user may not open it)" in result.error()["message"]
+    assert (f"{cli.keys_file} cannot be read (not a file, this user may not open it, or a later release's format)"
+            in result.error()["message"])
 
 
 @pytest.mark.parametrize("content", [b"sk-tr-pastedKEY123\r\n", b"sk-tr-fromZeroOneZero", None],
