@@ -798,7 +798,8 @@ def read_key_cache(ctx: Context, *, to_write: bool = False) -> KeyCache:
     key counts only where its file can then be removed, so that it never comes back."""
     record = peek_text_file(keys_path(ctx))
     listed = dict(key_lines(record, KEYS_HEADER))
-    unknown = os.path.lexists(keys_path(ctx)) and not (record or "").startswith(KEYS_HEADER)
+    unknown = os.path.lexists(keys_path(ctx)) and (record is None or bool(record.strip())
+                                                   and not record.startswith(KEYS_HEADER))
     text = peek_text_file(last_key_path(ctx)) or ""
     of_1_0 = dict(key_lines(text, KEYS_HEADER_1_0)) if text.splitlines()[:1] == [KEYS_HEADER_1_0] else None
     if of_1_0 is not None:
@@ -857,9 +858,12 @@ def write_key_cache(ctx: Context, cache: KeyCache, keys: dict[str, tuple[str, st
         if not is_plausible_key(cache.last) or cache.last in kept:
             return
         if cache.unread and cache.last not in {key for key, _ in cache.listed.values()}:
-            set_aside(ctx, last, "holds a key that no readable keys.txt places")  # never deleted unplaced
-        else:
+            set_aside(ctx, last, "holds a key no readable keys.txt places")  # any gateway's: never deleted
+        else:  # a mirror, a key forgotten, or 0.1.0's that 0.2.0's newer copy replaces (a revoked one never returns)
             remove_file(last)
+
+    if os.path.lexists(last) and peek_text_file(last) is None:  # its key may be any gateway's: never read later
+        set_aside(ctx, last, "could not be read")
 
     lines = [f"{url} {key} {key_id}" for url, (key, key_id) in keys.items()]
     keep_unusable(ctx, keys_path(ctx), usable=lambda text: text.startswith(KEYS_HEADER))
@@ -888,6 +892,9 @@ def keep_unusable(ctx: Context, path: str, *, usable: Callable[[str], bool]) -> 
     """Set aside a file about to be replaced that cannot be read (left by `sudo tokenroute`),
     or that holds what tokenroute did not write there (a later release's format, a person's
     note): it may hold a key that is nowhere else."""
+    if os.path.lexists(path) and not os.path.isfile(path):
+        set_aside(ctx, path, "is not a file")
+        return
     text = peek_text_file(path) if os.path.isfile(path) else ""
     if text is None or (text and not usable(text)):
         set_aside(ctx, path, "could not be read" if text is None else "is not in a format this release knows")
@@ -927,24 +934,20 @@ def forget_cached_key(
     with CredentialsLock(ctx):
         cache = read_key_cache(ctx, to_write=True)
         keys = cache.keys()
-        removed = cache.source(keys[api_url][0]) if api_url in keys and chosen(api_url, *keys[api_url]) else None
+        key = keys[api_url][0] if api_url in keys and chosen(api_url, *keys[api_url]) else None
+        removed = None if key is None else cache.source(key)
         if removed:
             del keys[api_url]
+        if removed or cache.unread:  # a file that cannot be read may hold it: set aside, never used
             write_key_cache(ctx, cache, keys)
         after = read_key_cache(ctx)  # as reads find them: 0.2.0's key stays where its folder cannot be written
         left = after.keys().get(api_url)
-        return removed, stuck_key_message(after, after.source(left[0]) if left and chosen(api_url, *left) else None)
+        return removed, after.source(left[0]) if left and chosen(api_url, *left) else None
 
 
-def stuck_key_message(cache: KeyCache, stuck: str | None) -> str | None:
-    """Why a key meant to be forgotten may stay: its file (`stuck`) is in a folder this user cannot
-    write (0.2.0's), or a key file cannot be read, so what it holds cannot be told."""
-    if stuck is not None:
-        return (f"the API key in {stuck} cannot be removed ({os.path.dirname(stuck)} cannot be written), so env, "
-                "run, test and models still use it: delete that file")
-    if cache.unread is not None:
-        return f"{cache.unread} {UNREAD}: any key in it stays there"
-    return None
+def stuck_key_message(path: str) -> str:
+    return (f"the API key in {path} cannot be removed ({os.path.dirname(path)} cannot be written), so env, run, "
+            "test and models still use it: delete that file")
 
 
 def resolve_api_key(ctx: Context, flag: str | None, api_url: str) -> tuple[str, str]:
@@ -965,7 +968,7 @@ def api_key_in_use(ctx: Context, flag: str | None, api_url: str) -> tuple[str, s
         cache = read_key_cache(ctx)
         keys = cache.keys()
         if api_url not in keys:
-            raise no_key_error(api_url, keys, cache.unrecorded[1] if cache.unrecorded else None, cache.unread)
+            raise no_key_error(api_url, cache)
         key = keys[api_url][0]
         source = cache.source(key)
     if not is_plausible_key(key):
@@ -973,15 +976,15 @@ def api_key_in_use(ctx: Context, flag: str | None, api_url: str) -> tuple[str, s
     return key, source
 
 
-UNREAD = "cannot be read (not a file, this user may not open it, or a later release's format)"
-
-
-def no_key_error(api_url: str, keys: dict[str, tuple[str, str]], unlisted: str | None,
-                 unreadable: str | None) -> CliError:
+def no_key_error(api_url: str, cache: KeyCache) -> CliError:
+    keys = cache.keys()
+    unlisted = cache.unrecorded[1] if cache.unrecorded else None
     others = ", ".join(keys)
     elsewhere = f" (the cached keys are for {others})" if others else ""
-    if unreadable is not None:
-        elsewhere += f"; {unreadable} {UNREAD}"
+    if cache.unread is not None:
+        elsewhere += f"; {cache.unread} cannot be read (not a file, this user may not open it, or a later release's)"
+        if is_plausible_key(cache.last) and cache.last not in {key for key, _ in cache.listed.values()}:
+            elsewhere += f", so the key in {cache.files[1]} could be any gateway's and goes to none"
     if unlisted is not None:
         return CliError(
             f"no API key for {api_url}{elsewhere}: the key in {unlisted} names no gateway, so it is taken for "
@@ -1000,9 +1003,10 @@ def redact(text: str) -> str:
     """Hide secrets in text meant for people: keys keep their sk-tr-abcd prefix."""
     import re
 
-    # Where a token starts, not inside a word ("heyJude"); `+`: a prefix alone (a key_prefix,
-    # or text cut already) stays as it is.
-    text = re.sub(r"(?<![A-Za-z0-9])(sk[-_]tr[-_][A-Za-z0-9_-]{4})[A-Za-z0-9_-]+", r"\1...", text)
+    # A key wherever it is, glued to text too (`key%3Dsk-tr-...`); `+`: a prefix alone (a
+    # key_prefix, or text cut already) stays as it is. A token where one starts, not inside
+    # a word ("heyJude"); a glued one is still cut at its payload's `.eyJ`.
+    text = re.sub(r"(sk[-_]tr[-_][A-Za-z0-9_-]{4})[A-Za-z0-9_-]+", r"\1...", text)
     return re.sub(r"(?<![A-Za-z0-9_-])(eyJ[A-Za-z0-9_-]{4})[A-Za-z0-9_.-]*", r"\1...", text)
 
 
@@ -1013,7 +1017,7 @@ def without_secrets(data: Any) -> Any:
     if isinstance(data, str):
         import re
 
-        return re.sub(r"(?<![A-Za-z0-9])(sk[-_]tr[-_][A-Za-z0-9_-]{4})[A-Za-z0-9_-]{24,}", r"\1...", data)
+        return re.sub(r"(sk[-_]tr[-_][A-Za-z0-9_-]{4})[A-Za-z0-9_-]{24,}", r"\1...", data)
     if isinstance(data, dict):
         return {without_secrets(name): without_secrets(value) for name, value in data.items()}
     if isinstance(data, list):
@@ -3074,8 +3078,8 @@ def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
             forget = runnable(ctx, "tokenroute logout" + (" --all" if args.all else "") + " --forget-key")
             note(ctx, f"An API key for {', '.join(kept)} stays cached in {', '.join(sorted(set(kept.values())))} "
                  f"(env, run, test and models use it); forget it with `{forget}`")
-    for why in done["stays"]:
-        warn(ctx, why)
+    for path in done["stuck"]:
+        warn(ctx, stuck_key_message(path))
     if left:  # another product's, or 0.2.0's that nothing vouches for: never taken over now
         ctx.stdout.flush()
         note(ctx, f"{os.path.join(paradigx_dir(ctx) or '', 'auth.json')} still holds a login for {', '.join(left)} "
@@ -3108,7 +3112,7 @@ def logout(ctx: Context, api_url: str, *, every: bool, forget_key: bool) -> dict
         cache = read_key_cache(ctx, to_write=forget_key)
         keys = cache.keys()
         forgotten = [url for url in keys if every or url == api_url] if forget_key else []
-        if forgotten:
+        if forgotten or (forget_key and cache.unread):  # a file that cannot be read may hold them: set aside
             keys = {url: key for url, key in keys.items() if url not in forgotten}
             write_key_cache(ctx, cache, keys)
         left = entries
@@ -3123,12 +3127,11 @@ def logout(ctx: Context, api_url: str, *, every: bool, forget_key: bool) -> dict
                 write_logins(ctx, logins, logged_out=logged_out | {entry.url for entry in left})
         after = read_key_cache(ctx)  # as reads find them: 0.2.0's key stays where its folder cannot be written
         kept = {url: after.source(key) for url, (key, _) in after.keys().items() if every or url == api_url}
-        stays = [stuck_key_message(after, path) for path in sorted(set(kept.values()))] or [stuck_key_message(after, None)]
     return {
         "gone": gone,
         "forgotten": forgotten,
         "kept": dict(sorted(kept.items())),  # by gateway, the file its key is read from
-        "stays": [why for why in stays if why] if forget_key else [],  # why keys meant to be forgotten stay
+        "stuck": sorted(set(kept.values())) if forget_key else [],  # files of keys meant to be forgotten
         "left": sorted({sanitize(entry.url) for entry in left}),
         "why": unknown or "other Paradigx products keep their logins there",
     }
@@ -3359,13 +3362,13 @@ def revoke_key(
             error.next = "tokenroute keys list"
         raise
     prefix = key.get("key_prefix")
-    removed, stays = forget_cached_key(ctx, api_url, key_id=id, prefix=prefix if isinstance(prefix, str) else None)
+    removed, stuck = forget_cached_key(ctx, api_url, key_id=id, prefix=prefix if isinstance(prefix, str) else None)
     if render is not None:
         render(key)
     if removed:
         note(ctx, f"Removed it from the key cache ({removed}).")
-    if stays:
-        warn(ctx, stays)
+    if stuck:
+        warn(ctx, stuck_key_message(stuck))
     return key
 
 
@@ -3544,7 +3547,7 @@ def write_env_file(args: argparse.Namespace, ctx: Context, variables: dict[str, 
     new, changes = updated_env_file(args.write, old or b"", variables)
     # A signal waits until the file is replaced and that is said: a copy beside it, or a key
     # file git would commit without the warning, is worse than a second's delay.
-    with SignalsHeld(ctx, f"writing {args.write} first, so that no copy of it is left beside it"):
+    with SignalsHeld(ctx, f"with {args.write} first: no copy of it is left beside it, and git's check is said"):
         if new != old:
             replace_env_file(args, path, new, status)
         if args.json:
@@ -3909,15 +3912,16 @@ def warn_if_committable(ctx: Context, path: str, *, shown: str) -> None:
 
     # check-ignore says "not ignored" for any tracked file, whatever .gitignore lists.
     tracked, reason = status("ls-files", "--error-unmatch")
+    ignored = status("check-ignore", "-q")[0] if tracked == 1 else None
     if tracked == 0:
         ignore = "" if status("check-ignore", "--no-index", "-q")[0] == 0 else " and add it to .gitignore"
         untrack = f"git rm --cached {shell_word(shown)}"
         warn(ctx, f"{shown} holds an API key and git tracks it; untrack it with `{untrack}`{ignore}")
-    elif tracked == 1 and status("check-ignore", "-q")[0] == 1:  # in a work tree and not ignored
+    elif tracked == 1 and ignored == 1:  # in a work tree and not ignored
         warn(ctx, f"{shown} holds an API key and git does not ignore it; add it to .gitignore")
-    elif tracked == 128 and in_git_folder(folder):  # git cannot answer for a work tree it finds
-        warn(ctx, f"could not check whether git tracks {shown} (git: {sanitize(reason.removeprefix('fatal: '))}); "
-                  "make sure it is not committed")
+    elif (tracked, ignored) != (1, 0) and in_git_folder(folder):  # git did not answer for a work tree it finds
+        said = sanitize(reason.removeprefix("fatal: ")) or "no answer"  # stopped by a signal, or too slow
+        warn(ctx, f"could not check whether git tracks {shown} (git: {said}); make sure it is not committed")
 
 
 def in_git_folder(folder: str) -> bool:

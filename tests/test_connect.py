@@ -667,7 +667,7 @@ def test_a_signal_mid_write_acts_once_the_file_is_replaced(cli: Cli, api_key: st
         signal.signal(signal.SIGTERM, previous)
 
     assert seen == [[".env"]] and api_key in path.read_text()
-    assert f"warning: finishing writing {path} first, so that no copy of it is left beside it" in result.err
+    assert f"warning: finishing with {path} first: no copy of it is left beside it, and git's check is said" in result.err
 
 
 @posix_only
@@ -748,6 +748,24 @@ def test_env_write_warns_when_git_already_tracks_the_file(cli: Cli, api_key: str
     assert result.code == 0, result
     advice = "untrack it with `git rm --cached .env`" + ("" if listed else " and add it to .gitignore")
     assert result.err.splitlines()[-1] == f"warning: .env holds an API key and git tracks it; {advice}"
+
+
+@posix_only
+def test_env_write_says_when_git_was_stopped_before_it_could_answer(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    """Ctrl-C at a terminal reaches the whole process group: git dies of it while tokenroute
+    finishes the write; silence would read as "git does not track it"."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "git").write_text("#!/bin/sh\nkill -INT $$\n")  # a git that the signal stops
+    (bin_dir / "git").chmod(0o755)
+    app = tmp_path / "app"
+    (app / ".git").mkdir(parents=True)
+
+    result = cli.run("env", "--write", str(app / ".env"), env={"TOKENROUTE_API_KEY": api_key, "PATH": str(bin_dir)})
+
+    assert result.code == 0
+    assert result.err.splitlines()[-1] == (f"warning: could not check whether git tracks {app / '.env'} "
+                                           "(git: no answer); make sure it is not committed")
 
 
 def test_env_write_says_nothing_about_git_where_git_is_missing(cli: Cli, api_key: str, tmp_path: Path) -> None:

@@ -1467,6 +1467,16 @@ def test_a_key_the_gateway_echoes_is_cut_once(cli, gateway, api_key, argv):
     assert as_json.error()["message"] == f"bad key {api_key[:10]}..."
 
 
+@pytest.mark.parametrize("glued", ["key%3D{key}", "x{key}", '{{\\"m\\": \\"hi\\n{key}\\"}}'])
+def test_a_key_the_gateway_names_glued_to_text_is_cut_too(cli, gateway, api_key, glued):
+    other = gateway.add_key(name="other")["raw"]  # not the one sent, which is cut wherever it is
+    gateway.fail("/v1/models", status=403, body={"detail": glued.format(key=other)})
+
+    result = cli.run("models", "--key", api_key)
+
+    assert result.code == 1 and other not in result.err and other[:10] + "..." in result.err
+
+
 @pytest.mark.parametrize("echoed", ["eyJabcd.payload-secret.signature-secret", "eyJhbGciOiJIUzI1NiJ9.e30.sig-secret"])
 def test_a_token_the_gateway_echoes_is_cut_whatever_its_header_length(cli, gateway, api_key, echoed):
     gateway.fail("/v1/models", status=403, body={"detail": f"bad token {echoed}"})

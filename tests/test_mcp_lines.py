@@ -11,6 +11,7 @@ Python SDK, tests/test_mcp_compat.py with an old one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import queue
@@ -1051,6 +1052,23 @@ def test_a_tool_that_returns_no_secret_never_passes_on_a_key_the_gateway_sent(re
     assert (key["raw"], key["note"]) == (leaked[:10] + "...", f"use {leaked[:10]}...")
     assert (key["key_prefix"], key["name"]) == (leaked[:14], "sk-tr-production-backend-key")  # no whole key: as sent
     assert key[leaked[:10] + "..."] == "as a member's name"
+
+
+def test_a_key_that_cannot_be_cached_still_reaches_the_agent(ready: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    replace = os.replace
+
+    def full_disk(source: Any, target: Any) -> None:  # the cache (keys.txt, written first) cannot be written
+        if os.fspath(target) == str(ready.keys_file):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    code, answers, err = serve(ready, [tool_call("keys_create", {"name": "agent"})])
+
+    error = answers[0]["result"]["structuredContent"]["error"]
+    assert answers[0]["result"]["isError"] is True and error["code"] == "config"
+    assert error["message"].startswith(f"the key was created but not cached: cannot write {ready.keys_file}")
+    assert error["key"]["raw"] == ready.gateway.keys[error["key"]["id"]]["raw"]
 
 
 def test_a_queued_call_that_is_cancelled_never_runs(ready: Cli) -> None:

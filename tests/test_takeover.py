@@ -8,6 +8,7 @@ stop" is this user, or root without its power to open any file (setpriv).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +28,7 @@ import fake_gateway
 from fake_gateway import FakeGateway
 from test_startup import heavy_among, run_profiled
 from test_state import (  # noqa: F401
-    Earlier, earlier, files_under, foreign_file, gateway6, last_error, login_to, mode, read_only, reader_left,
+    Earlier, earlier, files_under, foreign_file, gateway6, last_error, login_to, mode, read_only,
 )
 
 import tokenroute
@@ -70,31 +72,45 @@ def test_keys_create_caches_the_raw_key_alone_and_its_gateway_in_keys_txt(cli, g
     assert (mode(cli.last_key), mode(cli.keys_file)) == (0o600, 0o600)
 
 
-def test_a_key_recorded_in_keys_txt_is_said_to_be_cached_when_only_last_key_txt_fails(cli, gateway):
+def full_disk_for(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills up just as `path` is replaced (and only then)."""
+    replace = os.replace
+
+    def replace_or_fail(source: Any, target: Any) -> None:
+        if os.fspath(target) == str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace_or_fail)
+
+
+def test_a_key_recorded_in_keys_txt_is_said_to_be_cached_when_only_last_key_txt_fails(cli, gateway, monkeypatch):
     cli.login()
-    cli.config_dir.mkdir(exist_ok=True)
-    cli.last_key.mkdir()  # something that is not the file, where the mirror goes
+    full_disk_for(cli.last_key, monkeypatch)  # keys.txt, written first, got through
 
     created = cli.run("keys", "create", "--name", "a", "--json")
+    record = cli.keys_file.read_text()
+    guide = cli.run("mcp", stdin=b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", '
+                                 b'"params": {"name": "keys_create", "arguments": {"name": "agent"}}}\n')
+    monkeypatch.undo()
 
     raw = created.json()["raw"]
     assert created.code == 0, created
     assert f"cannot write {cli.last_key}" in created.err and f"the key is cached in {cli.keys_file} only" in created.err
     assert f"Cached in {cli.keys_file} for env, run, test and models." in created.err
-    assert cli.run("env", "--json").json()["OPENAI_API_KEY"] == raw
+    assert json.loads(guide.out)["result"]["content"][1]["text"] == (
+        f"The raw key is shown only this once; cached in {cli.keys_file}.")
+    assert raw in record
 
 
-def test_a_key_that_cannot_be_printed_names_keys_txt_when_only_it_holds_the_key(cli, gateway):
+def test_a_folder_where_last_key_txt_goes_is_set_aside_and_the_key_cached(cli, gateway):
     cli.login()
     cli.last_key.mkdir()
 
-    result = reader_left(cli, "keys", "create", "--name", "ci")
-    via_mcp = cli.run("mcp", stdin=b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", '
-                                   b'"params": {"name": "keys_create", "arguments": {"name": "agent"}}}\n')
+    created = cli.run("keys", "create", "--name", "a", "--json")
 
-    assert result.code == 1 and f"could not be printed (Broken pipe); it is cached in {cli.keys_file}" in result.err
-    guide = json.loads(via_mcp.out)["result"]["content"][1]["text"]
-    assert guide == f"The raw key is shown only this once; cached in {cli.keys_file}."
+    assert created.code == 0 and f"{cli.last_key} could not be read; moved it to" in created.err
+    assert cli.last_key.read_text() == created.json()["raw"]
 
 
 @POSIX
@@ -144,12 +160,22 @@ def test_a_key_no_readable_keys_txt_places_is_set_aside_by_a_write_never_deleted
     created = cli.run("keys", "create", "--name", "b", "--json")
 
     assert env.code == 1 and env.error()["code"] == "no_key"
-    assert "holds a key that no readable keys.txt places; moved it to" in created.err
+    assert f"so the key in {cli.last_key} could be any gateway's and goes to none" in env.error()["message"]
+    assert "holds a key no readable keys.txt places; moved it to" in created.err
     assert pasted.encode() in b"".join(files_under(cli.config_dir).values())  # set aside, not lost
-    if record == "a folder":  # nothing can be cached: the new key is shown, and said to be cached nowhere
-        assert created.code == 1 and "created but not cached" in created.err
-    else:  # the later release's keys.txt is set aside too
-        assert created.code == 0 and cli.last_key.read_text() == created.json()["raw"], created
+    assert created.code == 0 and cli.last_key.read_text() == created.json()["raw"], created  # keys.txt set aside too
+
+
+def test_an_empty_keys_txt_is_one_that_lists_nothing(cli, gateway, monkeypatch):
+    monkeypatch.setattr(tokenroute, "DEFAULT_API_URL", gateway.url)
+    pasted = gateway.add_key(name="pasted")["raw"]
+    cli.config_dir.mkdir(mode=0o700)
+    cli.keys_file.write_text("")  # `: > keys.txt`
+    cli.last_key.write_text(pasted)
+
+    result = cli.run("env", "--json")
+
+    assert result.code == 0 and result.json()["OPENAI_API_KEY"] == pasted
 
 
 def test_forgetting_keys_while_keys_txt_cannot_be_read_says_they_may_stay(cli, gateway):
@@ -162,8 +188,10 @@ def test_forgetting_keys_while_keys_txt_cannot_be_read_says_they_may_stay(cli, g
     result = cli.run("logout", "--forget-key")
 
     assert result.code == 0 and result.out == f"OK logged out of {gateway.url}\n"
-    assert f"warning: {cli.keys_file} cannot be read" in result.err and "any key in it stays there" in result.err
-    assert raw in record
+    assert f"warning: {cli.keys_file} is not a file; moved it to" in result.err
+    assert f"warning: {cli.last_key} holds a key no readable keys.txt places; moved it to" in result.err
+    assert raw in record and not cli.last_key.exists()  # never read again, nor lost
+    assert raw.encode() in b"".join(files_under(cli.config_dir).values())
 
 
 @POSIX
@@ -414,7 +442,7 @@ def test_a_key_file_that_cannot_be_read_is_named_not_taken_for_no_key(cli, gatew
     result = cli.run("env", "--json")
 
     assert result.code == 1 and result.error()["code"] == "no_key"
-    assert (f"{cli.keys_file} cannot be read (not a file, this user may not open it, or a later release's format)"
+    assert (f"{cli.keys_file} cannot be read (not a file, this user may not open it, or a later release's)"
             in result.error()["message"])
 
 
