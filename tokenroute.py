@@ -798,8 +798,8 @@ def read_key_cache(ctx: Context, *, to_write: bool = False) -> KeyCache:
     key counts only where its file can then be removed, so that it never comes back."""
     record = peek_text_file(keys_path(ctx))
     listed = dict(key_lines(record, KEYS_HEADER))
-    unknown = os.path.lexists(keys_path(ctx)) and (record is None or bool(record.strip())
-                                                   and not record.startswith(KEYS_HEADER))
+    unknown = os.path.lexists(keys_path(ctx)) and not (record or "").startswith(KEYS_HEADER)  # tokenroute never
+    # writes it empty: an emptied one lost its record
     text = peek_text_file(last_key_path(ctx)) or ""
     of_1_0 = dict(key_lines(text, KEYS_HEADER_1_0)) if text.splitlines()[:1] == [KEYS_HEADER_1_0] else None
     if of_1_0 is not None:
@@ -938,11 +938,21 @@ def forget_cached_key(
         removed = None if key is None else cache.source(key)
         if removed:
             del keys[api_url]
-        if removed or cache.unread:  # a file that cannot be read may hold it: set aside, never used
             write_key_cache(ctx, cache, keys)
+        elif cache.unread:  # a file that cannot be read may hold it: set aside, never used
+            set_aside_unread(ctx, cache, keys)
         after = read_key_cache(ctx)  # as reads find them: 0.2.0's key stays where its folder cannot be written
         left = after.keys().get(api_url)
         return removed, after.source(left[0]) if left and chosen(api_url, *left) else None
+
+
+def set_aside_unread(ctx: Context, cache: KeyCache, keys: dict[str, tuple[str, str]]) -> None:
+    """Set aside the key files that cannot be used (through a write of what can), so that what
+    they hold is never taken; when even that fails, they stay, unused, and a warning says so."""
+    try:
+        write_key_cache(ctx, cache, keys)
+    except CliError as error:
+        warn(ctx, error.message)
 
 
 def stuck_key_message(path: str) -> str:
@@ -982,7 +992,7 @@ def no_key_error(api_url: str, cache: KeyCache) -> CliError:
     others = ", ".join(keys)
     elsewhere = f" (the cached keys are for {others})" if others else ""
     if cache.unread is not None:
-        elsewhere += f"; {cache.unread} cannot be read (not a file, this user may not open it, or a later release's)"
+        elsewhere += f"; {cache.unread} cannot be used (not a file, unreadable here, emptied, or a later release's)"
         if is_plausible_key(cache.last) and cache.last not in {key for key, _ in cache.listed.values()}:
             elsewhere += f", so the key in {cache.files[1]} could be any gateway's and goes to none"
     if unlisted is not None:
@@ -1003,10 +1013,12 @@ def redact(text: str) -> str:
     """Hide secrets in text meant for people: keys keep their sk-tr-abcd prefix."""
     import re
 
-    # A key wherever it is, glued to text too (`key%3Dsk-tr-...`); `+`: a prefix alone (a
-    # key_prefix, or text cut already) stays as it is. A token where one starts, not inside
+    # A key where a word starts, or glued to text when it is long enough to be one
+    # (`key%3Dsk-tr-...`, not `risk-tr-prod`); `+`: a prefix alone (a key_prefix, or text cut
+    # already) stays as it is. A token where one starts, not inside
     # a word ("heyJude"); a glued one is still cut at its payload's `.eyJ`.
-    text = re.sub(r"(sk[-_]tr[-_][A-Za-z0-9_-]{4})[A-Za-z0-9_-]+", r"\1...", text)
+    text = re.sub(r"(?:(?<![A-Za-z0-9])|(?=sk[-_]tr[-_][A-Za-z0-9_-]{20}))(sk[-_]tr[-_][A-Za-z0-9_-]{4})[A-Za-z0-9_-]+",
+                  r"\1...", text)
     return re.sub(r"(?<![A-Za-z0-9_-])(eyJ[A-Za-z0-9_-]{4})[A-Za-z0-9_.-]*", r"\1...", text)
 
 
@@ -3112,9 +3124,11 @@ def logout(ctx: Context, api_url: str, *, every: bool, forget_key: bool) -> dict
         cache = read_key_cache(ctx, to_write=forget_key)
         keys = cache.keys()
         forgotten = [url for url in keys if every or url == api_url] if forget_key else []
-        if forgotten or (forget_key and cache.unread):  # a file that cannot be read may hold them: set aside
+        if forgotten:
             keys = {url: key for url, key in keys.items() if url not in forgotten}
             write_key_cache(ctx, cache, keys)
+        elif forget_key and cache.unread:  # a file that cannot be read may hold them
+            set_aside_unread(ctx, cache, keys)
         left = entries
         if ours and shared is not None:
             try:
@@ -3362,9 +3376,15 @@ def revoke_key(
             error.next = "tokenroute keys list"
         raise
     prefix = key.get("key_prefix")
-    removed, stuck = forget_cached_key(ctx, api_url, key_id=id, prefix=prefix if isinstance(prefix, str) else None)
+    failed = None
+    try:
+        removed, stuck = forget_cached_key(ctx, api_url, key_id=id, prefix=prefix if isinstance(prefix, str) else None)
+    except CliError as error:  # revoked all the same
+        removed, stuck, failed = None, None, error
     if render is not None:
         render(key)
+    if failed is not None:
+        warn(ctx, f"{failed.message}; the revoked key may still be cached")
     if removed:
         note(ctx, f"Removed it from the key cache ({removed}).")
     if stuck:
@@ -3912,15 +3932,16 @@ def warn_if_committable(ctx: Context, path: str, *, shown: str) -> None:
 
     # check-ignore says "not ignored" for any tracked file, whatever .gitignore lists.
     tracked, reason = status("ls-files", "--error-unmatch")
-    ignored = status("check-ignore", "-q")[0] if tracked == 1 else None
+    ignored, why = status("check-ignore", "-q") if tracked == 1 else (None, "")
+    stopped = tracked is None or tracked < 0 or (tracked == 1 and (ignored is None or ignored < 0))  # timed out, or a signal
     if tracked == 0:
         ignore = "" if status("check-ignore", "--no-index", "-q")[0] == 0 else " and add it to .gitignore"
         untrack = f"git rm --cached {shell_word(shown)}"
         warn(ctx, f"{shown} holds an API key and git tracks it; untrack it with `{untrack}`{ignore}")
     elif tracked == 1 and ignored == 1:  # in a work tree and not ignored
         warn(ctx, f"{shown} holds an API key and git does not ignore it; add it to .gitignore")
-    elif (tracked, ignored) != (1, 0) and in_git_folder(folder):  # git did not answer for a work tree it finds
-        said = sanitize(reason.removeprefix("fatal: ")) or "no answer"  # stopped by a signal, or too slow
+    elif (tracked == 128 or stopped) and in_git_folder(folder):  # git did not answer for a work tree it finds
+        said = sanitize((why if tracked == 1 else reason).removeprefix("fatal: ")) or "no answer"
         warn(ctx, f"could not check whether git tracks {shown} (git: {said}); make sure it is not committed")
 
 

@@ -768,6 +768,15 @@ def test_env_write_says_when_git_was_stopped_before_it_could_answer(cli: Cli, ap
                                            "(git: no answer); make sure it is not committed")
 
 
+@pytest.mark.skipif(GIT is None, reason="git is not installed")
+def test_env_write_says_nothing_of_git_for_a_file_git_never_commits(cli: Cli, api_key: str, tmp_path: Path) -> None:
+    subprocess.run([GIT, "init", "-q", str(tmp_path)], check=True)
+
+    result = cli.run("env", "--write", str(tmp_path / ".git" / "x.env"), env={"TOKENROUTE_API_KEY": api_key})
+
+    assert result.code == 0 and "warning" not in result.err, result
+
+
 def test_env_write_says_nothing_about_git_where_git_is_missing(cli: Cli, api_key: str, tmp_path: Path) -> None:
     empty = tmp_path / "bin"
     empty.mkdir()

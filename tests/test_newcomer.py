@@ -541,6 +541,12 @@ def test_a_damaged_credentials_file_names_the_login_for_the_gateway_chosen(cli: 
                                f"`tokenroute --api-url {staging.url} login`\n")
 
 
+def test_a_gateway_url_with_sk_tr_inside_a_word_is_shown_as_typed(cli: Cli) -> None:
+    result = cli.run("env", "--api-url", "https://risk-tr-prod-gw.example.com", "--json")
+
+    assert result.code == 1 and "https://risk-tr-prod-gw.example.com" in result.error()["message"]
+
+
 def test_a_path_with_eyj_inside_a_word_is_shown_as_typed(cli: Cli, api_key: str, tmp_path: Path) -> None:
     result = cli.run("env", "--write", str(tmp_path / "heyJudeLyrics" / ".env"), env={"TOKENROUTE_API_KEY": api_key})
 

@@ -145,14 +145,14 @@ def test_a_key_of_another_gateway_is_never_sent_while_keys_txt_cannot_be_read(cl
     assert not [r for r in gateway.requests if r.header("Authorization") == f"Bearer {stage['raw']}"]
 
 
-@pytest.mark.parametrize("record", ["a folder", "a later release's"])
+@pytest.mark.parametrize("record", ["a folder", "a later release's", "emptied"])
 def test_a_key_no_readable_keys_txt_places_is_set_aside_by_a_write_never_deleted(cli, gateway, record):
     cli.login()
     cli.config_dir.mkdir(exist_ok=True)
     if record == "a folder":
         cli.keys_file.mkdir()
-    else:
-        cli.keys_file.write_text("# tokenroute keys, version 2: gateway key id label\n")
+    else:  # `: > keys.txt` loses the record too: last_key.txt may hold another gateway's mirror
+        cli.keys_file.write_text("# tokenroute keys, version 2: gateway key id label\n" if record != "emptied" else "")
     pasted = "sk-tr-PASTEDpastedPASTEDpasted0123456789"
     cli.last_key.write_text(pasted + "\n")
 
@@ -166,16 +166,19 @@ def test_a_key_no_readable_keys_txt_places_is_set_aside_by_a_write_never_deleted
     assert created.code == 0 and cli.last_key.read_text() == created.json()["raw"], created  # keys.txt set aside too
 
 
-def test_an_empty_keys_txt_is_one_that_lists_nothing(cli, gateway, monkeypatch):
-    monkeypatch.setattr(tokenroute, "DEFAULT_API_URL", gateway.url)
-    pasted = gateway.add_key(name="pasted")["raw"]
-    cli.config_dir.mkdir(mode=0o700)
-    cli.keys_file.write_text("")  # `: > keys.txt`
-    cli.last_key.write_text(pasted)
+@POSIX
+def test_a_revoke_that_cannot_tidy_the_key_cache_still_says_it_revoked(cli, gateway, api_key):
+    cli.login()
+    key = gateway.add_key(name="old")
+    cli.last_key.mkdir()  # unusable: to be set aside, in a folder that takes nothing now
+    (cli.config_dir / "credentials.lock").touch()
 
-    result = cli.run("env", "--json")
+    with read_only(cli.config_dir):
+        result = cli.run("keys", "revoke", key["id"], "--json")
 
-    assert result.code == 0 and result.json()["OPENAI_API_KEY"] == pasted
+    assert result.code == 0 and result.json()["status"] == "revoked", result
+    assert "the revoked key may still be cached" in result.err
+    assert gateway.keys[key["id"]]["status"] == "revoked"
 
 
 def test_forgetting_keys_while_keys_txt_cannot_be_read_says_they_may_stay(cli, gateway):
@@ -442,7 +445,7 @@ def test_a_key_file_that_cannot_be_read_is_named_not_taken_for_no_key(cli, gatew
     result = cli.run("env", "--json")
 
     assert result.code == 1 and result.error()["code"] == "no_key"
-    assert (f"{cli.keys_file} cannot be read (not a file, this user may not open it, or a later release's)"
+    assert (f"{cli.keys_file} cannot be used (not a file, unreadable here, emptied, or a later release's)"
             in result.error()["message"])
 
 
