@@ -798,17 +798,18 @@ def read_key_cache(ctx: Context, *, to_write: bool = False) -> KeyCache:
     key counts only where its file can then be removed, so that it never comes back."""
     record = peek_text_file(keys_path(ctx))
     listed = dict(key_lines(record, KEYS_HEADER))
-    unknown = os.path.lexists(keys_path(ctx)) and not (record or "").startswith(KEYS_HEADER)  # tokenroute never
-    # writes it empty: an emptied one lost its record
-    text = peek_text_file(last_key_path(ctx)) or ""
+    # Unreadable, emptied (tokenroute never writes it empty) or a later release's: its record is lost.
+    unknown = os.path.lexists(keys_path(ctx)) and not (record or "").startswith(KEYS_HEADER)
+    mirror = peek_text_file(last_key_path(ctx))
+    text = mirror or ""
     of_1_0 = dict(key_lines(text, KEYS_HEADER_1_0)) if text.splitlines()[:1] == [KEYS_HEADER_1_0] else None
     if of_1_0 is not None:
         listed.update(of_1_0)
     last = "" if of_1_0 is not None else text.strip(" \t\r\n\ufeff")
     recorded = {key for key, _ in listed.values()}
     found = []  # (when, key, its file, whether it is newer than the key keys.txt lists for the default gateway)
-    # A key keys.txt does not list was pasted after it was written, unless keys.txt cannot be read
-    # (or is a later release's): then it may be any gateway's, and it is sent to none.
+    # A key keys.txt does not list was pasted after it was written, unless its record is lost:
+    # then it may be any gateway's, and it is sent to none.
     if is_plausible_key(last) and last not in recorded and not unknown:
         found.append((file_time(last_key_path(ctx)), last, last_key_path(ctx), True))
     earlier_file, earlier_key = paradigx_key(ctx)
@@ -818,7 +819,7 @@ def read_key_cache(ctx: Context, *, to_write: bool = False) -> KeyCache:
         found.append((file_time(earlier_file) + 0.001, earlier_key, earlier_file, False))
     best = max(found) if found else None
     in_last = None if of_1_0 is None else {key for key, _ in of_1_0.values()}
-    unreadable_last = os.path.lexists(last_key_path(ctx)) and peek_text_file(last_key_path(ctx)) is None
+    unreadable_last = mirror is None and os.path.lexists(last_key_path(ctx))
     unread = keys_path(ctx) if unknown else last_key_path(ctx) if unreadable_last else None
     return KeyCache(ctx, listed, last, of_1_0=in_last, unrecorded=best[1:] if best else None,
                     earlier_file=earlier_file, unread=unread)
@@ -3933,7 +3934,8 @@ def warn_if_committable(ctx: Context, path: str, *, shown: str) -> None:
     # check-ignore says "not ignored" for any tracked file, whatever .gitignore lists.
     tracked, reason = status("ls-files", "--error-unmatch")
     ignored, why = status("check-ignore", "-q") if tracked == 1 else (None, "")
-    stopped = tracked is None or tracked < 0 or (tracked == 1 and (ignored is None or ignored < 0))  # timed out, or a signal
+    # Timed out (None), or stopped by a signal (a negative status): git did not answer.
+    stopped = tracked is None or tracked < 0 or (tracked == 1 and (ignored is None or ignored < 0))
     if tracked == 0:
         ignore = "" if status("check-ignore", "--no-index", "-q")[0] == 0 else " and add it to .gitignore"
         untrack = f"git rm --cached {shell_word(shown)}"
@@ -5482,7 +5484,8 @@ class McpServer:
 
         body = dict(body)
         hint = body.get("next")
-        tool = MCP_NEXT_TOOLS.get(re.sub(r"^tokenroute --api-url \S+", "tokenroute", hint)) if isinstance(hint, str) else None
+        plain = re.sub(r"^tokenroute --api-url \S+", "tokenroute", hint) if isinstance(hint, str) else None
+        tool = MCP_NEXT_TOOLS.get(plain) if plain else None
         if tool in self.tools:
             body["next"] = tool
         if isinstance(body.get("pending"), dict):
