@@ -762,13 +762,13 @@ class KeyCache:
     names no gateway: it is the default gateway's (0.1.0's default, and where a key from
     the dashboard comes from), and no other gateway is ever sent it."""
 
-    def __init__(self, ctx: Context, listed: dict[str, tuple[str, str]], last: str, *, of_1_0: set[str] | None,
+    def __init__(self, ctx: Context, listed: dict[str, tuple[str, str]], last: str, *, keys_1_0: set[str] | None,
                  unrecorded: tuple[str, str, bool] | None, earlier_file: str, unread: str | None) -> None:
         self.files = (keys_path(ctx), last_key_path(ctx))
         self.listed = listed  # by gateway: (key, key id), newest last
         self.last = last  # last_key.txt's text without spaces around it; "" when absent, unreadable or 1.0.0's
-        self.of_1_0 = of_1_0 is not None
-        self.listed_in_last = of_1_0 or set()  # the keys of 1.0.0's lines in last_key.txt
+        self.of_1_0 = keys_1_0 is not None  # last_key.txt is in 1.0.0's format
+        self.listed_in_last = keys_1_0 or set()  # the keys of its lines
         self.unrecorded = unrecorded  # the newest unlisted key: (key, its file, whether it is newer than keys.txt)
         self.earlier_file = earlier_file  # 0.2.0's key file, "" when it holds no key to take
         self.unread = unread  # a key file that is there but cannot be used: unreadable, or (keys.txt) unknown text
@@ -818,10 +818,10 @@ def read_key_cache(ctx: Context, *, to_write: bool = False) -> KeyCache:
     if earlier_key and earlier_key not in recorded:  # a tie goes to 0.2.0's, the newer copy of 0.1.0's
         found.append((file_time(earlier_file) + 0.001, earlier_key, earlier_file, False))
     best = max(found) if found else None
-    in_last = None if of_1_0 is None else {key for key, _ in of_1_0.values()}
+    keys_1_0 = None if of_1_0 is None else {key for key, _ in of_1_0.values()}
     unreadable_last = mirror is None and os.path.lexists(last_key_path(ctx))
     unread = keys_path(ctx) if unknown else last_key_path(ctx) if unreadable_last else None
-    return KeyCache(ctx, listed, last, of_1_0=in_last, unrecorded=best[1:] if best else None,
+    return KeyCache(ctx, listed, last, keys_1_0=keys_1_0, unrecorded=best[1:] if best else None,
                     earlier_file=earlier_file, unread=unread)
 
 
@@ -1016,8 +1016,8 @@ def redact(text: str) -> str:
 
     # A key where a word starts, or glued to text when it is long enough to be one
     # (`key%3Dsk-tr-...`, not `risk-tr-prod`); `+`: a prefix alone (a key_prefix, or text cut
-    # already) stays as it is. A token where one starts, not inside
-    # a word ("heyJude"); a glued one is still cut at its payload's `.eyJ`.
+    # already) stays as it is. A token where one starts, not inside a word ("heyJude"); a
+    # glued one is still cut at its payload's `.eyJ`.
     text = re.sub(r"(?:(?<![A-Za-z0-9])|(?=sk[-_]tr[-_][A-Za-z0-9_-]{20}))(sk[-_]tr[-_][A-Za-z0-9_-]{4})[A-Za-z0-9_-]+",
                   r"\1...", text)
     return re.sub(r"(?<![A-Za-z0-9_-])(eyJ[A-Za-z0-9_-]{4})[A-Za-z0-9_.-]*", r"\1...", text)
